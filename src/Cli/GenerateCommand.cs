@@ -1,0 +1,108 @@
+using System.CommandLine;
+using System.Text.Json;
+using MiniLlm.Engine;
+using MiniLlm.Loader;
+
+namespace MiniLlm.Cli;
+
+/// <summary><c>minillm generate</c>: stream a completion and say how fast it ran.</summary>
+public static class GenerateCommand
+{
+    public static Command Create(CliIO io)
+    {
+        var prompt = new Option<string>("--prompt", "-p") { Description = "Text to continue", Required = true };
+        var model = CommonOptions.Model();
+        var maxTokens = new Option<int>("--max-tokens", "-n") { Description = "Most tokens to generate", DefaultValueFactory = _ => 128 };
+        var temperature = new Option<float>("--temperature") { Description = "Sampling temperature; 0 = greedy", DefaultValueFactory = _ => 0.8f };
+        var topK = new Option<int>("--top-k") { Description = "Keep the k most probable tokens (0 = off)", DefaultValueFactory = _ => 40 };
+        var topP = new Option<float>("--top-p") { Description = "Nucleus sampling mass in (0, 1] (1 = off)", DefaultValueFactory = _ => 0.95f };
+        var minP = new Option<float>("--min-p") { Description = "Drop tokens below min-p × the top probability (0 = off)", DefaultValueFactory = _ => 0.05f };
+        var seed = new Option<ulong?>("--seed", "-s") { Description = "Random seed (default: a fresh one, reported in the JSON output)" };
+        var threads = CommonOptions.Threads();
+        var output = CommonOptions.Output();
+
+        var cmd = new Command("generate", "Generate text from a prompt, streaming it, then print the speed")
+        {
+            prompt, model, maxTokens, temperature, topK, topP, minP, seed, threads, output,
+        };
+        cmd.SetAction(r =>
+        {
+            var options = new GenerationOptions
+            {
+                MaxTokens = r.GetValue(maxTokens),
+                Sampling = new SamplingParams
+                {
+                    Temperature = r.GetValue(temperature),
+                    TopK = r.GetValue(topK),
+                    TopP = r.GetValue(topP),
+                    MinP = r.GetValue(minP),
+                    Seed = r.GetValue(seed) ?? (ulong)Random.Shared.NextInt64(),
+                },
+            };
+            options.Validate();  // bad arguments fail before the model is loaded
+            int t = r.GetValue(threads);
+            if (t < 0) throw new ArgumentException($"threads must be ≥ 0 (0 = one per core), got {t}", "threads");
+            bool json = r.GetValue(output) == "json";
+            string text = r.GetValue(prompt)!;
+
+            var dir = ModelLocator.Resolve(r.GetValue(model));
+            using var llm = LlamaModel.Load(dir, t);
+            var gen = new Generator(llm);
+            if (!json) { io.Out.Write(text); io.Out.Flush(); }
+            var result = gen.Generate(text, options, json ? null : (_, piece) => { io.Out.Write(piece); io.Out.Flush(); });
+            if (json) WriteJson(io.Out, dir, llm, options, result);
+            else
+            {
+                io.Out.WriteLine();
+                io.Out.WriteLine(Summary(result));
+            }
+            return ExitCodes.Ok;
+        });
+        return cmd;
+    }
+
+    public static string Summary(GenerationResult r)
+    {
+        var t = r.Timings;
+        string decode = t.DecodeStepMs.Length == 0 ? "n/a" : $"{r.DecodeTokensPerSecond:F1} tok/s ({t.MedianDecodeMs:F2} ms/token median)";
+        return $"[prompt {r.PromptIds.Length} tokens | generated {r.OutputIds.Length} tokens | stop: {StopReasons.Name(r.StopReason)} | " +
+               $"TTFT {t.TtftMs:F1} ms | prefill {r.PrefillTokensPerSecond:F1} tok/s | decode {decode}]";
+    }
+
+    private static void WriteJson(TextWriter w, string dir, LlamaModel llm, GenerationOptions o, GenerationResult r)
+    {
+        using var ms = new MemoryStream();
+        using (var j = new Utf8JsonWriter(ms, new JsonWriterOptions { Indented = false }))
+        {
+            j.WriteStartObject();
+            j.WriteString("model", dir);
+            j.WritePropertyName("prompt_ids");
+            JsonSerializer.Serialize(j, r.PromptIds);
+            j.WritePropertyName("output_ids");
+            JsonSerializer.Serialize(j, r.OutputIds);
+            j.WriteString("text", r.Text);
+            j.WriteString("stop_reason", StopReasons.Name(r.StopReason));
+            j.WriteStartObject("sampling");
+            j.WriteNumber("temperature", o.Sampling.Temperature);
+            j.WriteNumber("top_k", o.Sampling.TopK);
+            j.WriteNumber("top_p", o.Sampling.TopP);
+            j.WriteNumber("min_p", o.Sampling.MinP);
+            j.WriteNumber("seed", o.Sampling.Seed);
+            j.WriteNumber("max_tokens", o.MaxTokens);
+            j.WriteEndObject();
+            j.WriteStartObject("timings");
+            j.WriteNumber("prefill_ms", r.Timings.PrefillMs);
+            j.WriteNumber("ttft_ms", r.Timings.TtftMs);
+            j.WriteNumber("decode_median_ms", double.IsNaN(r.Timings.MedianDecodeMs) ? 0 : r.Timings.MedianDecodeMs);
+            j.WritePropertyName("decode_step_ms");
+            JsonSerializer.Serialize(j, r.Timings.DecodeStepMs);
+            j.WriteNumber("total_ms", r.Timings.TotalMs);
+            j.WriteNumber("prefill_tok_s", r.PrefillTokensPerSecond);
+            j.WriteNumber("decode_tok_s", r.Timings.DecodeStepMs.Length == 0 ? 0 : r.DecodeTokensPerSecond);
+            j.WriteEndObject();
+            j.WriteNumber("threads", llm.Threads);
+            j.WriteEndObject();
+        }
+        w.WriteLine(System.Text.Encoding.UTF8.GetString(ms.ToArray()));
+    }
+}

@@ -1,0 +1,200 @@
+using MiniLlm.Kernels;
+using MiniLlm.Loader;
+
+namespace MiniLlm.Engine;
+
+/// <summary>Which positions of a forward pass produce logits.</summary>
+public enum LogitsFor { LastToken, AllTokens }
+
+/// <summary>
+/// The Llama forward pass over S tokens of one sequence against its KV cache (S = prompt chunk for prefill,
+/// S = 1 for decode). Weights stay in the checkpoint's mapped memory and dtype; activations are fp32.
+/// Symbols: d hidden, h query heads, g KV heads, hd head dim, f intermediate, V vocab, S tokens this call.
+/// </summary>
+public sealed unsafe class LlamaModel : IDisposable
+{
+    private readonly ModelFiles? _owned;
+    private readonly WorkerPool _pool;
+    private readonly MatMul _matmul;
+    private readonly Attention _attention;
+    private readonly RopeTable _rope;
+
+    // Weights (views into the checkpoint).
+    private readonly WeightMatrix _embed;          // [V × d]
+    private readonly LayerMatrices[] _layers;      // L of them
+    private readonly WeightMatrix _lmHead;         // [V × d] (the embedding when tied)
+    private readonly float[] _finalNorm;           // [d], widened once: norms are tiny
+
+    // Activations, sized for MaxTokens rows.
+    private readonly NativeBuffer _x;       // [S × d]    residual stream
+    private readonly NativeBuffer _xb;      // [S × d]    normed input of a sublayer
+    private readonly NativeBuffer _xb2;     // [S × d]    sublayer output before the residual add
+    private readonly NativeBuffer _q;       // [S × h·hd]
+    private readonly NativeBuffer _k;       // [S × g·hd]
+    private readonly NativeBuffer _v;       // [S × g·hd]
+    private readonly NativeBuffer _att;     // [S × h·hd] attention output per head, concatenated
+    private readonly NativeBuffer _hb;      // [S × f]    gate, then silu(gate)·up
+    private readonly NativeBuffer _hb2;     // [S × f]    up
+    private readonly NativeBuffer _scratch; // [max(f, d)] SwiGLU sigmoid scratch
+
+    private sealed class LayerMatrices
+    {
+        public required float[] AttnNorm;   // [d]
+        public required WeightMatrix Wq;    // [h·hd × d]
+        public required WeightMatrix Wk;    // [g·hd × d]
+        public required WeightMatrix Wv;    // [g·hd × d]
+        public required WeightMatrix Wo;    // [d × h·hd]
+        public required float[] FfnNorm;    // [d]
+        public required WeightMatrix Wgate; // [f × d]
+        public required WeightMatrix Wup;   // [f × d]
+        public required WeightMatrix Wdown; // [d × f]
+    }
+
+    public LlamaConfig Config { get; }
+    public ModelFiles Files { get; }
+    public TextTokenizer Tokenizer => Files.Tokenizer ?? throw new InvalidOperationException($"{Files.Directory}: model has no tokenizer.model");
+    public int Threads => _pool.Threads;
+    /// <summary>Most tokens one <see cref="Forward"/> call takes (longer prompts are fed in chunks).</summary>
+    public int MaxTokens { get; }
+    /// <summary>Longest sequence: the model's max_position_embeddings.</summary>
+    public int Context => Config.MaxPositionEmbeddings;
+
+    public LlamaModel(ModelFiles files, int threads = 0, int maxTokens = 512, bool ownsFiles = false)
+    {
+        Files = files;
+        Config = files.Config;
+        if (ownsFiles) _owned = files;
+        var c = Config;
+        if (threads < 0) throw new ArgumentOutOfRangeException(nameof(threads), "threads must be ≥ 1 (0 = one per core)");
+        _pool = new WorkerPool(threads == 0 ? WorkerPool.DefaultThreads : threads);
+        _matmul = new MatMul(_pool);
+        MaxTokens = Math.Max(1, Math.Min(maxTokens, c.MaxPositionEmbeddings));
+        _attention = new Attention(_pool, c.MaxPositionEmbeddings);
+        _rope = new RopeTable(c.HeadDim, c.MaxPositionEmbeddings, c.RopeTheta,
+            c.RopeScaling is { } s ? new Llama3Scaling(s.Factor, s.LowFreqFactor, s.HighFreqFactor, s.OriginalMaxPositionEmbeddings) : null);
+
+        var w = files.Weights;
+        _embed = Matrix(w.Embed);
+        _lmHead = Matrix(w.LmHead);
+        _finalNorm = Vector(w.FinalNorm);
+        _layers = w.Layers.Select(l => new LayerMatrices
+        {
+            AttnNorm = Vector(l.AttnNorm), Wq = Matrix(l.Wq), Wk = Matrix(l.Wk), Wv = Matrix(l.Wv), Wo = Matrix(l.Wo),
+            FfnNorm = Vector(l.FfnNorm), Wgate = Matrix(l.Wgate), Wup = Matrix(l.Wup), Wdown = Matrix(l.Wdown),
+        }).ToArray();
+
+        long S = MaxTokens;
+        _x = new NativeBuffer(S * c.HiddenSize);
+        _xb = new NativeBuffer(S * c.HiddenSize);
+        _xb2 = new NativeBuffer(S * c.HiddenSize);
+        _q = new NativeBuffer(S * c.QDim);
+        _k = new NativeBuffer(S * c.KvDim);
+        _v = new NativeBuffer(S * c.KvDim);
+        _att = new NativeBuffer(S * c.QDim);
+        _hb = new NativeBuffer(S * c.IntermediateSize);
+        _hb2 = new NativeBuffer(S * c.IntermediateSize);
+        _scratch = new NativeBuffer(Math.Max(c.IntermediateSize, c.HiddenSize));
+    }
+
+    /// <summary>Opens the model directory and builds the model (which then owns the files).</summary>
+    public static LlamaModel Load(string dir, int threads = 0, int maxTokens = 512) =>
+        new(ModelFiles.Open(dir), threads, maxTokens, ownsFiles: true);
+
+    /// <summary>A KV cache for one sequence of up to <paramref name="capacity"/> positions (default: the full context).</summary>
+    public ContiguousKvCache NewKvCache(int capacity = 0) =>
+        new(Config.NumHiddenLayers, Config.KvDim, capacity <= 0 ? Context : Math.Min(capacity, Context));
+
+    /// <summary>
+    /// Runs tokens[0..S) at positions start..start+S−1, appending their keys and values to <paramref name="cache"/>,
+    /// and writes logits: [V] for the last token, or [S × V] for every token.
+    /// </summary>
+    public void Forward(ReadOnlySpan<int> tokens, int start, IKvCache cache, Span<float> logits, LogitsFor which = LogitsFor.LastToken)
+    {
+        var c = Config;
+        int S = tokens.Length, d = c.HiddenSize, f = c.IntermediateSize, V = c.VocabSize;
+        int h = c.NumAttentionHeads, g = c.NumKeyValueHeads, hd = c.HeadDim, qd = c.QDim, kvd = c.KvDim;
+        CheckArguments(tokens, start, cache, logits, which);
+
+        // x[S × d] = embedding rows of the tokens
+        for (int s = 0; s < S; s++) _embed.WidenRow(tokens[s], new Span<float>(_x.Pointer + (long)s * d, d));
+
+        for (int l = 0; l < _layers.Length; l++)
+        {
+            var L = _layers[l];
+            var kv = cache.Layer(l);
+
+            // ── attention ──
+            fixed (float* wn = L.AttnNorm) Ops.RmsNorm(_x.Pointer, wn, _xb.Pointer, S, d, (float)c.RmsNormEps);  // xb[S × d]
+            _matmul.Run(_xb.Pointer, S, L.Wq, _q.Pointer);    // q[S × h·hd]
+            _matmul.Run(_xb.Pointer, S, L.Wk, _k.Pointer);    // k[S × g·hd]
+            _matmul.Run(_xb.Pointer, S, L.Wv, _v.Pointer);    // v[S × g·hd]
+            for (int s = 0; s < S; s++)
+            {
+                int pos = start + s;
+                _rope.Apply(_q.Pointer + (long)s * qd, h, pos);
+                _rope.Apply(_k.Pointer + (long)s * kvd, g, pos);
+                // The cache's rows for this position ← k, v
+                new ReadOnlySpan<float>(_k.Pointer + (long)s * kvd, kvd).CopyTo(new Span<float>(kv.KeyRow(pos), kvd));
+                new ReadOnlySpan<float>(_v.Pointer + (long)s * kvd, kvd).CopyTo(new Span<float>(kv.ValueRow(pos), kvd));
+            }
+            _attention.Run(_q.Pointer, S, start, h, g, hd, kv, _att.Pointer);  // att[S × h·hd], causal over 0..pos
+            _matmul.Run(_att.Pointer, S, L.Wo, _xb2.Pointer);                 // xb2[S × d]
+            Ops.AddInPlace(_x.Pointer, _xb2.Pointer, (long)S * d);             // x += attention
+
+            // ── MLP ──
+            fixed (float* wn = L.FfnNorm) Ops.RmsNorm(_x.Pointer, wn, _xb.Pointer, S, d, (float)c.RmsNormEps);
+            _matmul.Run(_xb.Pointer, S, L.Wgate, _hb.Pointer);   // hb[S × f]
+            _matmul.Run(_xb.Pointer, S, L.Wup, _hb2.Pointer);    // hb2[S × f]
+            Ops.SwiGlu(_hb.Pointer, _hb2.Pointer, (long)S * f, _scratch.Span);  // hb = silu(hb)·hb2
+            _matmul.Run(_hb.Pointer, S, L.Wdown, _xb2.Pointer);  // xb2[S × d]
+            Ops.AddInPlace(_x.Pointer, _xb2.Pointer, (long)S * d);  // x += MLP
+        }
+
+        // Final norm and LM head, only for the rows that need logits.
+        int first = which == LogitsFor.AllTokens ? 0 : S - 1;
+        int rows = S - first;
+        float* xLast = _x.Pointer + (long)first * d;
+        fixed (float* wn = _finalNorm) Ops.RmsNorm(xLast, wn, _xb.Pointer, rows, d, (float)c.RmsNormEps);
+        fixed (float* out_ = logits) _matmul.Run(_xb.Pointer, rows, _lmHead, out_);  // logits[rows × V]
+    }
+
+    private void CheckArguments(ReadOnlySpan<int> tokens, int start, IKvCache cache, Span<float> logits, LogitsFor which)
+    {
+        int S = tokens.Length, V = Config.VocabSize;
+        if (S == 0) throw new ArgumentException("no tokens to run", nameof(tokens));
+        if (S > MaxTokens) throw new ArgumentException($"{S} tokens in one call exceed this model's chunk size {MaxTokens}", nameof(tokens));
+        if (start < 0 || start + S > Context)
+            throw new ArgumentOutOfRangeException(nameof(start), $"positions {start}..{start + S - 1} exceed the model's context of {Context} tokens");
+        if (start + S > cache.Capacity)
+            throw new ArgumentOutOfRangeException(nameof(start), $"positions {start}..{start + S - 1} exceed the KV cache capacity of {cache.Capacity}");
+        foreach (int t in tokens)
+            if ((uint)t >= (uint)V) throw new ArgumentOutOfRangeException(nameof(tokens), $"token id {t} is outside the vocabulary [0, {V})");
+        long need = which == LogitsFor.AllTokens ? (long)S * V : V;
+        if (logits.Length < need) throw new ArgumentException($"logits buffer holds {logits.Length} floats, needs {need}", nameof(logits));
+    }
+
+    private static WeightMatrix Matrix(TensorView t) =>
+        new(t.Pointer, Kind(t.DType), checked((int)t.Shape[0]), checked((int)t.Shape[1]));
+
+    private static WeightType Kind(DType d) => d switch
+    {
+        DType.F32 => WeightType.F32,
+        DType.BF16 => WeightType.BF16,
+        DType.F16 => WeightType.F16,
+        _ => throw new ArgumentOutOfRangeException(nameof(d)),
+    };
+
+    private static float[] Vector(TensorView t)
+    {
+        var v = new float[t.ElementCount];
+        for (int i = 0; i < v.Length; i++) v[i] = t.GetFloat(i);
+        return v;
+    }
+
+    public void Dispose()
+    {
+        _pool.Dispose();
+        foreach (var b in new[] { _x, _xb, _xb2, _q, _k, _v, _att, _hb, _hb2, _scratch }) b.Dispose();
+        _owned?.Dispose();
+    }
+}

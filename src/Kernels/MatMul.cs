@@ -1,0 +1,163 @@
+using System.Runtime.CompilerServices;
+using System.Runtime.Intrinsics;
+
+namespace MiniLlm.Kernels;
+
+/// <summary>
+/// Y[M×N] = X[M×K] · Wᵀ with W [N×K] in its stored type (F32/BF16/F16, widened in registers).
+/// Work is cut into (row block of X) × (panel of W rows) tiles handed to the worker pool. Inside a tile a 4×4
+/// register tile (4 rows of X against 4 rows of W, 16 accumulators) walks K one vector at a time, so each
+/// W panel is streamed once per X row block and, for M = 1, every weight byte is read exactly once.
+/// </summary>
+public sealed unsafe class MatMul : ParallelJob
+{
+    private const int RowBlock = 64;            // X rows per tile: 64×K fp32 stays in L2 while a W panel streams
+    private const long SerialMacs = 1 << 15;    // below this much work, threads cost more than they save
+
+    private readonly WorkerPool _pool;
+    private float* _x, _y;
+    private WeightMatrix _w;
+    private int _m, _panel, _nPanels, _mBlocks;
+
+    public MatMul(WorkerPool pool) => _pool = pool;
+
+    /// <summary>Y = X·Wᵀ. x: [m × w.Cols] row-major, y: [m × w.Rows] row-major.</summary>
+    public void Run(float* x, int m, in WeightMatrix w, float* y)
+    {
+        if (m <= 0) return;
+        _x = x; _y = y; _w = w; _m = m;
+        int threads = _pool.Threads;
+        long macs = (long)m * w.Rows * w.Cols;
+        _mBlocks = (m + RowBlock - 1) / RowBlock;
+        // Enough W panels that every thread gets several chunks (load balance), each a multiple of 4 rows.
+        int wanted = macs < SerialMacs ? 1 : Math.Max(1, 4 * threads / _mBlocks);
+        _panel = Math.Max(4, (w.Rows + wanted - 1) / wanted + 3 & ~3);
+        _nPanels = (w.Rows + _panel - 1) / _panel;
+        if (macs < SerialMacs) { for (int c = 0; c < _mBlocks * _nPanels; c++) Execute(c, 0); }
+        else _pool.Run(this, _mBlocks * _nPanels);
+    }
+
+    public override void Execute(int chunk, int worker)
+    {
+        int mb = chunk % _mBlocks, nb = chunk / _mBlocks;
+        int m0 = mb * RowBlock, m1 = Math.Min(_m, m0 + RowBlock);
+        int n0 = nb * _panel, n1 = Math.Min(_w.Rows, n0 + _panel);
+        switch (_w.Type)
+        {
+            case WeightType.F32: Tile<F32Load>(m0, m1, n0, n1); break;
+            case WeightType.BF16: Tile<Bf16Load>(m0, m1, n0, n1); break;
+            case WeightType.F16: Tile<F16Load>(m0, m1, n0, n1); break;
+        }
+    }
+
+    private void Tile<TL>(int m0, int m1, int n0, int n1) where TL : IWeightLoad
+    {
+        switch (SimdPolicy.Current)
+        {
+            case SimdPolicy.Isa.V512: Tiles<Simd512, Vector512<float>, TL>.Run(_x, _w, _y, m0, m1, n0, n1); break;
+            case SimdPolicy.Isa.V256: Tiles<Simd256, Vector256<float>, TL>.Run(_x, _w, _y, m0, m1, n0, n1); break;
+            default: Tiles<Simd256, Vector256<float>, TL>.RunScalar(_x, _w, _y, m0, m1, n0, n1); break;
+        }
+    }
+
+    private static class Tiles<S, TV, TL> where S : ISimd<TV> where TV : struct where TL : IWeightLoad
+    {
+        public static void Run(float* x, WeightMatrix w, float* y, int m0, int m1, int n0, int n1)
+        {
+            int K = w.Cols, N = w.Rows;
+            int n = n0;
+            for (; n + 4 <= n1; n += 4)
+            {
+                nint w0 = w.Row(n), w1 = w.Row(n + 1), w2 = w.Row(n + 2), w3 = w.Row(n + 3);
+                int m = m0;
+                for (; m + 4 <= m1; m += 4) Tile4x4(x + (long)m * K, K, w0, w1, w2, w3, y + (long)m * N + n, N);
+                for (; m < m1; m++) Tile1x4(x + (long)m * K, K, w0, w1, w2, w3, y + (long)m * N + n);
+            }
+            for (; n < n1; n++)
+                for (int m = m0; m < m1; m++) y[(long)m * N + n] = Dot(x + (long)m * K, w.Row(n), K);
+        }
+
+        public static void RunScalar(float* x, WeightMatrix w, float* y, int m0, int m1, int n0, int n1)
+        {
+            int K = w.Cols, N = w.Rows;
+            for (int n = n0; n < n1; n++)
+            {
+                nint row = w.Row(n);
+                for (int m = m0; m < m1; m++)
+                {
+                    float* xr = x + (long)m * K;
+                    float s = 0;
+                    for (int k = 0; k < K; k++) s = MathF.FusedMultiplyAdd(xr[k], TL.Load1(row, k), s);
+                    y[(long)m * N + n] = s;
+                }
+            }
+        }
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining | MethodImplOptions.AggressiveOptimization)]
+        private static void Tile4x4(float* x, int K, nint w0, nint w1, nint w2, nint w3, float* y, int ldy)
+        {
+            TV c00 = S.Zero, c01 = S.Zero, c02 = S.Zero, c03 = S.Zero;
+            TV c10 = S.Zero, c11 = S.Zero, c12 = S.Zero, c13 = S.Zero;
+            TV c20 = S.Zero, c21 = S.Zero, c22 = S.Zero, c23 = S.Zero;
+            TV c30 = S.Zero, c31 = S.Zero, c32 = S.Zero, c33 = S.Zero;
+            float* x0 = x, x1 = x + K, x2 = x + 2 * K, x3 = x + 3 * K;
+            int W = S.Width, k = 0;
+            for (; k + W <= K; k += W)
+            {
+                TV b0 = S.LoadW<TL>(w0, k), b1 = S.LoadW<TL>(w1, k), b2 = S.LoadW<TL>(w2, k), b3 = S.LoadW<TL>(w3, k);
+                TV a = S.Load(x0 + k);
+                c00 = S.Fma(a, b0, c00); c01 = S.Fma(a, b1, c01); c02 = S.Fma(a, b2, c02); c03 = S.Fma(a, b3, c03);
+                a = S.Load(x1 + k);
+                c10 = S.Fma(a, b0, c10); c11 = S.Fma(a, b1, c11); c12 = S.Fma(a, b2, c12); c13 = S.Fma(a, b3, c13);
+                a = S.Load(x2 + k);
+                c20 = S.Fma(a, b0, c20); c21 = S.Fma(a, b1, c21); c22 = S.Fma(a, b2, c22); c23 = S.Fma(a, b3, c23);
+                a = S.Load(x3 + k);
+                c30 = S.Fma(a, b0, c30); c31 = S.Fma(a, b1, c31); c32 = S.Fma(a, b2, c32); c33 = S.Fma(a, b3, c33);
+            }
+            y[0] = S.Sum(c00) + Tail(x0, w0, k, K); y[1] = S.Sum(c01) + Tail(x0, w1, k, K); y[2] = S.Sum(c02) + Tail(x0, w2, k, K); y[3] = S.Sum(c03) + Tail(x0, w3, k, K);
+            y += ldy;
+            y[0] = S.Sum(c10) + Tail(x1, w0, k, K); y[1] = S.Sum(c11) + Tail(x1, w1, k, K); y[2] = S.Sum(c12) + Tail(x1, w2, k, K); y[3] = S.Sum(c13) + Tail(x1, w3, k, K);
+            y += ldy;
+            y[0] = S.Sum(c20) + Tail(x2, w0, k, K); y[1] = S.Sum(c21) + Tail(x2, w1, k, K); y[2] = S.Sum(c22) + Tail(x2, w2, k, K); y[3] = S.Sum(c23) + Tail(x2, w3, k, K);
+            y += ldy;
+            y[0] = S.Sum(c30) + Tail(x3, w0, k, K); y[1] = S.Sum(c31) + Tail(x3, w1, k, K); y[2] = S.Sum(c32) + Tail(x3, w2, k, K); y[3] = S.Sum(c33) + Tail(x3, w3, k, K);
+        }
+
+        /// <summary>One X row against 4 W rows: the GEMV inner loop, 4 independent accumulator chains.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining | MethodImplOptions.AggressiveOptimization)]
+        private static void Tile1x4(float* x, int K, nint w0, nint w1, nint w2, nint w3, float* y)
+        {
+            TV c0 = S.Zero, c1 = S.Zero, c2 = S.Zero, c3 = S.Zero;
+            int W = S.Width, k = 0;
+            for (; k + W <= K; k += W)
+            {
+                TV a = S.Load(x + k);
+                c0 = S.Fma(a, S.LoadW<TL>(w0, k), c0);
+                c1 = S.Fma(a, S.LoadW<TL>(w1, k), c1);
+                c2 = S.Fma(a, S.LoadW<TL>(w2, k), c2);
+                c3 = S.Fma(a, S.LoadW<TL>(w3, k), c3);
+            }
+            y[0] = S.Sum(c0) + Tail(x, w0, k, K);
+            y[1] = S.Sum(c1) + Tail(x, w1, k, K);
+            y[2] = S.Sum(c2) + Tail(x, w2, k, K);
+            y[3] = S.Sum(c3) + Tail(x, w3, k, K);
+        }
+
+        private static float Dot(float* x, nint w, int K)
+        {
+            TV c = S.Zero;
+            int W = S.Width, k = 0;
+            for (; k + W <= K; k += W) c = S.Fma(S.Load(x + k), S.LoadW<TL>(w, k), c);
+            return S.Sum(c) + Tail(x, w, k, K);
+        }
+
+        /// <summary>The last K mod width elements, in scalar.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static float Tail(float* x, nint w, int k, int K)
+        {
+            float s = 0;
+            for (; k < K; k++) s = MathF.FusedMultiplyAdd(x[k], TL.Load1(w, k), s);
+            return s;
+        }
+    }
+}

@@ -1,0 +1,28 @@
+namespace MiniLlm.Kernels;
+
+/// <summary>Element type of a weight matrix as stored (activations are always fp32).</summary>
+public enum WeightType { F32, F16, BF16 }
+
+/// <summary>
+/// A row-major weight matrix W [Rows × Cols] in its stored type, as HF stores a linear layer (out × in).
+/// The memory is owned elsewhere (usually a memory-mapped checkpoint).
+/// </summary>
+public readonly unsafe struct WeightMatrix(nint pointer, WeightType type, int rows, int cols)
+{
+    public nint Pointer { get; } = pointer;
+    public WeightType Type { get; } = type;
+    public int Rows { get; } = rows;
+    public int Cols { get; } = cols;
+
+    public int ElementSize => Type == WeightType.F32 ? 4 : 2;
+    public long ByteLength => (long)Rows * Cols * ElementSize;
+    public nint Row(int r) => Pointer + (nint)((long)r * Cols * ElementSize);
+
+    /// <summary>Row <paramref name="r"/> widened to fp32 into <paramref name="dst"/> (embedding gather).</summary>
+    public void WidenRow(int r, Span<float> dst)
+    {
+        if ((uint)r >= (uint)Rows) throw new ArgumentOutOfRangeException(nameof(r), $"row {r} outside [0, {Rows})");
+        if (dst.Length < Cols) throw new ArgumentException("destination shorter than a row", nameof(dst));
+        fixed (float* d = dst) Widen.ToF32(Type, Row(r), d, Cols);
+    }
+}

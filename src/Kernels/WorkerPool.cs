@@ -1,0 +1,116 @@
+namespace MiniLlm.Kernels;
+
+/// <summary>A unit of parallel work: <see cref="Execute"/> runs once per chunk index, on some worker.</summary>
+public abstract class ParallelJob
+{
+    /// <param name="chunk">0 ≤ chunk &lt; the count given to <see cref="WorkerPool.Run"/>.</param>
+    /// <param name="worker">0 ≤ worker &lt; <see cref="WorkerPool.Threads"/>; indexes per-worker scratch.</param>
+    public abstract void Execute(int chunk, int worker);
+}
+
+/// <summary>
+/// A persistent pool: <c>Threads − 1</c> background threads plus the caller. <see cref="Run"/> hands out chunk
+/// indices through one atomic counter, so uneven chunks balance themselves. No thread is created and nothing is
+/// allocated per call; idle workers spin briefly (the next kernel usually follows within microseconds), then sleep.
+/// </summary>
+public sealed class WorkerPool : IDisposable
+{
+    private const int SpinIterations = 20_000;
+
+    private readonly Thread[] _workers;
+    private readonly object _gate = new();
+    private ParallelJob? _job;
+    private int _chunks;
+    private int _next;
+    private int _running;
+    private long _generation;
+    private volatile bool _stopping;
+    private Exception? _error;
+
+    public int Threads { get; }
+
+    public WorkerPool(int threads)
+    {
+        if (threads < 1) throw new ArgumentOutOfRangeException(nameof(threads), "threads must be at least 1");
+        Threads = threads;
+        _workers = new Thread[threads - 1];
+        for (int i = 0; i < _workers.Length; i++)
+        {
+            int id = i + 1;
+            _workers[i] = new Thread(() => WorkerLoop(id)) { IsBackground = true, Name = $"minillm-worker-{id}" };
+            _workers[i].Start();
+        }
+    }
+
+    /// <summary>Threads matching the machine's cores (what the OS reports as available to this process).</summary>
+    public static int DefaultThreads => Math.Max(1, Environment.ProcessorCount);
+
+    /// <summary>Runs <paramref name="job"/> for chunks 0..count−1 and returns when all are done. Not reentrant.</summary>
+    public void Run(ParallelJob job, int count)
+    {
+        if (count <= 0) return;
+        if (_workers.Length == 0 || count == 1)
+        {
+            for (int i = 0; i < count; i++) job.Execute(i, 0);
+            return;
+        }
+        _job = job;
+        _chunks = count;
+        _next = 0;
+        _error = null;
+        Volatile.Write(ref _running, _workers.Length);
+        lock (_gate)
+        {
+            _generation++;
+            Monitor.PulseAll(_gate);
+        }
+        RunChunks(job, 0);
+        var spin = new SpinWait();
+        while (Volatile.Read(ref _running) != 0) spin.SpinOnce(-1);
+        _job = null;
+        if (_error is { } e) throw new AggregateException("a worker failed", e);
+    }
+
+    private void RunChunks(ParallelJob job, int worker)
+    {
+        try
+        {
+            int i;
+            while ((i = Interlocked.Increment(ref _next) - 1) < _chunks) job.Execute(i, worker);
+        }
+        catch (Exception e)
+        {
+            _error = e;
+            Volatile.Write(ref _next, int.MaxValue / 2); // stop handing out chunks
+        }
+    }
+
+    private void WorkerLoop(int id)
+    {
+        long seen = 0;
+        while (true)
+        {
+            int spins = 0;
+            while (Volatile.Read(ref _generation) == seen && !_stopping)
+            {
+                if (spins++ < SpinIterations) Thread.SpinWait(8);
+                else
+                {
+                    lock (_gate)
+                        while (Volatile.Read(ref _generation) == seen && !_stopping) Monitor.Wait(_gate);
+                }
+            }
+            if (_stopping) return;
+            seen = Volatile.Read(ref _generation);
+            RunChunks(_job!, id);
+            Interlocked.Decrement(ref _running);
+        }
+    }
+
+    public void Dispose()
+    {
+        _stopping = true;
+        lock (_gate) Monitor.PulseAll(_gate);
+        foreach (var t in _workers) t.Join();
+    }
+}
