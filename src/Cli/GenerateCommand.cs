@@ -20,10 +20,11 @@ public static class GenerateCommand
         var seed = new Option<ulong?>("--seed", "-s") { Description = "Random seed (default: a fresh one, reported in the JSON output)" };
         var threads = CommonOptions.Threads();
         var output = CommonOptions.Output();
+        var noWarmup = new Option<bool>("--no-warmup") { Description = "Skip the untimed warm-up pass (then TTFT includes JIT compilation)" };
 
         var cmd = new Command("generate", "Generate text from a prompt, streaming it, then print the speed")
         {
-            prompt, model, maxTokens, temperature, topK, topP, minP, seed, threads, output,
+            prompt, model, maxTokens, temperature, topK, topP, minP, seed, threads, output, noWarmup,
         };
         cmd.SetAction(r =>
         {
@@ -47,6 +48,7 @@ public static class GenerateCommand
 
             var dir = ModelLocator.Resolve(r.GetValue(model));
             using var llm = LlamaModel.Load(dir, t);
+            if (!r.GetValue(noWarmup)) llm.Warmup();
             var gen = new Generator(llm);
             if (!json) { io.Out.Write(text); io.Out.Flush(); }
             var result = gen.Generate(text, options, json ? null : (_, piece) => { io.Out.Write(piece); io.Out.Flush(); });

@@ -22,10 +22,17 @@ public static class InfoCommand
                 ColorSystem = ColorSystemSupport.NoColors,
                 Interactive = InteractionSupport.No,
             });
+            // Wide enough that tensor names never wrap when the output is piped or captured.
+            console.Profile.Width = Math.Max(140, Console.IsOutputRedirected ? 0 : SafeWindowWidth());
             Print(console, files);
             return ExitCodes.Ok;
         });
         return cmd;
+    }
+
+    private static int SafeWindowWidth()
+    {
+        try { return Console.WindowWidth; } catch (IOException) { return 0; }
     }
 
     private static void Print(IAnsiConsole console, ModelFiles files)

@@ -98,11 +98,28 @@ public sealed unsafe class LlamaModel : IDisposable
 
     /// <summary>Opens the model directory and builds the model (which then owns the files).</summary>
     public static LlamaModel Load(string dir, int threads = 0, int maxTokens = 512) =>
-        new(ModelFiles.Open(dir), threads, maxTokens, ownsFiles: true);
+        new(ModelFiles.Open(dir, requireTokenizer: false), threads, maxTokens, ownsFiles: true);
 
     /// <summary>A KV cache for one sequence of up to <paramref name="capacity"/> positions (default: the full context).</summary>
     public ContiguousKvCache NewKvCache(int capacity = 0) =>
         new(Config.NumHiddenLayers, Config.KvDim, capacity <= 0 ? Context : Math.Min(capacity, Context));
+
+    /// <summary>
+    /// Runs a short prefill and a decode step on a scratch cache so the JIT has compiled every kernel path
+    /// before anything is timed (otherwise TTFT measures the compiler).
+    /// </summary>
+    public void Warmup()
+    {
+        int n = Math.Min(8, Math.Min(MaxTokens, Context - 1));
+        using var cache = NewKvCache(n + 1);
+        var tokens = new int[n];
+        var logits = new float[Config.VocabSize];
+        for (int rep = 0; rep < 2; rep++)
+        {
+            Forward(tokens, 0, cache, logits);
+            Forward(tokens.AsSpan(0, 1), n, cache, logits);
+        }
+    }
 
     /// <summary>
     /// Runs tokens[0..S) at positions start..start+S−1, appending their keys and values to <paramref name="cache"/>,

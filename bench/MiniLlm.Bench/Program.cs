@@ -1,0 +1,4 @@
+using BenchmarkDotNet.Running;
+
+// Kernel micro-benchmarks. Run: dotnet run -c Release --project bench/MiniLlm.Bench -- --filter '*'
+BenchmarkSwitcher.FromAssembly(typeof(MiniLlm.Bench.MatMulBench).Assembly).Run(args);

@@ -1,0 +1,258 @@
+using System.Runtime.InteropServices;
+using MiniLlm.Kernels;
+
+namespace MiniLlm.Tests;
+
+/// <summary>Every kernel against a naive double-precision reference on random inputs of awkward sizes.</summary>
+[Collection(SimdPolicyCollection.Name)]
+public unsafe class KernelTests
+{
+    private static float[] Random(int n, int seed, float scale = 1f)
+    {
+        var r = new Random(seed);
+        var a = new float[n];
+        for (int i = 0; i < n; i++) a[i] = scale * (float)(r.NextDouble() * 2 - 1);
+        return a;
+    }
+
+    private static byte[] Store(float[] w, WeightType t, out float[] stored)
+    {
+        string dt = t switch { WeightType.F32 => "F32", WeightType.BF16 => "BF16", _ => "F16" };
+        stored = w.Select(v => TestSafetensors.RoundTo(v, dt)).ToArray();
+        return TestSafetensors.Typed("w", [w.Length], w, dt).Data;
+    }
+
+    public static TheoryData<int, int, int> MatMulShapes()
+    {
+        var data = new TheoryData<int, int, int>();
+        foreach (int m in new[] { 1, 2, 3, 17, 64, 513 })
+            foreach (var (k, n) in new[] { (1, 1), (15, 7), (17, 33), (100, 5), (257, 130) })
+                data.Add(m, k, n);
+        return data;
+    }
+
+    [Theory]
+    [MemberData(nameof(MatMulShapes))]
+    public void MatMulMatchesNaive(int M, int K, int N)
+    {
+        var x = Random(M * K, M * 31 + K);
+        var wRaw = Random(N * K, N * 17 + K);
+        foreach (var type in new[] { WeightType.F32, WeightType.BF16, WeightType.F16 })
+        {
+            var bytes = Store(wRaw, type, out var w);
+            // reference in double, and the bound: 1e-5 of Σ|x·w| per output (fp32 accumulation over K terms)
+            var reference = new double[M * N];
+            var bound = new double[M * N];
+            for (int m = 0; m < M; m++)
+                for (int n = 0; n < N; n++)
+                {
+                    double s = 0, a = 0;
+                    for (int k = 0; k < K; k++) { s += (double)x[m * K + k] * w[n * K + k]; a += Math.Abs((double)x[m * K + k] * w[n * K + k]); }
+                    reference[m * N + n] = s;
+                    bound[m * N + n] = 1e-5 * a + 1e-6;
+                }
+            foreach (var isa in new[] { SimdPolicy.Isa.V512, SimdPolicy.Isa.V256, SimdPolicy.Isa.Scalar })
+                foreach (int threads in new[] { 1, 2, 3 })
+                {
+                    SimdPolicy.Force(isa);
+                    try
+                    {
+                        using var pool = new WorkerPool(threads);
+                        var mm = new MatMul(pool);
+                        var y = new float[M * N];
+                        fixed (float* xp = x, yp = y)
+                        fixed (byte* wp = bytes)
+                            mm.Run(xp, M, new WeightMatrix((nint)wp, type, N, K), yp);
+                        for (int i = 0; i < y.Length; i++)
+                            Assert.True(Math.Abs(y[i] - reference[i]) <= bound[i],
+                                $"{type} {isa} threads={threads} M={M} K={K} N={N} at {i}: {y[i]} vs {reference[i]}");
+                    }
+                    finally { SimdPolicy.Reset(); }
+                }
+        }
+    }
+
+    [Fact]
+    public void F16WideningHandlesSubnormalsInfinityAndNaN()
+    {
+        ushort[] bits = [0x0000, 0x8000, 0x0001, 0x03ff, 0x0400, 0x3c00, 0xbc00, 0x7bff, 0x7c00, 0xfc00, 0x7e00, 0x3555, 0xc123, 0x1234, 0x0200, 0x8001];
+        var dst = new float[bits.Length];
+        fixed (ushort* p = bits)
+        fixed (float* d = dst)
+            Widen.ToF32(WeightType.F16, (nint)p, d, bits.Length);   // 16 values: exactly one Vector512
+        for (int i = 0; i < bits.Length; i++)
+        {
+            float expected = (float)BitConverter.UInt16BitsToHalf(bits[i]);
+            Assert.True(expected.Equals(dst[i]), $"0x{bits[i]:x4}: {dst[i]} vs {expected}");
+        }
+    }
+
+    [Theory]
+    [InlineData(1, 1)]
+    [InlineData(3, 17)]
+    [InlineData(5, 256)]
+    [InlineData(2, 1001)]
+    public void RmsNormMatchesNaive(int rows, int n)
+    {
+        var x = Random(rows * n, n);
+        var w = Random(n, n + 1);
+        var y = new float[rows * n];
+        fixed (float* xp = x, wp = w, yp = y) Ops.RmsNorm(xp, wp, yp, rows, n, 1e-5f);
+        for (int r = 0; r < rows; r++)
+        {
+            double ms = 0;
+            for (int i = 0; i < n; i++) ms += (double)x[r * n + i] * x[r * n + i];
+            double inv = 1 / Math.Sqrt(ms / n + 1e-5);
+            for (int i = 0; i < n; i++)
+                Assert.Equal(x[r * n + i] * inv * w[i], y[r * n + i], 1e-5);
+        }
+    }
+
+    [Theory]
+    [InlineData(1)]
+    [InlineData(33)]
+    [InlineData(5000)]
+    public void SwiGluMatchesNaive(int n)
+    {
+        var g = Random(n, n, 6);
+        var u = Random(n, n + 1, 3);
+        var gate = (float[])g.Clone();
+        var scratch = new float[7]; // smaller than n: forces several chunks
+        fixed (float* gp = gate, up = u) Ops.SwiGlu(gp, up, n, scratch);
+        for (int i = 0; i < n; i++)
+        {
+            double expected = g[i] / (1 + Math.Exp(-g[i])) * u[i];
+            Assert.True(Math.Abs(gate[i] - expected) <= 1e-5 * Math.Max(1, Math.Abs(expected)), $"{i}: {gate[i]} vs {expected}");
+        }
+    }
+
+    [Theory]
+    [InlineData(1)]
+    [InlineData(19)]
+    [InlineData(4096)]
+    public void SoftmaxMatchesNaive(int n)
+    {
+        var x = Random(n, n, 20);
+        var y = (float[])x.Clone();
+        fixed (float* yp = y) Ops.Softmax(yp, n);
+        double max = x.Max(), sum = x.Sum(v => Math.Exp(v - max));
+        for (int i = 0; i < n; i++) Assert.Equal(Math.Exp(x[i] - max) / sum, y[i], 1e-6);
+    }
+
+    [Theory]
+    [InlineData(2, 3, 0)]
+    [InlineData(10, 2, 7)]
+    [InlineData(64, 4, 511)]
+    public void RopeMatchesRotateHalfFormula(int hd, int heads, int pos)
+    {
+        var table = new RopeTable(hd, 512, 10000, null);
+        var x = Random(hd * heads, hd + pos);
+        var y = (float[])x.Clone();
+        fixed (float* yp = y) table.Apply(yp, heads, pos);
+        int half = hd / 2;
+        for (int h = 0; h < heads; h++)
+            for (int i = 0; i < half; i++)
+            {
+                double f = 1.0 / Math.Pow(10000, 2.0 * i / hd), c = Math.Cos(pos * f), s = Math.Sin(pos * f);
+                double a = x[h * hd + i], b = x[h * hd + i + half];
+                Assert.Equal(a * c - b * s, y[h * hd + i], 2e-4);
+                Assert.Equal(b * c + a * s, y[h * hd + i + half], 2e-4);
+            }
+    }
+
+    [Theory]
+    [InlineData(1, 0, 4, 4, 8, false)]
+    [InlineData(5, 3, 6, 3, 10, false)]
+    [InlineData(7, 30, 8, 2, 32, true)]
+    [InlineData(1, 40, 8, 2, 32, true)]
+    public void AttentionMatchesNaive(int S, int start, int H, int G, int hd, bool paged)
+    {
+        int ctx = start + S, kvd = G * hd;
+        var q = Random(S * H * hd, S + start);
+        var keys = Random(ctx * kvd, ctx + 1);
+        var vals = Random(ctx * kvd, ctx + 2);
+        var output = new float[S * H * hd];
+
+        // Paged: positions live in 4-position blocks scattered through a pool in a shuffled order.
+        const int B = 4;
+        int blocks = (ctx + B - 1) / B;
+        var table = Enumerable.Range(0, blocks).Select(i => (i * 7 + 3) % blocks).ToArray();
+        if (table.Distinct().Count() != blocks) table = Enumerable.Range(0, blocks).Reverse().ToArray();
+        var kPool = new float[blocks * B * kvd];
+        var vPool = new float[blocks * B * kvd];
+        for (int p = 0; p < ctx; p++)
+            for (int i = 0; i < kvd; i++)
+            {
+                kPool[(table[p / B] * B + p % B) * kvd + i] = keys[p * kvd + i];
+                vPool[(table[p / B] * B + p % B) * kvd + i] = vals[p * kvd + i];
+            }
+
+        using var pool = new WorkerPool(2);
+        var att = new Attention(pool, 64);
+        fixed (float* qp = q, kp = keys, vp = vals, op = output, kpp = kPool, vpp = vPool)
+        fixed (int* tp = table)
+        {
+            var view = paged ? new KvView(kpp, vpp, tp, B, (long)B * kvd, kvd) : new KvView(kp, vp, kvd);
+            att.Run(qp, S, start, H, G, hd, view, op);
+        }
+
+        for (int t = 0; t < S; t++)
+            for (int h = 0; h < H; h++)
+            {
+                int g = h / (H / G), pos = start + t;
+                var scores = new double[pos + 1];
+                for (int j = 0; j <= pos; j++)
+                {
+                    double s = 0;
+                    for (int i = 0; i < hd; i++) s += (double)q[(t * H + h) * hd + i] * keys[j * kvd + g * hd + i];
+                    scores[j] = s / Math.Sqrt(hd);
+                }
+                double max = scores.Max(), sum = scores.Sum(v => Math.Exp(v - max));
+                for (int i = 0; i < hd; i++)
+                {
+                    double o = 0;
+                    for (int j = 0; j <= pos; j++) o += Math.Exp(scores[j] - max) / sum * vals[j * kvd + g * hd + i];
+                    Assert.Equal(o, output[(t * H + h) * hd + i], 1e-5);
+                }
+            }
+    }
+
+    [Fact]
+    public void WorkerPoolRunsEveryChunkOnceAndSurfacesErrors()
+    {
+        using var pool = new WorkerPool(3);
+        var job = new CountingJob(1000);
+        for (int rep = 0; rep < 50; rep++)
+        {
+            job.Reset();
+            pool.Run(job, 1000);
+            Assert.All(job.Hits, h => Assert.Equal(1, h));
+        }
+        Assert.Throws<AggregateException>(() => pool.Run(new ThrowingJob(), 10));
+        job.Reset();
+        pool.Run(job, 1000);  // still usable after a failure
+        Assert.All(job.Hits, h => Assert.Equal(1, h));
+    }
+
+    private sealed class CountingJob(int n) : ParallelJob
+    {
+        public int[] Hits { get; } = new int[n];
+        public void Reset() => Array.Clear(Hits);
+        public override void Execute(int chunk, int worker) => Interlocked.Increment(ref Hits[chunk]);
+    }
+
+    private sealed class ThrowingJob : ParallelJob
+    {
+        public override void Execute(int chunk, int worker)
+        {
+            if (chunk == 5) throw new InvalidOperationException("boom");
+        }
+    }
+}
+
+/// <summary>Tests that change the global SIMD policy must not run beside other kernel users.</summary>
+[CollectionDefinition(Name, DisableParallelization = true)]
+public sealed class SimdPolicyCollection
+{
+    public const string Name = "SimdPolicy";
+}
