@@ -25,6 +25,8 @@ public static class CliApp
         var io = new CliIO(stdout, stderr);
         root.Subcommands.Add(GenerateCommand.Create(io));
         root.Subcommands.Add(InfoCommand.Create(io));
+        root.Subcommands.Add(RooflineCommand.Create(io));
+        root.Subcommands.Add(SynthCommand.Create(io));
         var config = new InvocationConfiguration { Output = stdout, Error = stderr, EnableDefaultExceptionHandler = false };
         var parsed = root.Parse(args);
         try

@@ -3,6 +3,9 @@ using MiniLlm.Loader;
 
 namespace MiniLlm.Engine;
 
+/// <summary>One sequence's share of a batched forward pass: <see cref="Count"/> new tokens from position <see cref="Start"/>.</summary>
+public readonly record struct SequenceSlice(int Start, int Count, IKvCache Cache);
+
 /// <summary>Which positions of a forward pass produce logits.</summary>
 public enum LogitsFor { LastToken, AllTokens }
 
@@ -36,6 +39,8 @@ public sealed unsafe class LlamaModel : IDisposable
     private readonly NativeBuffer _hb;      // [S × f]    gate, then silu(gate)·up
     private readonly NativeBuffer _hb2;     // [S × f]    up
     private readonly NativeBuffer _scratch; // [max(f, d)] SwiGLU sigmoid scratch
+    private readonly SequenceSlice[] _one = new SequenceSlice[1];
+    private AttentionSegment[] _segments = new AttentionSegment[1];
 
     private sealed class LayerMatrices
     {
@@ -122,71 +127,113 @@ public sealed unsafe class LlamaModel : IDisposable
     }
 
     /// <summary>
-    /// Runs tokens[0..S) at positions start..start+S−1, appending their keys and values to <paramref name="cache"/>,
-    /// and writes logits: [V] for the last token, or [S × V] for every token.
+    /// Runs tokens[0..S) of one sequence at positions start..start+S−1, appending their keys and values to
+    /// <paramref name="cache"/>, and writes logits: [V] for the last token, or [S × V] for every token.
     /// </summary>
     public void Forward(ReadOnlySpan<int> tokens, int start, IKvCache cache, Span<float> logits, LogitsFor which = LogitsFor.LastToken)
     {
-        var c = Config;
-        int S = tokens.Length, d = c.HiddenSize, f = c.IntermediateSize, V = c.VocabSize;
-        int h = c.NumAttentionHeads, g = c.NumKeyValueHeads, hd = c.HeadDim, qd = c.QDim, kvd = c.KvDim;
-        CheckArguments(tokens, start, cache, logits, which);
+        _one[0] = new SequenceSlice(start, tokens.Length, cache);
+        Forward(tokens, _one, logits, which);
+    }
 
-        // x[S × d] = embedding rows of the tokens
-        for (int s = 0; s < S; s++) _embed.WidenRow(tokens[s], new Span<float>(_x.Pointer + (long)s * d, d));
+    /// <summary>
+    /// One pass over the weights for several sequences at once. <paramref name="tokens"/> holds each sequence's new
+    /// tokens back to back (T = Σ Count), so every linear layer is a single GEMM over T rows; attention runs per
+    /// sequence against its own cache. Logits: [sequences × V] (each sequence's last token) or [T × V].
+    /// </summary>
+    public void Forward(ReadOnlySpan<int> tokens, ReadOnlySpan<SequenceSlice> sequences, Span<float> logits, LogitsFor which = LogitsFor.LastToken)
+    {
+        var c = Config;
+        int T = tokens.Length, d = c.HiddenSize, f = c.IntermediateSize;
+        int h = c.NumAttentionHeads, g = c.NumKeyValueHeads, hd = c.HeadDim, qd = c.QDim, kvd = c.KvDim;
+        CheckArguments(tokens, sequences, logits, which);
+        if (_segments.Length < sequences.Length) _segments = new AttentionSegment[sequences.Length];
+        var segments = _segments.AsSpan(0, sequences.Length);
+
+        // x[T × d] = embedding rows of the tokens
+        for (int t = 0; t < T; t++) _embed.WidenRow(tokens[t], new Span<float>(_x.Pointer + (long)t * d, d));
 
         for (int l = 0; l < _layers.Length; l++)
         {
             var L = _layers[l];
-            var kv = cache.Layer(l);
 
             // ── attention ──
-            fixed (float* wn = L.AttnNorm) Ops.RmsNorm(_x.Pointer, wn, _xb.Pointer, S, d, (float)c.RmsNormEps);  // xb[S × d]
-            _matmul.Run(_xb.Pointer, S, L.Wq, _q.Pointer);    // q[S × h·hd]
-            _matmul.Run(_xb.Pointer, S, L.Wk, _k.Pointer);    // k[S × g·hd]
-            _matmul.Run(_xb.Pointer, S, L.Wv, _v.Pointer);    // v[S × g·hd]
-            for (int s = 0; s < S; s++)
+            fixed (float* wn = L.AttnNorm) Ops.RmsNorm(_x.Pointer, wn, _xb.Pointer, T, d, (float)c.RmsNormEps);  // xb[T × d]
+            _matmul.Run(_xb.Pointer, T, L.Wq, _q.Pointer);    // q[T × h·hd]
+            _matmul.Run(_xb.Pointer, T, L.Wk, _k.Pointer);    // k[T × g·hd]
+            _matmul.Run(_xb.Pointer, T, L.Wv, _v.Pointer);    // v[T × g·hd]
+            int row = 0;
+            for (int i = 0; i < sequences.Length; i++)
             {
-                int pos = start + s;
-                _rope.Apply(_q.Pointer + (long)s * qd, h, pos);
-                _rope.Apply(_k.Pointer + (long)s * kvd, g, pos);
-                // The cache's rows for this position ← k, v
-                new ReadOnlySpan<float>(_k.Pointer + (long)s * kvd, kvd).CopyTo(new Span<float>(kv.KeyRow(pos), kvd));
-                new ReadOnlySpan<float>(_v.Pointer + (long)s * kvd, kvd).CopyTo(new Span<float>(kv.ValueRow(pos), kvd));
+                var seq = sequences[i];
+                var kv = seq.Cache.Layer(l);
+                for (int s = 0; s < seq.Count; s++, row++)
+                {
+                    int pos = seq.Start + s;
+                    _rope.Apply(_q.Pointer + (long)row * qd, h, pos);
+                    _rope.Apply(_k.Pointer + (long)row * kvd, g, pos);
+                    // this sequence's cache rows for this position ← k, v
+                    new ReadOnlySpan<float>(_k.Pointer + (long)row * kvd, kvd).CopyTo(new Span<float>(kv.KeyRow(pos), kvd));
+                    new ReadOnlySpan<float>(_v.Pointer + (long)row * kvd, kvd).CopyTo(new Span<float>(kv.ValueRow(pos), kvd));
+                }
+                segments[i] = new AttentionSegment(row - seq.Count, seq.Count, seq.Start, kv);
             }
-            _attention.Run(_q.Pointer, S, start, h, g, hd, kv, _att.Pointer);  // att[S × h·hd], causal over 0..pos
-            _matmul.Run(_att.Pointer, S, L.Wo, _xb2.Pointer);                 // xb2[S × d]
-            Ops.AddInPlace(_x.Pointer, _xb2.Pointer, (long)S * d);             // x += attention
+            _attention.Run(_q.Pointer, h, g, hd, segments, _att.Pointer);  // att[T × h·hd], causal within each sequence
+            _matmul.Run(_att.Pointer, T, L.Wo, _xb2.Pointer);            // xb2[T × d]
+            Ops.AddInPlace(_x.Pointer, _xb2.Pointer, (long)T * d);        // x += attention
 
             // ── MLP ──
-            fixed (float* wn = L.FfnNorm) Ops.RmsNorm(_x.Pointer, wn, _xb.Pointer, S, d, (float)c.RmsNormEps);
-            _matmul.Run(_xb.Pointer, S, L.Wgate, _hb.Pointer);   // hb[S × f]
-            _matmul.Run(_xb.Pointer, S, L.Wup, _hb2.Pointer);    // hb2[S × f]
-            Ops.SwiGlu(_hb.Pointer, _hb2.Pointer, (long)S * f, _scratch.Span);  // hb = silu(hb)·hb2
-            _matmul.Run(_hb.Pointer, S, L.Wdown, _xb2.Pointer);  // xb2[S × d]
-            Ops.AddInPlace(_x.Pointer, _xb2.Pointer, (long)S * d);  // x += MLP
+            fixed (float* wn = L.FfnNorm) Ops.RmsNorm(_x.Pointer, wn, _xb.Pointer, T, d, (float)c.RmsNormEps);
+            _matmul.Run(_xb.Pointer, T, L.Wgate, _hb.Pointer);   // hb[T × f]
+            _matmul.Run(_xb.Pointer, T, L.Wup, _hb2.Pointer);    // hb2[T × f]
+            Ops.SwiGlu(_hb.Pointer, _hb2.Pointer, (long)T * f, _scratch.Span);  // hb = silu(hb)·hb2
+            _matmul.Run(_hb.Pointer, T, L.Wdown, _xb2.Pointer);  // xb2[T × d]
+            Ops.AddInPlace(_x.Pointer, _xb2.Pointer, (long)T * d);  // x += MLP
         }
 
-        // Final norm and LM head, only for the rows that need logits.
-        int first = which == LogitsFor.AllTokens ? 0 : S - 1;
-        int rows = S - first;
-        float* xLast = _x.Pointer + (long)first * d;
-        fixed (float* wn = _finalNorm) Ops.RmsNorm(xLast, wn, _xb.Pointer, rows, d, (float)c.RmsNormEps);
-        fixed (float* out_ = logits) _matmul.Run(_xb.Pointer, rows, _lmHead, out_);  // logits[rows × V]
+        // Final norm and LM head, only for the rows that need logits: xb[rows × d] → logits[rows × V]
+        int rows;
+        fixed (float* wn = _finalNorm)
+        {
+            if (which == LogitsFor.AllTokens)
+            {
+                rows = T;
+                Ops.RmsNorm(_x.Pointer, wn, _xb.Pointer, T, d, (float)c.RmsNormEps);
+            }
+            else
+            {
+                rows = sequences.Length;
+                int last = -1;
+                for (int i = 0; i < sequences.Length; i++)
+                {
+                    last += sequences[i].Count;
+                    Ops.RmsNorm(_x.Pointer + (long)last * d, wn, _xb.Pointer + (long)i * d, 1, d, (float)c.RmsNormEps);
+                }
+            }
+        }
+        fixed (float* out_ = logits) _matmul.Run(_xb.Pointer, rows, _lmHead, out_);
     }
 
-    private void CheckArguments(ReadOnlySpan<int> tokens, int start, IKvCache cache, Span<float> logits, LogitsFor which)
+    private void CheckArguments(ReadOnlySpan<int> tokens, ReadOnlySpan<SequenceSlice> sequences, Span<float> logits, LogitsFor which)
     {
-        int S = tokens.Length, V = Config.VocabSize;
-        if (S == 0) throw new ArgumentException("no tokens to run", nameof(tokens));
-        if (S > MaxTokens) throw new ArgumentException($"{S} tokens in one call exceed this model's chunk size {MaxTokens}", nameof(tokens));
-        if (start < 0 || start + S > Context)
-            throw new ArgumentOutOfRangeException(nameof(start), $"positions {start}..{start + S - 1} exceed the model's context of {Context} tokens");
-        if (start + S > cache.Capacity)
-            throw new ArgumentOutOfRangeException(nameof(start), $"positions {start}..{start + S - 1} exceed the KV cache capacity of {cache.Capacity}");
+        int T = tokens.Length, V = Config.VocabSize;
+        if (T == 0) throw new ArgumentException("no tokens to run", nameof(tokens));
+        if (T > MaxTokens) throw new ArgumentException($"{T} tokens in one call exceed this model's batch of {MaxTokens}", nameof(tokens));
+        if (sequences.Length == 0) throw new ArgumentException("no sequences", nameof(sequences));
+        int total = 0;
+        foreach (var s in sequences)
+        {
+            if (s.Count <= 0) throw new ArgumentException("every sequence in a batch needs at least one token", nameof(sequences));
+            if (s.Start < 0 || s.Start + s.Count > Context)
+                throw new ArgumentOutOfRangeException(nameof(sequences), $"positions {s.Start}..{s.Start + s.Count - 1} exceed the model's context of {Context} tokens");
+            if (s.Start + s.Count > s.Cache.Capacity)
+                throw new ArgumentOutOfRangeException(nameof(sequences), $"positions {s.Start}..{s.Start + s.Count - 1} exceed the KV cache capacity of {s.Cache.Capacity}");
+            total += s.Count;
+        }
+        if (total != T) throw new ArgumentException($"the sequences hold {total} tokens but {T} were given", nameof(sequences));
         foreach (int t in tokens)
             if ((uint)t >= (uint)V) throw new ArgumentOutOfRangeException(nameof(tokens), $"token id {t} is outside the vocabulary [0, {V})");
-        long need = which == LogitsFor.AllTokens ? (long)S * V : V;
+        long need = which == LogitsFor.AllTokens ? (long)T * V : (long)sequences.Length * V;
         if (logits.Length < need) throw new ArgumentException($"logits buffer holds {logits.Length} floats, needs {need}", nameof(logits));
     }
 

@@ -48,6 +48,19 @@ public static class ModelLocator
         }
     }
 
+    /// <summary>A file under ../shared (beside the working directory or the repository), or null.</summary>
+    public static string? FindShared(string relative)
+    {
+        var bases = new List<string> { Directory.GetCurrentDirectory() };
+        if (FindRepoRoot(AppContext.BaseDirectory) is { } repo) bases.Add(repo);
+        foreach (var b in bases)
+        {
+            var p = Path.GetFullPath(Path.Combine(b, "..", "shared", relative));
+            if (File.Exists(p)) return p;
+        }
+        return null;
+    }
+
     /// <summary>The nearest directory at or above <paramref name="start"/> that holds MiniLlm.sln.</summary>
     public static string? FindRepoRoot(string start)
     {

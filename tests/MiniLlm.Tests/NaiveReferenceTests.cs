@@ -98,4 +98,45 @@ public class NaiveReferenceTests
         var b = new NaiveLlama(scaled).Logits(Prompt)[^1];
         Assert.True(a.Zip(b).Max(p => Math.Abs(p.First - p.Second)) > 1e-3);
     }
+
+    [Theory]
+    [InlineData("batch-f32", "F32")]
+    [InlineData("batch-bf16", "BF16")]
+    public void MixedBatchGivesEachSequenceItsOwnLogits(string name, string dtype)
+    {
+        var rm = Make(name, 8, 2, false, dtype);
+        var reference = new NaiveLlama(rm);
+        int[][] prompts = [Prompt, [1, 90, 91, 92, 93, 94, 95, 96, 4], [1, 7], [1, 20, 30, 40, 50, 60]];
+        var refs = prompts.Select(p => reference.Logits(p)).ToArray();
+        using var model = LlamaModel.Load(rm.Dir, threads: 2, maxTokens: 32);
+        int V = rm.Spec.Vocab;
+        var caches = prompts.Select(_ => model.NewKvCache()).ToArray();
+        try
+        {
+            // Step 1: everyone prefills part of their prompt (different lengths) in one batch.
+            int[] done = [5, 3, 1, 6];
+            var logits = new float[prompts.Length * V];
+            var tokens = prompts.SelectMany((p, i) => p.Take(done[i])).ToArray();
+            var slices = prompts.Select((p, i) => new SequenceSlice(0, done[i], caches[i])).ToArray();
+            model.Forward(tokens, slices, logits);
+            for (int i = 0; i < prompts.Length; i++) AssertClose(refs[i][done[i] - 1], logits.AsSpan(i * V, V), $"{name} seq {i} step 1");
+
+            // Then mixed steps: unfinished prompts advance by chunks of up to 3, finished ones decode one token.
+            while (done.Select((n, i) => n < prompts[i].Length).Any(b => b))
+            {
+                var active = Enumerable.Range(0, prompts.Length).Where(i => done[i] < prompts[i].Length).ToArray();
+                var counts = active.Select(i => Math.Min(3, prompts[i].Length - done[i])).ToArray();
+                tokens = active.SelectMany((i, k) => prompts[i].Skip(done[i]).Take(counts[k])).ToArray();
+                slices = active.Select((i, k) => new SequenceSlice(done[i], counts[k], caches[i])).ToArray();
+                model.Forward(tokens, slices, logits);
+                for (int k = 0; k < active.Length; k++)
+                {
+                    int i = active[k];
+                    done[i] += counts[k];
+                    AssertClose(refs[i][done[i] - 1], logits.AsSpan(k * V, V), $"{name} seq {i} at {done[i] - 1}");
+                }
+            }
+        }
+        finally { foreach (var c in caches) c.Dispose(); }
+    }
 }

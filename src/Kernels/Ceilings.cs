@@ -1,0 +1,284 @@
+using System.Diagnostics;
+using System.Runtime.InteropServices;
+using System.Runtime.Intrinsics;
+using System.Text.Json;
+using System.Text.Json.Serialization;
+
+namespace MiniLlm.Kernels;
+
+/// <summary>One cache level as the OS reports it.</summary>
+public sealed record CacheLevel(string Name, long Bytes, string Source);
+
+/// <summary>Read bandwidth with a given working set (per all threads together).</summary>
+public sealed record BandwidthPoint(string Level, long WorkingSetBytes, double GBps);
+
+/// <summary>
+/// This machine's roofs, measured in-process: peak fp32 FMA throughput and sustained read bandwidth from DRAM,
+/// plus read bandwidth out of each cache level. Medians of several repetitions.
+/// </summary>
+public sealed record Roofline
+{
+    public required string Cpu { get; init; }
+    public required int Threads { get; init; }
+    public required string Isa { get; init; }
+    /// <summary>Peak fp32 GFLOP/s (an FMA counts 2 FLOPs), all threads.</summary>
+    public required double PeakGflops { get; init; }
+    /// <summary>Sustained DRAM read bandwidth, GB/s (10⁹ bytes), all threads.</summary>
+    public required double BandwidthGBps { get; init; }
+    public required IReadOnlyList<BandwidthPoint> CacheBandwidth { get; init; }
+    public required IReadOnlyList<CacheLevel> Caches { get; init; }
+    public required long DramBufferBytes { get; init; }
+    public required int Reps { get; init; }
+    public required DateTime MeasuredUtc { get; init; }
+
+    /// <summary>FLOP/byte above which a kernel is compute-bound on this machine.</summary>
+    [JsonIgnore] public double Ridge => PeakGflops / BandwidthGBps;
+
+    private static readonly JsonSerializerOptions Json = new() { WriteIndented = true, PropertyNamingPolicy = JsonNamingPolicy.SnakeCaseLower };
+
+    public static string DefaultPath => Path.Combine(
+        Environment.GetFolderPath(Environment.SpecialFolder.UserProfile), ".cache", "minillm", "roofline.json");
+
+    public void Save(string path)
+    {
+        Directory.CreateDirectory(Path.GetDirectoryName(Path.GetFullPath(path))!);
+        File.WriteAllText(path, JsonSerializer.Serialize(this, Json));
+    }
+
+    public static Roofline? TryLoad(string path)
+    {
+        if (!File.Exists(path)) return null;
+        try { return JsonSerializer.Deserialize<Roofline>(File.ReadAllText(path), Json); }
+        catch (JsonException) { return null; }
+    }
+}
+
+/// <summary>Measures the roofs. Everything here runs on dedicated threads started per measurement, never the kernel pool.</summary>
+public static unsafe class Ceilings
+{
+    private static volatile float _sink;
+
+    /// <summary>Runs <paramref name="body"/>(thread index) on <paramref name="threads"/> threads at once; returns the wall seconds.</summary>
+    private static double Together(int threads, Action<int> body)
+    {
+        using var ready = new CountdownEvent(threads);
+        using var go = new ManualResetEventSlim(false);
+        using var done = new CountdownEvent(threads);
+        var ts = new Thread[threads];
+        for (int i = 0; i < threads; i++)
+        {
+            int id = i;
+            ts[i] = new Thread(() => { ready.Signal(); go.Wait(); body(id); done.Signal(); }) { IsBackground = true };
+            ts[i].Start();
+        }
+        ready.Wait();
+        var sw = Stopwatch.StartNew();
+        go.Set();
+        done.Wait();
+        double s = sw.Elapsed.TotalSeconds;
+        foreach (var t in ts) t.Join();
+        return s;
+    }
+
+    private static double Median(List<double> v)
+    {
+        v.Sort();
+        return v.Count % 2 == 1 ? v[v.Count / 2] : (v[v.Count / 2 - 1] + v[v.Count / 2]) / 2;
+    }
+
+    /// <summary>Peak GFLOP/s: 12 independent FMA chains per thread in registers (enough to cover FMA latency × issue width).</summary>
+    public static double MeasureFmaPeak(int threads, int reps = 5, long iterations = 20_000_000)
+    {
+        int width = Vector512.IsHardwareAccelerated ? 16 : Vector256.IsHardwareAccelerated ? 8 : 1;
+        FmaLoop(1000, width); // JIT
+        var times = new List<double>();
+        for (int r = 0; r < reps; r++)
+            times.Add(Together(threads, _ => FmaLoop(iterations, width)));
+        double flops = (double)threads * iterations * 12 * width * 2;
+        return flops / Median(times) / 1e9;
+    }
+
+    private static void FmaLoop(long n, int width)
+    {
+        if (width == 16)
+        {
+            var m = Vector512.Create(0.9999999f); var a = Vector512.Create(1e-7f);
+            Vector512<float> c0 = a, c1 = a, c2 = a, c3 = a, c4 = a, c5 = a, c6 = a, c7 = a, c8 = a, c9 = a, c10 = a, c11 = a;
+            for (long i = 0; i < n; i++)
+            {
+                c0 = Vector512.FusedMultiplyAdd(c0, m, a); c1 = Vector512.FusedMultiplyAdd(c1, m, a);
+                c2 = Vector512.FusedMultiplyAdd(c2, m, a); c3 = Vector512.FusedMultiplyAdd(c3, m, a);
+                c4 = Vector512.FusedMultiplyAdd(c4, m, a); c5 = Vector512.FusedMultiplyAdd(c5, m, a);
+                c6 = Vector512.FusedMultiplyAdd(c6, m, a); c7 = Vector512.FusedMultiplyAdd(c7, m, a);
+                c8 = Vector512.FusedMultiplyAdd(c8, m, a); c9 = Vector512.FusedMultiplyAdd(c9, m, a);
+                c10 = Vector512.FusedMultiplyAdd(c10, m, a); c11 = Vector512.FusedMultiplyAdd(c11, m, a);
+            }
+            _sink = Vector512.Sum(c0 + c1 + c2 + c3 + c4 + c5 + c6 + c7 + c8 + c9 + c10 + c11);
+        }
+        else if (width == 8)
+        {
+            var m = Vector256.Create(0.9999999f); var a = Vector256.Create(1e-7f);
+            Vector256<float> c0 = a, c1 = a, c2 = a, c3 = a, c4 = a, c5 = a, c6 = a, c7 = a, c8 = a, c9 = a, c10 = a, c11 = a;
+            for (long i = 0; i < n; i++)
+            {
+                c0 = Vector256.FusedMultiplyAdd(c0, m, a); c1 = Vector256.FusedMultiplyAdd(c1, m, a);
+                c2 = Vector256.FusedMultiplyAdd(c2, m, a); c3 = Vector256.FusedMultiplyAdd(c3, m, a);
+                c4 = Vector256.FusedMultiplyAdd(c4, m, a); c5 = Vector256.FusedMultiplyAdd(c5, m, a);
+                c6 = Vector256.FusedMultiplyAdd(c6, m, a); c7 = Vector256.FusedMultiplyAdd(c7, m, a);
+                c8 = Vector256.FusedMultiplyAdd(c8, m, a); c9 = Vector256.FusedMultiplyAdd(c9, m, a);
+                c10 = Vector256.FusedMultiplyAdd(c10, m, a); c11 = Vector256.FusedMultiplyAdd(c11, m, a);
+            }
+            _sink = Vector256.Sum(c0 + c1 + c2 + c3 + c4 + c5 + c6 + c7 + c8 + c9 + c10 + c11);
+        }
+        else
+        {
+            float c = 1e-7f;
+            for (long i = 0; i < n * 12; i++) c = MathF.FusedMultiplyAdd(c, 0.9999999f, 1e-7f);
+            _sink = c;
+        }
+    }
+
+    /// <summary>
+    /// Read bandwidth in GB/s: each thread streams its own slice of a <paramref name="bytes"/> buffer,
+    /// <paramref name="passes"/> times (several passes for working sets that fit a cache).
+    /// </summary>
+    public static double MeasureReadBandwidth(int threads, long bytes, int reps = 5, int passes = 1)
+    {
+        long floats = bytes / 4 / (64 * threads) * (64 * threads);
+        var buf = (float*)NativeMemory.AlignedAlloc((nuint)floats * 4, 4096);
+        try
+        {
+            // Touch every page from the thread that will read it (first-touch placement), with non-zero data.
+            long per = floats / threads;
+            Together(threads, t => new Span<float>(buf + t * per, (int)Math.Min(per, int.MaxValue)).Fill(1f));
+            if (per > int.MaxValue) for (long i = 0; i < floats; i++) buf[i] = 1f;
+            ReadSlice(buf, Math.Min(per, 4096)); // JIT
+            var times = new List<double>();
+            for (int r = 0; r < reps; r++)
+                times.Add(Together(threads, t => { for (int p = 0; p < passes; p++) _sink = ReadSlice(buf + t * per, per); }));
+            return (double)floats * 4 * passes / Median(times) / 1e9;
+        }
+        finally { NativeMemory.AlignedFree(buf); }
+    }
+
+    private static float ReadSlice(float* p, long n)
+    {
+        if (Vector512.IsHardwareAccelerated)
+        {
+            Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default;
+            long i = 0;
+            for (; i + 64 <= n; i += 64)
+            {
+                a0 += Vector512.LoadAligned(p + i); a1 += Vector512.LoadAligned(p + i + 16);
+                a2 += Vector512.LoadAligned(p + i + 32); a3 += Vector512.LoadAligned(p + i + 48);
+            }
+            float s = Vector512.Sum(a0 + a1 + a2 + a3);
+            for (; i < n; i++) s += p[i];
+            return s;
+        }
+        else
+        {
+            Vector256<float> a0 = default, a1 = default, a2 = default, a3 = default;
+            long i = 0;
+            for (; i + 32 <= n; i += 32)
+            {
+                a0 += Vector256.Load(p + i); a1 += Vector256.Load(p + i + 8);
+                a2 += Vector256.Load(p + i + 16); a3 += Vector256.Load(p + i + 24);
+            }
+            float s = Vector256.Sum(a0 + a1 + a2 + a3);
+            for (; i < n; i++) s += p[i];
+            return s;
+        }
+    }
+
+    /// <summary>Data cache sizes: sysfs first, then glibc's view of cpuid (getconf), each tagged with where it came from.</summary>
+    public static List<CacheLevel> DetectCaches()
+    {
+        var levels = new List<CacheLevel>();
+        const string sys = "/sys/devices/system/cpu/cpu0/cache";
+        if (Directory.Exists(sys))
+        {
+            foreach (var d in Directory.GetDirectories(sys, "index*").Order())
+            {
+                try
+                {
+                    string type = File.ReadAllText(Path.Combine(d, "type")).Trim();
+                    if (type == "Instruction") continue;
+                    string level = File.ReadAllText(Path.Combine(d, "level")).Trim();
+                    levels.Add(new CacheLevel("L" + level, ParseSize(File.ReadAllText(Path.Combine(d, "size")).Trim()), "sysfs"));
+                }
+                catch (IOException) { }
+            }
+            if (levels.Count > 0) return levels;
+        }
+        try
+        {
+            var psi = new ProcessStartInfo("getconf", "-a") { RedirectStandardOutput = true, UseShellExecute = false };
+            using var p = Process.Start(psi)!;
+            string all = p.StandardOutput.ReadToEnd();
+            p.WaitForExit();
+            foreach (var (key, name) in new[] { ("LEVEL1_DCACHE_SIZE", "L1"), ("LEVEL2_CACHE_SIZE", "L2"), ("LEVEL3_CACHE_SIZE", "L3") })
+                foreach (var line in all.Split('\n'))
+                {
+                    var parts = line.Split(' ', StringSplitOptions.RemoveEmptyEntries);
+                    if (parts.Length == 2 && parts[0] == key && long.TryParse(parts[1], out long b) && b > 0)
+                        levels.Add(new CacheLevel(name, b, "getconf (cpuid)"));
+                }
+        }
+        catch (Exception e) when (e is System.ComponentModel.Win32Exception or InvalidOperationException) { }
+        return levels;
+    }
+
+    private static long ParseSize(string s)
+    {
+        long mult = 1;
+        if (s.EndsWith('K')) { mult = 1024; s = s[..^1]; }
+        else if (s.EndsWith('M')) { mult = 1024 * 1024; s = s[..^1]; }
+        return long.Parse(s) * mult;
+    }
+
+    /// <summary>Everything: FMA peak, DRAM bandwidth (buffer 8× the LLC, clamped to [256 MiB, 1 GiB]) and each cache level.</summary>
+    public static Roofline Measure(int threads, int reps = 5, Action<string>? progress = null)
+    {
+        var caches = DetectCaches();
+        long llc = caches.Count > 0 ? caches.Max(c => c.Bytes) : 32L << 20;
+        long dram = Math.Clamp(8 * llc, 256L << 20, 1L << 30);
+        progress?.Invoke("FMA peak");
+        double peak = MeasureFmaPeak(threads, reps);
+        progress?.Invoke($"DRAM read bandwidth ({dram >> 20} MiB buffer)");
+        double bw = MeasureReadBandwidth(threads, dram, reps);
+        var points = new List<BandwidthPoint>();
+        foreach (var c in caches)
+        {
+            // Half of the level (per core for L1/L2, shared for L3) so the working set surely fits.
+            long ws = c.Name is "L1" or "L2" ? c.Bytes / 2 * threads : Math.Min(c.Bytes / 2, 16L << 20);
+            int passes = (int)Math.Clamp((2L << 30) / ws, 1, 20000);
+            progress?.Invoke($"{c.Name} read bandwidth ({ws >> 10} KiB working set)");
+            points.Add(new BandwidthPoint(c.Name, ws, MeasureReadBandwidth(threads, ws, reps, passes)));
+        }
+        return new Roofline
+        {
+            Cpu = CpuName(),
+            Threads = threads,
+            Isa = SimdPolicy.Best.ToString(),
+            PeakGflops = peak,
+            BandwidthGBps = bw,
+            CacheBandwidth = points,
+            Caches = caches,
+            DramBufferBytes = dram,
+            Reps = reps,
+            MeasuredUtc = DateTime.UtcNow,
+        };
+    }
+
+    public static string CpuName()
+    {
+        try
+        {
+            foreach (var line in File.ReadLines("/proc/cpuinfo"))
+                if (line.StartsWith("model name", StringComparison.Ordinal)) return line[(line.IndexOf(':') + 1)..].Trim();
+        }
+        catch (IOException) { }
+        return RuntimeInformation.ProcessArchitecture.ToString();
+    }
+}
