@@ -27,6 +27,7 @@ public static class CliApp
         root.Subcommands.Add(InfoCommand.Create(io));
         root.Subcommands.Add(RooflineCommand.Create(io));
         root.Subcommands.Add(SynthCommand.Create(io));
+        root.Subcommands.Add(BenchCommand.Create(io));
         var config = new InvocationConfiguration { Output = stdout, Error = stderr, EnableDefaultExceptionHandler = false };
         var parsed = root.Parse(args);
         try

@@ -1,0 +1,137 @@
+using System.CommandLine;
+using System.Globalization;
+using System.Text;
+using System.Text.Json;
+using MiniLlm.Engine;
+using MiniLlm.Kernels;
+using MiniLlm.Loader;
+
+namespace MiniLlm.Cli;
+
+/// <summary><c>minillm bench</c>: llama-bench's pp/tg tests, each against the roofs measured in the same run.</summary>
+public static class BenchCommand
+{
+    public static Command Create(CliIO io)
+    {
+        var model = CommonOptions.Model();
+        var prompts = new Option<string>("-p", "--prompt-tokens") { Description = "Prefill lengths, comma-separated (0 to skip)", DefaultValueFactory = _ => "512" };
+        var gens = new Option<string>("-n", "--gen-tokens") { Description = "Generation lengths, comma-separated (0 to skip)", DefaultValueFactory = _ => "128" };
+        var batches = new Option<string>("-b", "--batch") { Description = "Decode batch sizes, comma-separated", DefaultValueFactory = _ => "1" };
+        var reps = new Option<int>("-r", "--reps") { Description = "Repetitions of each test", DefaultValueFactory = _ => 3 };
+        var threads = CommonOptions.Threads();
+        var roofFile = new Option<string?>("--roofline") { Description = "Use saved ceilings from this JSON instead of measuring them now" };
+        var output = new Option<string>("--output", "-o") { Description = "Output format", DefaultValueFactory = _ => "text" }.AcceptOnlyFromAmong("text", "json", "csv", "md");
+        var cmd = new Command("bench", "Benchmark prefill (ppN) and decode (tgN, batch B) against this machine's measured roofs")
+        {
+            model, prompts, gens, batches, reps, threads, roofFile, output,
+        };
+        cmd.SetAction(r =>
+        {
+            int[] ps = ParseList(r.GetValue(prompts)!, "p"), ns = ParseList(r.GetValue(gens)!, "n"), bs = ParseList(r.GetValue(batches)!, "b");
+            int rp = r.GetValue(reps);
+            if (rp < 1) throw new ArgumentException($"reps must be ≥ 1, got {rp}", "reps");
+            if (bs.Any(b => b < 1)) throw new ArgumentException("batch sizes must be ≥ 1", "batch");
+            int t = RooflineCommand.ResolveThreads(r.GetValue(threads));
+            string fmt = r.GetValue(output)!;
+            var dir = ModelLocator.Resolve(r.GetValue(model));
+            using var llm = LlamaModel.Load(dir, t, maxTokens: Math.Max(512, Math.Max(ps.DefaultIfEmpty(0).Max(), bs.Max())));
+
+            Roofline roof;
+            if (r.GetValue(roofFile) is { } rf)
+                roof = Roofline.TryLoad(rf) ?? throw new ArgumentException($"{rf}: not a roofline JSON (make one with `minillm roofline --out {rf}`)", "roofline");
+            else
+            {
+                if (fmt == "text") io.Err.WriteLine("measuring ceilings (FMA peak, DRAM read bandwidth)…");
+                roof = Ceilings.Measure(t, 5);
+            }
+
+            var results = new List<BenchResult>();
+            foreach (int p in ps.Where(p => p > 0))
+            {
+                if (fmt == "text") io.Err.WriteLine($"running pp{p}…");
+                results.Add(Benchmark.Prefill(llm, p, rp));
+            }
+            foreach (int n in ns.Where(n => n > 0))
+                foreach (int b in bs)
+                {
+                    if (fmt == "text") io.Err.WriteLine($"running tg{n} batch {b}…");
+                    results.Add(Benchmark.Generate(llm, n, b, rp));
+                }
+            var weights = llm.Files.Weights.All().Sum(x => x.ByteLength);
+            var info = new BenchInfo(Path.GetFileName(dir.TrimEnd('/')), DTypes.Name(llm.Files.Weights.Layers[0].Wq.DType), weights, t, roof);
+            io.Out.Write(fmt switch
+            {
+                "json" => Json(info, results),
+                "csv" => Csv(info, results),
+                "md" => Table(info, results, markdown: true),
+                _ => Table(info, results, markdown: false),
+            });
+            return ExitCodes.Ok;
+        });
+        return cmd;
+    }
+
+    private sealed record BenchInfo(string Model, string DType, long WeightBytes, int Threads, Roofline Roof);
+
+    private static int[] ParseList(string s, string name)
+    {
+        try { return s.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(x => int.Parse(x, CultureInfo.InvariantCulture)).ToArray(); }
+        catch (FormatException) { throw new ArgumentException($"-{name} expects comma-separated integers, got '{s}'", name); }
+    }
+
+    private static string F(double v, string f = "F1") => v.ToString(f, CultureInfo.InvariantCulture);
+
+    private static string Table(BenchInfo i, List<BenchResult> rs, bool markdown)
+    {
+        var sb = new StringBuilder();
+        var roof = i.Roof;
+        sb.AppendLine($"model {i.Model} ({i.DType}, {i.WeightBytes / 1048576.0:F1} MiB of weights), {i.Threads} threads, {roof.Cpu}");
+        sb.AppendLine($"ceilings measured {(roof.MeasuredUtc > DateTime.UtcNow.AddMinutes(-10) ? "in this run" : "at " + roof.MeasuredUtc.ToString("u"))}: " +
+                      $"FMA peak {F(roof.PeakGflops)} GFLOP/s, DRAM read {F(roof.BandwidthGBps)} GB/s, ridge {F(roof.Ridge, "F2")} FLOP/byte");
+        var llc = roof.Caches.Where(c => c.Name == "L3").Select(c => c.Bytes).DefaultIfEmpty(32L << 20).Max();
+        if (i.WeightBytes < Math.Min(llc, 64L << 20))
+            sb.AppendLine($"note: the weights ({i.WeightBytes / 1048576.0:F1} MiB) fit in the last-level cache, so decode reads them from cache, not DRAM: %BW can exceed 100 %.");
+        string[] head = ["test", "tok/s", "±sd", "GFLOP/s", "% FMA peak", "GB/s", "% DRAM BW", "roof tok/s", "% of roof"];
+        var rows = rs.Select(r => new[]
+        {
+            r.Test, F(r.MeanTokensPerSecond), F(r.SdTokensPerSecond), F(r.Gflops), F(100 * r.Gflops / roof.PeakGflops),
+            F(r.GBps), F(100 * r.GBps / roof.BandwidthGBps), F(r.BoundTokensPerSecond(roof)), F(100 * r.MeanTokensPerSecond / r.BoundTokensPerSecond(roof)),
+        }).ToList();
+        var widths = head.Select((h, c) => Math.Max(h.Length, rows.Select(x => x[c].Length).DefaultIfEmpty(0).Max())).ToArray();
+        string Line(string[] cells) => markdown
+            ? "| " + string.Join(" | ", cells.Select((x, c) => c == 0 ? x.PadRight(widths[c]) : x.PadLeft(widths[c]))) + " |"
+            : string.Join("  ", cells.Select((x, c) => c == 0 ? x.PadRight(widths[c]) : x.PadLeft(widths[c])));
+        if (markdown) sb.AppendLine();
+        sb.AppendLine(Line(head));
+        sb.AppendLine(markdown ? "|" + string.Join("|", widths.Select((w, c) => c == 0 ? new string('-', w + 2) : new string('-', w + 1) + ":")) + "|" : new string('-', widths.Sum() + 2 * (widths.Length - 1)));
+        foreach (var row in rows) sb.AppendLine(Line(row));
+        return sb.ToString();
+    }
+
+    private static string Csv(BenchInfo i, List<BenchResult> rs)
+    {
+        var sb = new StringBuilder("model,dtype,threads,test,batch,tok_s,sd,gflops,pct_fma_peak,gbps,pct_bw,roof_tok_s,pct_roof,peak_gflops,bw_gbps\n");
+        foreach (var r in rs)
+            sb.AppendLine(string.Join(",", i.Model, i.DType, i.Threads, r.Test, r.Batch, F(r.MeanTokensPerSecond, "F2"), F(r.SdTokensPerSecond, "F2"),
+                F(r.Gflops, "F2"), F(100 * r.Gflops / i.Roof.PeakGflops, "F2"), F(r.GBps, "F2"), F(100 * r.GBps / i.Roof.BandwidthGBps, "F2"),
+                F(r.BoundTokensPerSecond(i.Roof), "F2"), F(100 * r.MeanTokensPerSecond / r.BoundTokensPerSecond(i.Roof), "F2"), F(i.Roof.PeakGflops, "F2"), F(i.Roof.BandwidthGBps, "F2")));
+        return sb.ToString();
+    }
+
+    private static string Json(BenchInfo i, List<BenchResult> rs)
+    {
+        var o = new
+        {
+            model = i.Model, dtype = i.DType, weight_bytes = i.WeightBytes, threads = i.Threads,
+            ceilings = new { peak_gflops = i.Roof.PeakGflops, bandwidth_gbps = i.Roof.BandwidthGBps, ridge = i.Roof.Ridge, cpu = i.Roof.Cpu },
+            results = rs.Select(r => new
+            {
+                test = r.Test, batch = r.Batch, tokens = r.TokensPerRep, seconds = r.Seconds, tok_s = r.MeanTokensPerSecond, sd = r.SdTokensPerSecond,
+                flops = r.Flops, bytes = r.Bytes, weight_bytes = r.WeightBytes, gflops = r.Gflops, gbps = r.GBps,
+                pct_fma_peak = 100 * r.Gflops / i.Roof.PeakGflops, pct_bandwidth = 100 * r.GBps / i.Roof.BandwidthGBps,
+                roof_tok_s = r.BoundTokensPerSecond(i.Roof),
+            }),
+        };
+        return JsonSerializer.Serialize(o, new JsonSerializerOptions { WriteIndented = true }) + "\n";
+    }
+}
