@@ -65,6 +65,12 @@ public sealed unsafe class MatMul : ParallelJob
         public static void Run(float* x, WeightMatrix w, float* y, int m0, int m1, int n0, int n1)
         {
             int K = w.Cols, N = w.Rows;
+            if (m1 - m0 == 1)
+            {
+                // GEMV: rows one after another, so the chunk is read as one sequential stream.
+                for (int r = n0; r < n1; r++) y[(long)m0 * N + r] = Dot4(x + (long)m0 * K, w.Row(r), K);
+                return;
+            }
             int n = n0;
             for (; n + 4 <= n1; n += 4)
             {
@@ -141,6 +147,23 @@ public sealed unsafe class MatMul : ParallelJob
             y[1] = S.Sum(c1) + Tail(x, w1, k, K);
             y[2] = S.Sum(c2) + Tail(x, w2, k, K);
             y[3] = S.Sum(c3) + Tail(x, w3, k, K);
+        }
+
+        /// <summary>One row·x with four accumulator chains (hides FMA latency for a single stream).</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining | MethodImplOptions.AggressiveOptimization)]
+        private static float Dot4(float* x, nint w, int K)
+        {
+            TV c0 = S.Zero, c1 = S.Zero, c2 = S.Zero, c3 = S.Zero;
+            int W = S.Width, k = 0;
+            for (; k + 4 * W <= K; k += 4 * W)
+            {
+                c0 = S.Fma(S.Load(x + k), S.LoadW<TL>(w, k), c0);
+                c1 = S.Fma(S.Load(x + k + W), S.LoadW<TL>(w, k + W), c1);
+                c2 = S.Fma(S.Load(x + k + 2 * W), S.LoadW<TL>(w, k + 2 * W), c2);
+                c3 = S.Fma(S.Load(x + k + 3 * W), S.LoadW<TL>(w, k + 3 * W), c3);
+            }
+            for (; k + W <= K; k += W) c0 = S.Fma(S.Load(x + k), S.LoadW<TL>(w, k), c0);
+            return S.Sum(S.Add(S.Add(c0, c1), S.Add(c2, c3))) + Tail(x, w, k, K);
         }
 
         private static float Dot(float* x, nint w, int K)

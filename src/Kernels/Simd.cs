@@ -15,6 +15,7 @@ public unsafe interface ISimd<TV> where TV : struct
     /// <summary>a·b + acc, fused.</summary>
     static abstract TV Fma(TV a, TV b, TV acc);
     static abstract float Sum(TV v);
+    static abstract TV Add(TV a, TV b);
 }
 
 public unsafe struct Simd512 : ISimd<Vector512<float>>
@@ -25,6 +26,7 @@ public unsafe struct Simd512 : ISimd<Vector512<float>>
     [MethodImpl(MethodImplOptions.AggressiveInlining)] public static Vector512<float> LoadW<TL>(nint row, int k) where TL : IWeightLoad => TL.Load512(row, k);
     [MethodImpl(MethodImplOptions.AggressiveInlining)] public static Vector512<float> Fma(Vector512<float> a, Vector512<float> b, Vector512<float> acc) => Vector512.FusedMultiplyAdd(a, b, acc);
     [MethodImpl(MethodImplOptions.AggressiveInlining)] public static float Sum(Vector512<float> v) => Vector512.Sum(v);
+    [MethodImpl(MethodImplOptions.AggressiveInlining)] public static Vector512<float> Add(Vector512<float> a, Vector512<float> b) => a + b;
 }
 
 public unsafe struct Simd256 : ISimd<Vector256<float>>
@@ -35,6 +37,7 @@ public unsafe struct Simd256 : ISimd<Vector256<float>>
     [MethodImpl(MethodImplOptions.AggressiveInlining)] public static Vector256<float> LoadW<TL>(nint row, int k) where TL : IWeightLoad => TL.Load256(row, k);
     [MethodImpl(MethodImplOptions.AggressiveInlining)] public static Vector256<float> Fma(Vector256<float> a, Vector256<float> b, Vector256<float> acc) => Vector256.FusedMultiplyAdd(a, b, acc);
     [MethodImpl(MethodImplOptions.AggressiveInlining)] public static float Sum(Vector256<float> v) => Vector256.Sum(v);
+    [MethodImpl(MethodImplOptions.AggressiveInlining)] public static Vector256<float> Add(Vector256<float> a, Vector256<float> b) => a + b;
 }
 
 /// <summary>The one place that decides which vector width kernels use.</summary>
