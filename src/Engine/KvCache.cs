@@ -14,7 +14,7 @@ public interface IKvCache : IDisposable
     KvView Layer(int layer);
 }
 
-/// <summary>The simplest cache: for each layer, K and V as [capacity × g·hd] fp32.</summary>
+/// <summary>The simplest cache: for each layer, K and V as consecutive 16-position tiles, enough for the capacity.</summary>
 public sealed unsafe class ContiguousKvCache : IKvCache
 {
     private readonly NativeBuffer[] _k, _v;
@@ -29,10 +29,11 @@ public sealed unsafe class ContiguousKvCache : IKvCache
         _rowStride = kvDim;
         _k = new NativeBuffer[layers];
         _v = new NativeBuffer[layers];
+        long floats = (long)(capacity + KvView.Tile - 1) / KvView.Tile * KvView.Tile * kvDim;
         for (int l = 0; l < layers; l++)
         {
-            _k[l] = new NativeBuffer((long)capacity * kvDim);
-            _v[l] = new NativeBuffer((long)capacity * kvDim);
+            _k[l] = new NativeBuffer(floats);
+            _v[l] = new NativeBuffer(floats);
         }
     }
 

@@ -172,9 +172,7 @@ public sealed unsafe class LlamaModel : IDisposable
                     int pos = seq.Start + s;
                     _rope.Apply(_q.Pointer + (long)row * qd, h, pos);
                     _rope.Apply(_k.Pointer + (long)row * kvd, g, pos);
-                    // this sequence's cache rows for this position ← k, v
-                    new ReadOnlySpan<float>(_k.Pointer + (long)row * kvd, kvd).CopyTo(new Span<float>(kv.KeyRow(pos), kvd));
-                    new ReadOnlySpan<float>(_v.Pointer + (long)row * kvd, kvd).CopyTo(new Span<float>(kv.ValueRow(pos), kvd));
+                    kv.Write(pos, _k.Pointer + (long)row * kvd, _v.Pointer + (long)row * kvd);  // this sequence's cache ← k, v
                 }
                 segments[i] = new AttentionSegment(row - seq.Count, seq.Count, seq.Start, kv);
             }

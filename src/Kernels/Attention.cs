@@ -1,36 +1,51 @@
 using System.Numerics.Tensors;
+using System.Runtime.CompilerServices;
+using System.Runtime.Intrinsics;
 
 namespace MiniLlm.Kernels;
 
 /// <summary>
-/// Where one layer's keys and values live: contiguous rows, or fixed-size blocks found through a block table
-/// (paged cache). A row is one position: [g·hd] floats, KV heads side by side.
+/// Where one layer's keys and values live. Positions come in tiles of <see cref="Tile"/> (16, one Vector512 of
+/// fp32): a tile's keys are stored transposed, [g][hd][16], so the scores of 16 keys are hd broadcast-FMAs with no
+/// horizontal sums; its values are plain rows, [16][g·hd]. Tiles are contiguous (no block table) or found through
+/// a block table (paged cache: one block = one tile).
 /// </summary>
 public readonly unsafe struct KvView
 {
-    public readonly float* K;            // contiguous: [positions × rowStride]; paged: pool base
-    public readonly float* V;
-    public readonly int* BlockTable;      // null when contiguous; else block ids for positions 0, B, 2B, …
-    public readonly int BlockSize;        // positions per block (paged)
-    public readonly long BlockStride;     // floats from one block to the next in the pool (paged)
-    public readonly int RowStride;        // floats per position (g·hd)
+    public const int Tile = 16;
 
-    public KvView(float* k, float* v, int rowStride)
+    public readonly float* K;            // tile t's keys at K + phys(t)·TileFloats
+    public readonly float* V;            // tile t's values at V + phys(t)·TileFloats
+    public readonly int* BlockTable;     // null: phys(t) = t; else phys(t) = BlockTable[t]
+    public readonly int KvDim;           // g·hd floats per position
+
+    public KvView(float* k, float* v, int kvDim, int* blockTable = null)
     {
-        K = k; V = v; RowStride = rowStride; BlockTable = null; BlockSize = 0; BlockStride = 0;
+        K = k; V = v; KvDim = kvDim; BlockTable = blockTable;
     }
 
-    public KvView(float* kPool, float* vPool, int* blockTable, int blockSize, long blockStride, int rowStride)
+    public long TileFloats => (long)Tile * KvDim;
+
+    private long Phys(int tile) => BlockTable == null ? tile : BlockTable[tile];
+
+    /// <summary>Keys of tile <paramref name="tile"/>: [g·hd][16], element e of the key at position 16·tile + r at [e·16 + r].</summary>
+    public float* KeyTile(int tile) => K + Phys(tile) * TileFloats;
+
+    /// <summary>Values of tile <paramref name="tile"/>: [16][g·hd].</summary>
+    public float* ValueTile(int tile) => V + Phys(tile) * TileFloats;
+
+    public float* ValueRow(int pos) => ValueTile(pos / Tile) + (long)(pos % Tile) * KvDim;
+
+    /// <summary>Stores the key and value rows ([g·hd] each) of position <paramref name="pos"/>.</summary>
+    public void Write(int pos, float* key, float* value)
     {
-        K = kPool; V = vPool; BlockTable = blockTable; BlockSize = blockSize; BlockStride = blockStride; RowStride = rowStride;
+        float* kt = KeyTile(pos / Tile) + pos % Tile;
+        for (int e = 0; e < KvDim; e++) kt[(long)e * Tile] = key[e];
+        new ReadOnlySpan<float>(value, KvDim).CopyTo(new Span<float>(ValueRow(pos), KvDim));
     }
 
-    public float* KeyRow(int pos) => K + Offset(pos);
-    public float* ValueRow(int pos) => V + Offset(pos);
-
-    private long Offset(int pos) => BlockTable == null
-        ? (long)pos * RowStride
-        : BlockTable[pos / BlockSize] * BlockStride + (long)(pos % BlockSize) * RowStride;
+    /// <summary>Element <paramref name="e"/> of the key at <paramref name="pos"/> (for checks, not hot paths).</summary>
+    public float KeyAt(int pos, int e) => KeyTile(pos / Tile)[(long)e * Tile + pos % Tile];
 }
 
 /// <summary>One sequence's part of an attention call: its rows in q/output, the position of the first, and its KV.</summary>
@@ -65,7 +80,8 @@ public sealed unsafe class Attention : ParallelJob
         _pool = pool;
         MaxContext = maxContext;
         _scores = new float[pool.Threads][];
-        for (int i = 0; i < _scores.Length; i++) _scores[i] = GC.AllocateUninitializedArray<float>(maxContext, pinned: true);
+        int padded = (maxContext + KvView.Tile - 1) / KvView.Tile * KvView.Tile;
+        for (int i = 0; i < _scores.Length; i++) _scores[i] = GC.AllocateUninitializedArray<float>(padded, pinned: true);
     }
 
     /// <summary>One sequence: rows 0..s−1 at positions start..start+s−1.</summary>
@@ -111,14 +127,79 @@ public sealed unsafe class Attention : ParallelJob
         int row = seg.Row + t, pos = seg.Start + t, hd = _headDim;
         int kvh = h / (_heads / _kvHeads);
         var kv = seg.Kv;
-        var q = new ReadOnlySpan<float>(_q + ((long)row * _heads + h) * hd, hd);
-        var scores = _scores[worker].AsSpan(0, pos + 1);
-        for (int j = 0; j <= pos; j++)
-            scores[j] = TensorPrimitives.Dot(q, new ReadOnlySpan<float>(kv.KeyRow(j) + kvh * hd, hd)) * _scale;
-        TensorPrimitives.SoftMax(scores, scores);
-        var o = new Span<float>(_out + ((long)row * _heads + h) * hd, hd);
-        o.Clear();
-        for (int j = 0; j <= pos; j++)
-            TensorPrimitives.MultiplyAdd(new ReadOnlySpan<float>(kv.ValueRow(j) + kvh * hd, hd), scores[j], o, o);
+        float* q = _q + ((long)row * _heads + h) * hd;
+        float* o = _out + ((long)row * _heads + h) * hd;
+        int keys = pos + 1, tiles = (keys + KvView.Tile - 1) / KvView.Tile;
+        fixed (float* scores = _scores[worker])
+        {
+            // scores[j] = q·k_j / √hd, 16 keys per tile
+            for (int tile = 0; tile < tiles; tile++)
+                TileScores(q, kv.KeyTile(tile) + (long)kvh * hd * KvView.Tile, hd, _scale, scores + tile * KvView.Tile);
+            var p = new Span<float>(scores, keys);
+            TensorPrimitives.SoftMax(p, p);
+            // o = Σ_j p_j · v_j
+            new Span<float>(o, hd).Clear();
+            for (int tile = 0; tile < tiles; tile++)
+            {
+                float* vt = kv.ValueTile(tile) + kvh * hd;
+                int rows = Math.Min(KvView.Tile, keys - tile * KvView.Tile);
+                for (int r = 0; r < rows; r++) Axpy(o, vt + (long)r * kv.KvDim, scores[tile * KvView.Tile + r], hd);
+            }
+        }
+    }
+
+    /// <summary>16 scores from one transposed key tile [hd][16]: broadcast q[i] times row i of the tile.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void TileScores(float* q, float* kt, int hd, float scale, float* dst)
+    {
+        switch (SimdPolicy.Current)
+        {
+            case SimdPolicy.Isa.V512:
+            {
+                var acc = Vector512<float>.Zero;
+                for (int i = 0; i < hd; i++) acc = Vector512.FusedMultiplyAdd(Vector512.Create(q[i]), Vector512.Load(kt + i * 16), acc);
+                (acc * scale).Store(dst);
+                break;
+            }
+            case SimdPolicy.Isa.V256:
+            {
+                Vector256<float> a0 = Vector256<float>.Zero, a1 = Vector256<float>.Zero;
+                for (int i = 0; i < hd; i++)
+                {
+                    var b = Vector256.Create(q[i]);
+                    a0 = Vector256.FusedMultiplyAdd(b, Vector256.Load(kt + i * 16), a0);
+                    a1 = Vector256.FusedMultiplyAdd(b, Vector256.Load(kt + i * 16 + 8), a1);
+                }
+                (a0 * scale).Store(dst);
+                (a1 * scale).Store(dst + 8);
+                break;
+            }
+            default:
+                for (int c = 0; c < 16; c++)
+                {
+                    float s = 0;
+                    for (int i = 0; i < hd; i++) s = MathF.FusedMultiplyAdd(q[i], kt[i * 16 + c], s);
+                    dst[c] = s * scale;
+                }
+                break;
+        }
+    }
+
+    /// <summary>o[0..n) += p · v[0..n).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Axpy(float* o, float* v, float p, int n)
+    {
+        int c = 0;
+        if (SimdPolicy.Current == SimdPolicy.Isa.V512)
+        {
+            var pv = Vector512.Create(p);
+            for (; c + 16 <= n; c += 16) Vector512.FusedMultiplyAdd(Vector512.Load(v + c), pv, Vector512.Load(o + c)).Store(o + c);
+        }
+        else if (SimdPolicy.Current == SimdPolicy.Isa.V256)
+        {
+            var pv = Vector256.Create(p);
+            for (; c + 8 <= n; c += 8) Vector256.FusedMultiplyAdd(Vector256.Load(v + c), pv, Vector256.Load(o + c)).Store(o + c);
+        }
+        for (; c < n; c++) o[c] = MathF.FusedMultiplyAdd(v[c], p, o[c]);
     }
 }

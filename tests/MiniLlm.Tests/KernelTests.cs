@@ -165,56 +165,63 @@ public unsafe class KernelTests
     [InlineData(5, 3, 6, 3, 10, false)]
     [InlineData(7, 30, 8, 2, 32, true)]
     [InlineData(1, 40, 8, 2, 32, true)]
+    [InlineData(17, 15, 4, 1, 64, true)]
+    [InlineData(3, 47, 2, 2, 64, false)]
     public void AttentionMatchesNaive(int S, int start, int H, int G, int hd, bool paged)
     {
         int ctx = start + S, kvd = G * hd;
         var q = Random(S * H * hd, S + start);
         var keys = Random(ctx * kvd, ctx + 1);
         var vals = Random(ctx * kvd, ctx + 2);
-        var output = new float[S * H * hd];
 
-        // Paged: positions live in 4-position blocks scattered through a pool in a shuffled order.
-        const int B = 4;
-        int blocks = (ctx + B - 1) / B;
-        var table = Enumerable.Range(0, blocks).Select(i => (i * 7 + 3) % blocks).ToArray();
-        if (table.Distinct().Count() != blocks) table = Enumerable.Range(0, blocks).Reverse().ToArray();
-        var kPool = new float[blocks * B * kvd];
-        var vPool = new float[blocks * B * kvd];
-        for (int p = 0; p < ctx; p++)
-            for (int i = 0; i < kvd; i++)
-            {
-                kPool[(table[p / B] * B + p % B) * kvd + i] = keys[p * kvd + i];
-                vPool[(table[p / B] * B + p % B) * kvd + i] = vals[p * kvd + i];
-            }
+        // Paged: 16-position blocks scattered through a pool in a shuffled order, with spare blocks around them.
+        const int B = KvView.Tile;
+        int tiles = (ctx + B - 1) / B, poolTiles = tiles + 3;
+        var table = Enumerable.Range(0, tiles).Select(i => poolTiles - 1 - 2 * i % poolTiles).ToArray();
+        if (table.Distinct().Count() != tiles) table = Enumerable.Range(0, tiles).Reverse().ToArray();
+        var kPool = new float[poolTiles * B * kvd];
+        var vPool = new float[poolTiles * B * kvd];
 
-        using var pool = new WorkerPool(2);
-        var att = new Attention(pool, 64);
-        fixed (float* qp = q, kp = keys, vp = vals, op = output, kpp = kPool, vpp = vPool)
-        fixed (int* tp = table)
+        foreach (var isa in new[] { SimdPolicy.Isa.V512, SimdPolicy.Isa.V256, SimdPolicy.Isa.Scalar })
         {
-            var view = paged ? new KvView(kpp, vpp, tp, B, (long)B * kvd, kvd) : new KvView(kp, vp, kvd);
-            att.Run(qp, S, start, H, G, hd, view, op);
-        }
-
-        for (int t = 0; t < S; t++)
-            for (int h = 0; h < H; h++)
+            var output = new float[S * H * hd];
+            SimdPolicy.Force(isa);
+            try
             {
-                int g = h / (H / G), pos = start + t;
-                var scores = new double[pos + 1];
-                for (int j = 0; j <= pos; j++)
+                using var pool = new WorkerPool(2);
+                var att = new Attention(pool, 64);
+                fixed (float* qp = q, kp = keys, vp = vals, op = output, kpp = kPool, vpp = vPool)
+                fixed (int* tp = table)
                 {
-                    double s = 0;
-                    for (int i = 0; i < hd; i++) s += (double)q[(t * H + h) * hd + i] * keys[j * kvd + g * hd + i];
-                    scores[j] = s / Math.Sqrt(hd);
-                }
-                double max = scores.Max(), sum = scores.Sum(v => Math.Exp(v - max));
-                for (int i = 0; i < hd; i++)
-                {
-                    double o = 0;
-                    for (int j = 0; j <= pos; j++) o += Math.Exp(scores[j] - max) / sum * vals[j * kvd + g * hd + i];
-                    Assert.Equal(o, output[(t * H + h) * hd + i], 1e-5);
+                    var view = new KvView(kpp, vpp, kvd, paged ? tp : null);
+                    for (int p = 0; p < ctx; p++) view.Write(p, kp + p * kvd, vp + p * kvd);
+                    for (int p = 0; p < ctx; p++)
+                        for (int e = 0; e < kvd; e++) Assert.Equal(keys[p * kvd + e], view.KeyAt(p, e));
+                    att.Run(qp, S, start, H, G, hd, view, op);
                 }
             }
+            finally { SimdPolicy.Reset(); }
+
+            for (int t = 0; t < S; t++)
+                for (int h = 0; h < H; h++)
+                {
+                    int g = h / (H / G), pos = start + t;
+                    var scores = new double[pos + 1];
+                    for (int j = 0; j <= pos; j++)
+                    {
+                        double s = 0;
+                        for (int i = 0; i < hd; i++) s += (double)q[(t * H + h) * hd + i] * keys[j * kvd + g * hd + i];
+                        scores[j] = s / Math.Sqrt(hd);
+                    }
+                    double max = scores.Max(), sum = scores.Sum(v => Math.Exp(v - max));
+                    for (int i = 0; i < hd; i++)
+                    {
+                        double o = 0;
+                        for (int j = 0; j <= pos; j++) o += Math.Exp(scores[j] - max) / sum * vals[j * kvd + g * hd + i];
+                        Assert.True(Math.Abs(o - output[(t * H + h) * hd + i]) < 1e-5, $"{isa} t={t} h={h} i={i}: {output[(t * H + h) * hd + i]} vs {o}");
+                    }
+                }
+        }
     }
 
     [Fact]
