@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using MiniLlm.Kernels;
 using MiniLlm.Loader;
 
@@ -59,6 +60,8 @@ public sealed unsafe class LlamaModel : IDisposable
     public ModelFiles Files { get; }
     public TextTokenizer Tokenizer => Files.Tokenizer ?? throw new InvalidOperationException($"{Files.Directory}: model has no tokenizer.model");
     public int Threads => _pool.Threads;
+    /// <summary>When set, every forward pass adds its per-op wall time here.</summary>
+    public OpProfiler? Profiler { get; set; }
     /// <summary>Most tokens one <see cref="Forward"/> call takes (longer prompts are fed in chunks).</summary>
     public int MaxTokens { get; }
     /// <summary>Longest sequence: the model's max_position_embeddings.</summary>
@@ -150,8 +153,12 @@ public sealed unsafe class LlamaModel : IDisposable
         if (_segments.Length < sequences.Length) _segments = new AttentionSegment[sequences.Length];
         var segments = _segments.AsSpan(0, sequences.Length);
 
+        var prof = Profiler;
+        long t0 = prof == null ? 0 : Stopwatch.GetTimestamp();
+
         // x[T × d] = embedding rows of the tokens
         for (int t = 0; t < T; t++) _embed.WidenRow(tokens[t], new Span<float>(_x.Pointer + (long)t * d, d));
+        prof?.Record(OpKind.Embedding, -1, ref t0);
 
         for (int l = 0; l < _layers.Length; l++)
         {
@@ -159,9 +166,18 @@ public sealed unsafe class LlamaModel : IDisposable
 
             // ── attention ──
             fixed (float* wn = L.AttnNorm) Ops.RmsNorm(_x.Pointer, wn, _xb.Pointer, T, d, (float)c.RmsNormEps);  // xb[T × d]
-            _matmul.Run(_xb.Pointer, T, L.Wq, _q.Pointer);    // q[T × h·hd]
-            _matmul.Run(_xb.Pointer, T, L.Wk, _k.Pointer);    // k[T × g·hd]
-            _matmul.Run(_xb.Pointer, T, L.Wv, _v.Pointer);    // v[T × g·hd]
+            prof?.Record(OpKind.AttnNorm, l, ref t0);
+            if (prof == null)  // q[T × h·hd], k[T × g·hd], v[T × g·hd]: one pass, X packed once
+                _matmul.Run(_xb.Pointer, T, [new(L.Wq, _q.Pointer), new(L.Wk, _k.Pointer), new(L.Wv, _v.Pointer)]);
+            else
+            {   // profiling times each projection on its own
+                _matmul.Run(_xb.Pointer, T, L.Wq, _q.Pointer);
+                prof.Record(OpKind.QProj, l, ref t0);
+                _matmul.Run(_xb.Pointer, T, L.Wk, _k.Pointer);
+                prof.Record(OpKind.KProj, l, ref t0);
+                _matmul.Run(_xb.Pointer, T, L.Wv, _v.Pointer);
+                prof.Record(OpKind.VProj, l, ref t0);
+            }
             int row = 0;
             for (int i = 0; i < sequences.Length; i++)
             {
@@ -176,17 +192,32 @@ public sealed unsafe class LlamaModel : IDisposable
                 }
                 segments[i] = new AttentionSegment(row - seq.Count, seq.Count, seq.Start, kv);
             }
+            prof?.Record(OpKind.Rope, l, ref t0);
             _attention.Run(_q.Pointer, h, g, hd, segments, _att.Pointer);  // att[T × h·hd], causal within each sequence
+            prof?.Record(OpKind.AttnScores, l, ref t0);   // scores, softmax and ·V run fused: timed as one
             _matmul.Run(_att.Pointer, T, L.Wo, _xb2.Pointer);            // xb2[T × d]
+            prof?.Record(OpKind.OProj, l, ref t0);
             Ops.AddInPlace(_x.Pointer, _xb2.Pointer, (long)T * d);        // x += attention
+            prof?.Record(OpKind.AttnResidual, l, ref t0);
 
             // ── MLP ──
             fixed (float* wn = L.FfnNorm) Ops.RmsNorm(_x.Pointer, wn, _xb.Pointer, T, d, (float)c.RmsNormEps);
-            _matmul.Run(_xb.Pointer, T, L.Wgate, _hb.Pointer);   // hb[T × f]
-            _matmul.Run(_xb.Pointer, T, L.Wup, _hb2.Pointer);    // hb2[T × f]
+            prof?.Record(OpKind.FfnNorm, l, ref t0);
+            if (prof == null)  // hb[T × f] = gate, hb2[T × f] = up
+                _matmul.Run(_xb.Pointer, T, [new(L.Wgate, _hb.Pointer), new(L.Wup, _hb2.Pointer)]);
+            else
+            {
+                _matmul.Run(_xb.Pointer, T, L.Wgate, _hb.Pointer);
+                prof.Record(OpKind.Gate, l, ref t0);
+                _matmul.Run(_xb.Pointer, T, L.Wup, _hb2.Pointer);
+                prof.Record(OpKind.Up, l, ref t0);
+            }
             Ops.SwiGlu(_hb.Pointer, _hb2.Pointer, (long)T * f, _scratch.Span);  // hb = silu(hb)·hb2
+            prof?.Record(OpKind.SwiGlu, l, ref t0);
             _matmul.Run(_hb.Pointer, T, L.Wdown, _xb2.Pointer);  // xb2[T × d]
+            prof?.Record(OpKind.Down, l, ref t0);
             Ops.AddInPlace(_x.Pointer, _xb2.Pointer, (long)T * d);  // x += MLP
+            prof?.Record(OpKind.FfnResidual, l, ref t0);
         }
 
         // Final norm and LM head, only for the rows that need logits: xb[rows × d] → logits[rows × V]
@@ -209,7 +240,13 @@ public sealed unsafe class LlamaModel : IDisposable
                 }
             }
         }
+        prof?.Record(OpKind.FinalNorm, -1, ref t0);
         fixed (float* out_ = logits) _matmul.Run(_xb.Pointer, rows, _lmHead, out_);
+        if (prof != null)
+        {
+            prof.Record(OpKind.LmHead, -1, ref t0);
+            prof.EndPass();
+        }
     }
 
     private void CheckArguments(ReadOnlySpan<int> tokens, ReadOnlySpan<SequenceSlice> sequences, Span<float> logits, LogitsFor which)

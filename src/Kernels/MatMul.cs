@@ -19,12 +19,49 @@ public sealed unsafe class MatMul : ParallelJob
     private WeightMatrix _w;
     private int _m, _panel, _nPanels, _mBlocks;
 
-    public MatMul(WorkerPool pool) => _pool = pool;
+    private readonly PackedGemm _packed;
+
+    /// <summary>From this many rows on, the packed outer-product GEMM beats the dot-product tiles.</summary>
+    public static int PackedMinRows { get; set; } = 32;
+
+    public MatMul(WorkerPool pool)
+    {
+        _pool = pool;
+        _packed = new PackedGemm(pool);
+    }
+
+    /// <summary>One weight and where its product goes: Y [m × W.Rows].</summary>
+    public readonly struct Product(WeightMatrix w, float* y)
+    {
+        public readonly WeightMatrix W = w;
+        public readonly float* Y = y;
+    }
+
+    /// <summary>
+    /// Several products of the same X (q/k/v, or gate/up): X is packed once and, for prefill, all run in one
+    /// dispatch. Every W must have X's column count.
+    /// </summary>
+    public void Run(float* x, int m, ReadOnlySpan<Product> products)
+    {
+        if (m <= 0 || products.IsEmpty) return;
+        int k = products[0].W.Cols;
+        foreach (var p in products)
+            if (p.W.Cols != k) throw new ArgumentException($"weights of one group must share K (got {p.W.Cols} and {k})", nameof(products));
+        var isa = SimdPolicy.Current;
+        if (m >= PackedMinRows && isa != SimdPolicy.Isa.Scalar) _packed.Run(x, m, k, products, isa);
+        else foreach (var p in products) Run(x, m, p.W, p.Y);
+    }
 
     /// <summary>Y = X·Wᵀ. x: [m × w.Cols] row-major, y: [m × w.Rows] row-major.</summary>
     public void Run(float* x, int m, in WeightMatrix w, float* y)
     {
         if (m <= 0) return;
+        var isa = SimdPolicy.Current;
+        if (m >= PackedMinRows && isa != SimdPolicy.Isa.Scalar)
+        {
+            _packed.Run(x, m, w.Cols, [new Product(w, y)], isa);
+            return;
+        }
         _x = x; _y = y; _w = w; _m = m;
         int threads = _pool.Threads;
         long macs = (long)m * w.Rows * w.Cols;

@@ -17,6 +17,9 @@ public unsafe interface IWeightLoad
     /// <summary>8 consecutive weights.</summary>
     static abstract Vector256<float> Load256(nint row, int k);
     static abstract float Load1(nint row, int k);
+    /// <summary>Weight k of the row, widened and broadcast to every lane.</summary>
+    static abstract Vector512<float> Broadcast512(nint row, int k);
+    static abstract Vector256<float> Broadcast256(nint row, int k);
 }
 
 public unsafe struct F32Load : IWeightLoad
@@ -28,6 +31,10 @@ public unsafe struct F32Load : IWeightLoad
     public static Vector256<float> Load256(nint row, int k) => Vector256.Load((float*)row + k);
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static float Load1(nint row, int k) => ((float*)row)[k];
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector512<float> Broadcast512(nint row, int k) => Vector512.Create(((float*)row)[k]);
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector256<float> Broadcast256(nint row, int k) => Vector256.Create(((float*)row)[k]);
 }
 
 /// <summary>bf16 is the top half of an fp32: zero-extend to 32 bits and shift left 16.</summary>
@@ -52,6 +59,10 @@ public unsafe struct Bf16Load : IWeightLoad
     }
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static float Load1(nint row, int k) => BitConverter.UInt32BitsToSingle((uint)((ushort*)row)[k] << 16);
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector512<float> Broadcast512(nint row, int k) => Vector512.Create(Load1(row, k));
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector256<float> Broadcast256(nint row, int k) => Vector256.Create(Load1(row, k));
 }
 
 /// <summary>
@@ -91,6 +102,10 @@ public unsafe struct F16Load : IWeightLoad
     }
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static float Load1(nint row, int k) => (float)((Half*)row)[k];
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector512<float> Broadcast512(nint row, int k) => Vector512.Create(Load1(row, k));
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector256<float> Broadcast256(nint row, int k) => Vector256.Create(Load1(row, k));
 }
 
 public static unsafe class Widen

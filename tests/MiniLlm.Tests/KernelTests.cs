@@ -72,6 +72,33 @@ public unsafe class KernelTests
         }
     }
 
+    [Theory]
+    [InlineData(1)]
+    [InlineData(9)]
+    [InlineData(40)]
+    [InlineData(513)]
+    public void GroupedProductsMatchSeparateOnes(int M)
+    {
+        const int K = 45;
+        var x = Random(M * K, M);
+        var shapes = new[] { (37, WeightType.F32), (8, WeightType.BF16), (70, WeightType.F16) };
+        using var pool = new WorkerPool(3);
+        var mm = new MatMul(pool);
+        var weights = shapes.Select((s, i) => Store(Random(s.Item1 * K, 100 + i), s.Item2, out _)).ToArray();
+        var grouped = shapes.Select(s => new float[M * s.Item1]).ToArray();
+        var separate = shapes.Select(s => new float[M * s.Item1]).ToArray();
+        fixed (float* xp = x, g0 = grouped[0], g1 = grouped[1], g2 = grouped[2], s0 = separate[0], s1 = separate[1], s2 = separate[2])
+        fixed (byte* w0 = weights[0], w1 = weights[1], w2 = weights[2])
+        {
+            var ws = new[] { new WeightMatrix((nint)w0, shapes[0].Item2, 37, K), new WeightMatrix((nint)w1, shapes[1].Item2, 8, K), new WeightMatrix((nint)w2, shapes[2].Item2, 70, K) };
+            mm.Run(xp, M, [new MatMul.Product(ws[0], g0), new MatMul.Product(ws[1], g1), new MatMul.Product(ws[2], g2)]);
+            mm.Run(xp, M, ws[0], s0);
+            mm.Run(xp, M, ws[1], s1);
+            mm.Run(xp, M, ws[2], s2);
+        }
+        for (int i = 0; i < shapes.Length; i++) Assert.Equal(separate[i], grouped[i]);
+    }
+
     [Fact]
     public void F16WideningHandlesSubnormalsInfinityAndNaN()
     {

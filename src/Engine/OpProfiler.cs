@@ -1,0 +1,55 @@
+using System.Diagnostics;
+
+namespace MiniLlm.Engine;
+
+/// <summary>
+/// Accumulates wall time per (layer, op) of forward passes. Attach one to a <see cref="LlamaModel"/> to profile;
+/// with none attached the forward pass pays one null check per op. Layer −1 (embedding, final norm, LM head) is
+/// stored at index <c>layers</c>.
+/// </summary>
+public sealed class OpProfiler
+{
+    private static readonly int Ops = Enum.GetValues<OpKind>().Length;
+    private readonly long[] _ticks;
+    private readonly int _layers;
+
+    public OpProfiler(int layers)
+    {
+        _layers = layers;
+        _ticks = new long[(layers + 1) * Ops];
+    }
+
+    public int Layers => _layers;
+
+    /// <summary>Forward passes recorded since the last <see cref="Reset"/>.</summary>
+    public int Passes { get; private set; }
+
+    internal void Record(OpKind op, int layer, ref long since)
+    {
+        long now = Stopwatch.GetTimestamp();
+        _ticks[Index(op, layer)] += now - since;
+        since = now;
+    }
+
+    internal void EndPass() => Passes++;
+
+    private int Index(OpKind op, int layer) => (layer < 0 ? _layers : layer) * Ops + (int)op;
+
+    public double Seconds(OpKind op, int layer) => (double)_ticks[Index(op, layer)] / Stopwatch.Frequency;
+
+    public double TotalSeconds => (double)_ticks.Sum() / Stopwatch.Frequency;
+
+    /// <summary>Seconds per op kind summed over layers.</summary>
+    public double Seconds(OpKind op)
+    {
+        double s = 0;
+        for (int l = -1; l < _layers; l++) s += Seconds(op, l);
+        return s;
+    }
+
+    public void Reset()
+    {
+        Array.Clear(_ticks);
+        Passes = 0;
+    }
+}

@@ -1,0 +1,188 @@
+using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
+using System.Runtime.Intrinsics;
+
+namespace MiniLlm.Kernels;
+
+/// <summary>
+/// Y[M×N] = X[M×K] · Wᵀ for many rows (prefill), computed as Yᵀ = W · Xᵀ so the weights are never copied.
+/// Phase 1 packs X (small next to W, and shared by every weight of a group such as q/k/v) into panels of
+/// NR = 2 vectors of rows, laid out [K][NR]. Phase 2 hands each worker 32 rows of one weight: an MR × NR
+/// outer-product micro-kernel broadcasts one weight from each of MR = 8 rows (widened on the fly) against two X
+/// vectors (16 accumulators, no horizontal sums). Blocking: K in blocks of KC (an 8-row weight slice, 32 KiB,
+/// stays in L1) and X panels in groups of PanelsPerBlock (their K slices stay in L2). Each 8 × NR tile is
+/// written (first K block) or added (later ones) into Y column-wise.
+/// </summary>
+internal sealed unsafe class PackedGemm : ParallelJob
+{
+    private const int MR = 8;               // weight rows per micro-kernel
+    private const int KC = 1024;            // K block
+    private const int PanelsPerBlock = 4;   // X panels sharing one pass over a weight slice
+    private const int RowsPerChunk = 32;    // weight rows per work item
+
+    private readonly WorkerPool _pool;
+    private float* _xPack;                  // [ceil(M/NR)][K][NR]
+    private long _xPackFloats;
+    private readonly float*[] _tile;        // per worker: [MR][NR]
+    private float* _x;
+    private int _m, _k, _panels, _nr, _phase;
+    private MatMul.Product[] _products = new MatMul.Product[4];
+    private int[] _firstChunk = new int[5];
+    private int _productCount;
+
+    public PackedGemm(WorkerPool pool)
+    {
+        _pool = pool;
+        _tile = new float*[pool.Threads];
+        for (int i = 0; i < pool.Threads; i++) _tile[i] = (float*)NativeMemory.AlignedAlloc(MR * 32 * sizeof(float), 64);
+    }
+
+    /// <summary>Every product shares X [m × K]; each writes its own Y.</summary>
+    public void Run(float* x, int m, int k, ReadOnlySpan<MatMul.Product> products, SimdPolicy.Isa isa)
+    {
+        _x = x; _m = m; _k = k;
+        _nr = isa == SimdPolicy.Isa.V512 ? 32 : 16;
+        _panels = (m + _nr - 1) / _nr;
+        long need = (long)_panels * _nr * k;
+        if (need > _xPackFloats)
+        {
+            if (_xPack != null) NativeMemory.AlignedFree(_xPack);
+            _xPack = (float*)NativeMemory.AlignedAlloc((nuint)need * sizeof(float), 64);
+            _xPackFloats = need;
+        }
+        if (_products.Length < products.Length)
+        {
+            _products = new MatMul.Product[products.Length];
+            _firstChunk = new int[products.Length + 1];
+        }
+        int chunks = 0;
+        for (int i = 0; i < products.Length; i++)
+        {
+            _products[i] = products[i];
+            _firstChunk[i] = chunks;
+            chunks += (products[i].W.Rows + RowsPerChunk - 1) / RowsPerChunk;
+        }
+        _firstChunk[products.Length] = chunks;
+        _productCount = products.Length;
+
+        _phase = 0;
+        _pool.Run(this, _panels);
+        _phase = isa == SimdPolicy.Isa.V512 ? 1 : 2;
+        _pool.Run(this, chunks);
+    }
+
+    public override void Execute(int chunk, int worker)
+    {
+        if (_phase == 0) { PackX(chunk); return; }
+        int pi = 0;
+        while (_firstChunk[pi + 1] <= chunk) pi++;
+        ref readonly var prod = ref _products[pi];
+        int local = chunk - _firstChunk[pi];
+        switch (prod.W.Type)
+        {
+            case WeightType.F32: Rows<F32Load>(prod, local, worker); break;
+            case WeightType.BF16: Rows<Bf16Load>(prod, local, worker); break;
+            case WeightType.F16: Rows<F16Load>(prod, local, worker); break;
+        }
+    }
+
+    /// <summary>Panel p: X rows p·NR … p·NR+NR−1 → [K][NR], zero past M. Written sequentially, read row by row.</summary>
+    private void PackX(int p)
+    {
+        int K = _k, nr = _nr;
+        float* dst = _xPack + (long)p * K * nr;
+        int rows = Math.Min(nr, _m - p * nr);
+        float* src = _x + (long)p * nr * K;
+        for (int k = 0; k < K; k++, dst += nr)
+        {
+            float* s = src + k;
+            int j = 0;
+            for (; j < rows; j++, s += K) dst[j] = *s;
+            for (; j < nr; j++) dst[j] = 0;
+        }
+    }
+
+    private void Rows<TL>(in MatMul.Product prod, int chunk, int worker) where TL : IWeightLoad
+    {
+        if (_phase == 1) Rows<Simd512, Vector512<float>, TL>(prod, chunk, worker);
+        else Rows<Simd256, Vector256<float>, TL>(prod, chunk, worker);
+    }
+
+    private void Rows<S, TV, TL>(in MatMul.Product prod, int chunk, int worker) where S : ISimd<TV> where TV : struct where TL : IWeightLoad
+    {
+        var w = prod.W;
+        int K = _k, N = w.Rows, nr = _nr;
+        int r0 = chunk * RowsPerChunk, r1 = Math.Min(N, r0 + RowsPerChunk);
+        float* tile = _tile[worker];
+        for (int k0 = 0; k0 < K; k0 += KC)
+        {
+            int kc = Math.Min(KC, K - k0);
+            for (int pb = 0; pb < _panels; pb += PanelsPerBlock)
+            {
+                int pEnd = Math.Min(_panels, pb + PanelsPerBlock);
+                for (int n = r0; n < r1; n += MR)
+                {
+                    int valid = Math.Min(MR, r1 - n);
+                    nint w0 = Row(w, n, 0, valid, k0), w1 = Row(w, n, 1, valid, k0), w2 = Row(w, n, 2, valid, k0), w3 = Row(w, n, 3, valid, k0);
+                    nint w4 = Row(w, n, 4, valid, k0), w5 = Row(w, n, 5, valid, k0), w6 = Row(w, n, 6, valid, k0), w7 = Row(w, n, 7, valid, k0);
+                    for (int p = pb; p < pEnd; p++)
+                    {
+                        Micro<S, TV, TL>(w0, w1, w2, w3, w4, w5, w6, w7, _xPack + ((long)p * K + k0) * nr, kc, tile);
+                        int cols = Math.Min(nr, _m - p * nr);   // valid X rows in this panel
+                        float* y = prod.Y + (long)p * nr * N + n;
+                        if (k0 == 0) Scatter(tile, nr, y, N, cols, valid);
+                        else ScatterAdd(tile, nr, y, N, cols, valid);
+                    }
+                }
+            }
+        }
+    }
+
+    /// <summary>Row n+i of W from column k0; rows past the valid ones repeat the last (their results are dropped).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static nint Row(in WeightMatrix w, int n, int i, int valid, int k0) =>
+        w.Row(n + Math.Min(i, valid - 1)) + (nint)k0 * w.ElementSize;
+
+    /// <summary>Y[j, i] = tile[i, j] for i &lt; valid, j &lt; cols.</summary>
+    private static void Scatter(float* tile, int nr, float* y, int ldy, int cols, int valid)
+    {
+        for (int j = 0; j < cols; j++, y += ldy)
+            for (int i = 0; i < valid; i++) y[i] = tile[i * nr + j];
+    }
+
+    private static void ScatterAdd(float* tile, int nr, float* y, int ldy, int cols, int valid)
+    {
+        for (int j = 0; j < cols; j++, y += ldy)
+            for (int i = 0; i < valid; i++) y[i] += tile[i * nr + j];
+    }
+
+    /// <summary>tile[MR × 2W] = 8 weight rows (from k0) · X panel slice [kc][2W].</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void Micro<S, TV, TL>(nint w0, nint w1, nint w2, nint w3, nint w4, nint w5, nint w6, nint w7, float* x, int kc, float* tile)
+        where S : ISimd<TV> where TV : struct where TL : IWeightLoad
+    {
+        int W = S.Width, nr = 2 * W;
+        TV c00 = S.Zero, c01 = S.Zero, c10 = S.Zero, c11 = S.Zero, c20 = S.Zero, c21 = S.Zero, c30 = S.Zero, c31 = S.Zero;
+        TV c40 = S.Zero, c41 = S.Zero, c50 = S.Zero, c51 = S.Zero, c60 = S.Zero, c61 = S.Zero, c70 = S.Zero, c71 = S.Zero;
+        for (int k = 0; k < kc; k++, x += nr)
+        {
+            TV b0 = S.Load(x), b1 = S.Load(x + W);
+            TV a = S.BroadcastW<TL>(w0, k); c00 = S.Fma(a, b0, c00); c01 = S.Fma(a, b1, c01);
+            a = S.BroadcastW<TL>(w1, k); c10 = S.Fma(a, b0, c10); c11 = S.Fma(a, b1, c11);
+            a = S.BroadcastW<TL>(w2, k); c20 = S.Fma(a, b0, c20); c21 = S.Fma(a, b1, c21);
+            a = S.BroadcastW<TL>(w3, k); c30 = S.Fma(a, b0, c30); c31 = S.Fma(a, b1, c31);
+            a = S.BroadcastW<TL>(w4, k); c40 = S.Fma(a, b0, c40); c41 = S.Fma(a, b1, c41);
+            a = S.BroadcastW<TL>(w5, k); c50 = S.Fma(a, b0, c50); c51 = S.Fma(a, b1, c51);
+            a = S.BroadcastW<TL>(w6, k); c60 = S.Fma(a, b0, c60); c61 = S.Fma(a, b1, c61);
+            a = S.BroadcastW<TL>(w7, k); c70 = S.Fma(a, b0, c70); c71 = S.Fma(a, b1, c71);
+        }
+        S.Store(c00, tile); S.Store(c01, tile + W); tile += nr;
+        S.Store(c10, tile); S.Store(c11, tile + W); tile += nr;
+        S.Store(c20, tile); S.Store(c21, tile + W); tile += nr;
+        S.Store(c30, tile); S.Store(c31, tile + W); tile += nr;
+        S.Store(c40, tile); S.Store(c41, tile + W); tile += nr;
+        S.Store(c50, tile); S.Store(c51, tile + W); tile += nr;
+        S.Store(c60, tile); S.Store(c61, tile + W); tile += nr;
+        S.Store(c70, tile); S.Store(c71, tile + W);
+    }
+}
