@@ -183,14 +183,15 @@ public sealed unsafe class LlamaModel : IDisposable
             {
                 var seq = sequences[i];
                 var kv = seq.Cache.Layer(l);
+                int first = row;
                 for (int s = 0; s < seq.Count; s++, row++)
                 {
                     int pos = seq.Start + s;
                     _rope.Apply(_q.Pointer + (long)row * qd, h, pos);
                     _rope.Apply(_k.Pointer + (long)row * kvd, g, pos);
-                    kv.Write(pos, _k.Pointer + (long)row * kvd, _v.Pointer + (long)row * kvd);  // this sequence's cache ← k, v
                 }
-                segments[i] = new AttentionSegment(row - seq.Count, seq.Count, seq.Start, kv);
+                kv.WriteRows(seq.Start, seq.Count, _k.Pointer + (long)first * kvd, _v.Pointer + (long)first * kvd);  // this sequence's cache ← k, v
+                segments[i] = new AttentionSegment(first, seq.Count, seq.Start, kv);
             }
             prof?.Record(OpKind.Rope, l, ref t0);
             _attention.Run(_q.Pointer, h, g, hd, segments, _att.Pointer);  // att[T × h·hd], causal within each sequence

@@ -44,6 +44,36 @@ public readonly unsafe struct KvView
         new ReadOnlySpan<float>(value, KvDim).CopyTo(new Span<float>(ValueRow(pos), KvDim));
     }
 
+    /// <summary>
+    /// Stores <paramref name="count"/> consecutive positions from <paramref name="pos0"/>; k and v are [count × g·hd].
+    /// Whole tiles go through a block transpose that writes each 64-byte line of keys once.
+    /// </summary>
+    public void WriteRows(int pos0, int count, float* key, float* value)
+    {
+        int kvd = KvDim, i = 0;
+        while (i < count)
+        {
+            int pos = pos0 + i;
+            if (pos % Tile == 0 && count - i >= Tile)
+            {
+                float* kt = KeyTile(pos / Tile);
+                float* src = key + (long)i * kvd;
+                for (int e = 0; e < kvd; e++, kt += Tile)
+                {
+                    float* s = src + e;
+                    for (int r = 0; r < Tile; r++) kt[r] = s[(long)r * kvd];
+                }
+                new ReadOnlySpan<float>(value + (long)i * kvd, Tile * kvd).CopyTo(new Span<float>(ValueTile(pos / Tile), Tile * kvd));
+                i += Tile;
+            }
+            else
+            {
+                Write(pos, key + (long)i * kvd, value + (long)i * kvd);
+                i++;
+            }
+        }
+    }
+
     /// <summary>Element <paramref name="e"/> of the key at <paramref name="pos"/> (for checks, not hot paths).</summary>
     public float KeyAt(int pos, int e) => KeyTile(pos / Tile)[(long)e * Tile + pos % Tile];
 }
@@ -138,12 +168,16 @@ public sealed unsafe class Attention : ParallelJob
             var p = new Span<float>(scores, keys);
             TensorPrimitives.SoftMax(p, p);
             // o = Σ_j p_j · v_j
-            new Span<float>(o, hd).Clear();
-            for (int tile = 0; tile < tiles; tile++)
+            if (SimdPolicy.Current == SimdPolicy.Isa.V512 && hd % 32 == 0) WeightedSumV512(kv, kvh * hd, hd, scores, keys, o);
+            else
             {
-                float* vt = kv.ValueTile(tile) + kvh * hd;
-                int rows = Math.Min(KvView.Tile, keys - tile * KvView.Tile);
-                for (int r = 0; r < rows; r++) Axpy(o, vt + (long)r * kv.KvDim, scores[tile * KvView.Tile + r], hd);
+                new Span<float>(o, hd).Clear();
+                for (int tile = 0; tile < tiles; tile++)
+                {
+                    float* vt = kv.ValueTile(tile) + kvh * hd;
+                    int rows = Math.Min(KvView.Tile, keys - tile * KvView.Tile);
+                    for (int r = 0; r < rows; r++) Axpy(o, vt + (long)r * kv.KvDim, scores[tile * KvView.Tile + r], hd);
+                }
             }
         }
     }
@@ -156,9 +190,18 @@ public sealed unsafe class Attention : ParallelJob
         {
             case SimdPolicy.Isa.V512:
             {
-                var acc = Vector512<float>.Zero;
-                for (int i = 0; i < hd; i++) acc = Vector512.FusedMultiplyAdd(Vector512.Create(q[i]), Vector512.Load(kt + i * 16), acc);
-                (acc * scale).Store(dst);
+                // Four chains so the FMA latency is hidden (one chain would wait 4 cycles per element).
+                Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default;
+                int i = 0;
+                for (; i + 4 <= hd; i += 4)
+                {
+                    a0 = Vector512.FusedMultiplyAdd(Vector512.Create(q[i]), Vector512.Load(kt + i * 16), a0);
+                    a1 = Vector512.FusedMultiplyAdd(Vector512.Create(q[i + 1]), Vector512.Load(kt + i * 16 + 16), a1);
+                    a2 = Vector512.FusedMultiplyAdd(Vector512.Create(q[i + 2]), Vector512.Load(kt + i * 16 + 32), a2);
+                    a3 = Vector512.FusedMultiplyAdd(Vector512.Create(q[i + 3]), Vector512.Load(kt + i * 16 + 48), a3);
+                }
+                for (; i < hd; i++) a0 = Vector512.FusedMultiplyAdd(Vector512.Create(q[i]), Vector512.Load(kt + i * 16), a0);
+                ((a0 + a1 + (a2 + a3)) * scale).Store(dst);
                 break;
             }
             case SimdPolicy.Isa.V256:
@@ -182,6 +225,42 @@ public sealed unsafe class Attention : ParallelJob
                     dst[c] = s * scale;
                 }
                 break;
+        }
+    }
+
+    /// <summary>
+    /// o[0..hd) = Σ_j p[j] · v_j[offset..offset+hd), hd a multiple of 32: the output stays in registers, 32 floats
+    /// at a time, with keys taken two at a time into separate accumulators (four independent FMA chains).
+    /// </summary>
+    private static void WeightedSumV512(in KvView kv, int offset, int hd, float* p, int keys, float* o)
+    {
+        long stride = kv.KvDim;
+        for (int c = 0; c < hd; c += 32)
+        {
+            Vector512<float> a0 = default, a1 = default, b0 = default, b1 = default;
+            for (int tile = 0, j = 0; j < keys; tile++)
+            {
+                float* v = kv.ValueTile(tile) + offset + c;
+                int end = Math.Min(keys, j + KvView.Tile);
+                for (; j + 1 < end; j += 2, v += 2 * stride)
+                {
+                    var pj = Vector512.Create(p[j]);
+                    var pk = Vector512.Create(p[j + 1]);
+                    a0 = Vector512.FusedMultiplyAdd(Vector512.Load(v), pj, a0);
+                    a1 = Vector512.FusedMultiplyAdd(Vector512.Load(v + 16), pj, a1);
+                    b0 = Vector512.FusedMultiplyAdd(Vector512.Load(v + stride), pk, b0);
+                    b1 = Vector512.FusedMultiplyAdd(Vector512.Load(v + stride + 16), pk, b1);
+                }
+                if (j < end)
+                {
+                    var pj = Vector512.Create(p[j]);
+                    a0 = Vector512.FusedMultiplyAdd(Vector512.Load(v), pj, a0);
+                    a1 = Vector512.FusedMultiplyAdd(Vector512.Load(v + 16), pj, a1);
+                    j++;
+                }
+            }
+            (a0 + b0).Store(o + c);
+            (a1 + b1).Store(o + c + 16);
         }
     }
 

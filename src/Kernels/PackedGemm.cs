@@ -9,21 +9,22 @@ namespace MiniLlm.Kernels;
 /// Phase 1 packs X (small next to W, and shared by every weight of a group such as q/k/v) into panels of
 /// NR = 2 vectors of rows, laid out [K][NR]. Phase 2 hands each worker 32 rows of one weight: an MR × NR
 /// outer-product micro-kernel broadcasts one weight from each of MR = 8 rows (widened on the fly) against two X
-/// vectors (16 accumulators, no horizontal sums). Blocking: K in blocks of KC (an 8-row weight slice, 32 KiB,
-/// stays in L1) and X panels in groups of PanelsPerBlock (their K slices stay in L2). Each 8 × NR tile is
-/// written (first K block) or added (later ones) into Y column-wise.
+/// vectors (16 accumulators, no horizontal sums). K is blocked by KC so that every panel's K slice (M × KC fp32,
+/// 512 KiB at M = 512) stays in L2 while an 8-row weight slice sits in L1; accumulators persist across K blocks
+/// in a per-worker tile buffer, and each finished 8 × NR tile is written into Y column-wise once.
 /// </summary>
 internal sealed unsafe class PackedGemm : ParallelJob
 {
     private const int MR = 8;               // weight rows per micro-kernel
-    private const int KC = 1024;            // K block
-    private const int PanelsPerBlock = 4;   // X panels sharing one pass over a weight slice
+    private const int KC = 256;             // K block
     private const int RowsPerChunk = 32;    // weight rows per work item
+    private const int MicroPerChunk = RowsPerChunk / MR;
 
     private readonly WorkerPool _pool;
     private float* _xPack;                  // [ceil(M/NR)][K][NR]
     private long _xPackFloats;
-    private readonly float*[] _tile;        // per worker: [MR][NR]
+    private readonly float*[] _tiles;       // per worker: [MicroPerChunk][panels][MR][NR] running sums
+    private long _tileFloats;
     private float* _x;
     private int _m, _k, _panels, _nr, _phase;
     private MatMul.Product[] _products = new MatMul.Product[4];
@@ -33,8 +34,7 @@ internal sealed unsafe class PackedGemm : ParallelJob
     public PackedGemm(WorkerPool pool)
     {
         _pool = pool;
-        _tile = new float*[pool.Threads];
-        for (int i = 0; i < pool.Threads; i++) _tile[i] = (float*)NativeMemory.AlignedAlloc(MR * 32 * sizeof(float), 64);
+        _tiles = new float*[pool.Threads];
     }
 
     /// <summary>Every product shares X [m × K]; each writes its own Y.</summary>
@@ -49,6 +49,16 @@ internal sealed unsafe class PackedGemm : ParallelJob
             if (_xPack != null) NativeMemory.AlignedFree(_xPack);
             _xPack = (float*)NativeMemory.AlignedAlloc((nuint)need * sizeof(float), 64);
             _xPackFloats = need;
+        }
+        long tileNeed = (long)MicroPerChunk * _panels * MR * _nr;
+        if (tileNeed > _tileFloats)
+        {
+            for (int i = 0; i < _tiles.Length; i++)
+            {
+                if (_tiles[i] != null) NativeMemory.AlignedFree(_tiles[i]);
+                _tiles[i] = (float*)NativeMemory.AlignedAlloc((nuint)tileNeed * sizeof(float), 64);
+            }
+            _tileFloats = tileNeed;
         }
         if (_products.Length < products.Length)
         {
@@ -111,29 +121,33 @@ internal sealed unsafe class PackedGemm : ParallelJob
     private void Rows<S, TV, TL>(in MatMul.Product prod, int chunk, int worker) where S : ISimd<TV> where TV : struct where TL : IWeightLoad
     {
         var w = prod.W;
-        int K = _k, N = w.Rows, nr = _nr;
+        int K = _k, N = w.Rows, nr = _nr, tileFloats = MR * nr;
         int r0 = chunk * RowsPerChunk, r1 = Math.Min(N, r0 + RowsPerChunk);
-        float* tile = _tile[worker];
+        float* tiles = _tiles[worker];
         for (int k0 = 0; k0 < K; k0 += KC)
         {
             int kc = Math.Min(KC, K - k0);
-            for (int pb = 0; pb < _panels; pb += PanelsPerBlock)
+            for (int n = r0, mp = 0; n < r1; n += MR, mp++)
             {
-                int pEnd = Math.Min(_panels, pb + PanelsPerBlock);
-                for (int n = r0; n < r1; n += MR)
-                {
-                    int valid = Math.Min(MR, r1 - n);
-                    nint w0 = Row(w, n, 0, valid, k0), w1 = Row(w, n, 1, valid, k0), w2 = Row(w, n, 2, valid, k0), w3 = Row(w, n, 3, valid, k0);
-                    nint w4 = Row(w, n, 4, valid, k0), w5 = Row(w, n, 5, valid, k0), w6 = Row(w, n, 6, valid, k0), w7 = Row(w, n, 7, valid, k0);
-                    for (int p = pb; p < pEnd; p++)
-                    {
-                        Micro<S, TV, TL>(w0, w1, w2, w3, w4, w5, w6, w7, _xPack + ((long)p * K + k0) * nr, kc, tile);
-                        int cols = Math.Min(nr, _m - p * nr);   // valid X rows in this panel
-                        float* y = prod.Y + (long)p * nr * N + n;
-                        if (k0 == 0) Scatter(tile, nr, y, N, cols, valid);
-                        else ScatterAdd(tile, nr, y, N, cols, valid);
-                    }
-                }
+                int valid = Math.Min(MR, r1 - n);
+                nint w0 = Row(w, n, 0, valid, k0), w1 = Row(w, n, 1, valid, k0), w2 = Row(w, n, 2, valid, k0), w3 = Row(w, n, 3, valid, k0);
+                nint w4 = Row(w, n, 4, valid, k0), w5 = Row(w, n, 5, valid, k0), w6 = Row(w, n, 6, valid, k0), w7 = Row(w, n, 7, valid, k0);
+                float* tile = tiles + (long)mp * _panels * tileFloats;
+                for (int p = 0; p < _panels; p++, tile += tileFloats)
+                    Micro<S, TV, TL>(w0, w1, w2, w3, w4, w5, w6, w7, _xPack + ((long)p * K + k0) * nr, kc, tile, k0 > 0);
+            }
+        }
+        // Y[p·nr + j, n + i] = tile[i, j]
+        for (int n = r0, mp = 0; n < r1; n += MR, mp++)
+        {
+            int valid = Math.Min(MR, r1 - n);
+            float* tile = tiles + (long)mp * _panels * tileFloats;
+            for (int p = 0; p < _panels; p++, tile += tileFloats)
+            {
+                float* y = prod.Y + (long)p * nr * N + n;
+                int cols = Math.Min(nr, _m - p * nr);   // valid X rows in this panel
+                for (int j = 0; j < cols; j++, y += N)
+                    for (int i = 0; i < valid; i++) y[i] = tile[i * nr + j];
             }
         }
     }
@@ -143,27 +157,22 @@ internal sealed unsafe class PackedGemm : ParallelJob
     private static nint Row(in WeightMatrix w, int n, int i, int valid, int k0) =>
         w.Row(n + Math.Min(i, valid - 1)) + (nint)k0 * w.ElementSize;
 
-    /// <summary>Y[j, i] = tile[i, j] for i &lt; valid, j &lt; cols.</summary>
-    private static void Scatter(float* tile, int nr, float* y, int ldy, int cols, int valid)
-    {
-        for (int j = 0; j < cols; j++, y += ldy)
-            for (int i = 0; i < valid; i++) y[i] = tile[i * nr + j];
-    }
-
-    private static void ScatterAdd(float* tile, int nr, float* y, int ldy, int cols, int valid)
-    {
-        for (int j = 0; j < cols; j++, y += ldy)
-            for (int i = 0; i < valid; i++) y[i] += tile[i * nr + j];
-    }
-
-    /// <summary>tile[MR × 2W] = 8 weight rows (from k0) · X panel slice [kc][2W].</summary>
+    /// <summary>tile[MR × 2W] (+)= 8 weight rows (from k0) · X panel slice [kc][2W].</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void Micro<S, TV, TL>(nint w0, nint w1, nint w2, nint w3, nint w4, nint w5, nint w6, nint w7, float* x, int kc, float* tile)
+    private static void Micro<S, TV, TL>(nint w0, nint w1, nint w2, nint w3, nint w4, nint w5, nint w6, nint w7, float* x, int kc, float* tile, bool accumulate)
         where S : ISimd<TV> where TV : struct where TL : IWeightLoad
     {
         int W = S.Width, nr = 2 * W;
         TV c00 = S.Zero, c01 = S.Zero, c10 = S.Zero, c11 = S.Zero, c20 = S.Zero, c21 = S.Zero, c30 = S.Zero, c31 = S.Zero;
         TV c40 = S.Zero, c41 = S.Zero, c50 = S.Zero, c51 = S.Zero, c60 = S.Zero, c61 = S.Zero, c70 = S.Zero, c71 = S.Zero;
+        if (accumulate)
+        {
+            float* t = tile;
+            c00 = S.Load(t); c01 = S.Load(t + W); t += nr; c10 = S.Load(t); c11 = S.Load(t + W); t += nr;
+            c20 = S.Load(t); c21 = S.Load(t + W); t += nr; c30 = S.Load(t); c31 = S.Load(t + W); t += nr;
+            c40 = S.Load(t); c41 = S.Load(t + W); t += nr; c50 = S.Load(t); c51 = S.Load(t + W); t += nr;
+            c60 = S.Load(t); c61 = S.Load(t + W); t += nr; c70 = S.Load(t); c71 = S.Load(t + W);
+        }
         for (int k = 0; k < kc; k++, x += nr)
         {
             TV b0 = S.Load(x), b1 = S.Load(x + W);

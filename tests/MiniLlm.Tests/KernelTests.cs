@@ -194,6 +194,8 @@ public unsafe class KernelTests
     [InlineData(1, 40, 8, 2, 32, true)]
     [InlineData(17, 15, 4, 1, 64, true)]
     [InlineData(3, 47, 2, 2, 64, false)]
+    [InlineData(40, 0, 4, 2, 128, true)]
+    [InlineData(2, 33, 3, 1, 96, false)]
     public void AttentionMatchesNaive(int S, int start, int H, int G, int hd, bool paged)
     {
         int ctx = start + S, kvd = G * hd;
@@ -216,14 +218,24 @@ public unsafe class KernelTests
             try
             {
                 using var pool = new WorkerPool(2);
-                var att = new Attention(pool, 64);
+                var att = new Attention(pool, 128);
                 fixed (float* qp = q, kp = keys, vp = vals, op = output, kpp = kPool, vpp = vPool)
                 fixed (int* tp = table)
                 {
                     var view = new KvView(kpp, vpp, kvd, paged ? tp : null);
-                    for (int p = 0; p < ctx; p++) view.Write(p, kp + p * kvd, vp + p * kvd);
+                    // Rows in uneven batches (some spanning whole tiles), as prefill chunks and decode steps write them.
+                    for (int p = 0; p < ctx;)
+                    {
+                        int n = Math.Min(ctx - p, 1 + p * 7 % 37);
+                        view.WriteRows(p, n, kp + p * kvd, vp + p * kvd);
+                        p += n;
+                    }
                     for (int p = 0; p < ctx; p++)
-                        for (int e = 0; e < kvd; e++) Assert.Equal(keys[p * kvd + e], view.KeyAt(p, e));
+                        for (int e = 0; e < kvd; e++)
+                        {
+                            Assert.Equal(keys[p * kvd + e], view.KeyAt(p, e));
+                            Assert.Equal(vals[p * kvd + e], view.ValueRow(p)[e]);
+                        }
                     att.Run(qp, S, start, H, G, hd, view, op);
                 }
             }
