@@ -1,0 +1,122 @@
+using System.Text.Json;
+using MiniLlm.Cli;
+using MiniLlm.Engine;
+using MiniLlm.Kernels;
+using MiniLlm.Loader;
+
+namespace MiniLlm.Tests;
+
+/// <summary>synth, roofline and bench: they run, write what they say, and refuse bad arguments.</summary>
+public class ToolCommandTests
+{
+    private static (int Code, string Out, string Err) Run(params string[] args)
+    {
+        var o = new StringWriter();
+        var e = new StringWriter();
+        return (CliApp.Run(args, o, e), o.ToString(), e.ToString());
+    }
+
+    [Theory]
+    [InlineData("f32", DType.F32)]
+    [InlineData("bf16", DType.BF16)]
+    [InlineData("f16", DType.F16)]
+    public void SynthWritesALoadableSeededModel(string dtype, DType expected)
+    {
+        var a = TestPaths.NewTempDir("synth-a");
+        var b = TestPaths.NewTempDir("synth-b");
+        string[] args = ["synth", "--hidden", "64", "--layers", "2", "--ffn", "96", "--heads", "4", "--kv-heads", "2", "--vocab", "4096", "--context", "64", "--dtype", dtype, "--seed", "5"];
+        Assert.Equal(0, Run([.. args, "--out", a]).Code);
+        Assert.Equal(0, Run([.. args, "--out", b]).Code);
+        Assert.Equal(File.ReadAllBytes(Path.Combine(a, "model.safetensors")), File.ReadAllBytes(Path.Combine(b, "model.safetensors")));
+        using var model = LlamaModel.Load(a);
+        Assert.Equal(expected, model.Files.Weights.Layers[0].Wq.DType);
+        Assert.Equal(2, model.Config.NumKeyValueHeads);
+        Assert.NotNull(model.Files.Tokenizer);   // 4096 vocab gets tiny-kjv's tokenizer
+        var result = new Generator(model).Generate("In the beginning", new GenerationOptions { MaxTokens = 5, Sampling = SamplingParams.Greedy, StopAtEos = false });
+        Assert.Equal(5, result.OutputIds.Length);
+    }
+
+    [Fact]
+    public void SynthKnowsTheNamedShapes()
+    {
+        var s = ModelShape.Get("stories110m");
+        Assert.Equal((768, 2048, 12, 12, 12, 32000, true), (s.Hidden, s.Intermediate, s.Layers, s.Heads, s.KvHeads, s.Vocab, s.Tied));
+        var t = ModelShape.Get("tinyllama-4l");
+        Assert.Equal((2048, 5632, 4, 32, 4, 32000, false), (t.Hidden, t.Intermediate, t.Layers, t.Heads, t.KvHeads, t.Vocab, t.Tied));
+        var (code, _, err) = Run("synth", "--shape", "gpt5", "--out", TestPaths.NewTempDir("bad"));
+        Assert.Equal(ExitCodes.BadArguments, code);
+        Assert.Contains("gpt5", err);
+    }
+
+    [Fact]
+    public void CeilingsAreMeasuredAndSaved()
+    {
+        double peak = Ceilings.MeasureFmaPeak(1, reps: 1, iterations: 200_000);
+        double bw = Ceilings.MeasureReadBandwidth(1, 8 << 20, reps: 1);
+        Assert.True(peak > 1 && bw > 0.1, $"peak {peak} GFLOP/s, bandwidth {bw} GB/s");
+        var roof = new Roofline
+        {
+            Cpu = "test", Threads = 1, Isa = "V512", PeakGflops = peak, BandwidthGBps = bw, CacheBandwidth = [],
+            Caches = Ceilings.DetectCaches(), DramBufferBytes = 8 << 20, Reps = 1, MeasuredUtc = DateTime.UtcNow,
+        };
+        var path = Path.Combine(TestPaths.NewTempDir("roof"), "roofline.json");
+        roof.Save(path);
+        var back = Roofline.TryLoad(path)!;
+        Assert.Equal(peak, back.PeakGflops);
+        Assert.Equal(bw, back.BandwidthGBps);
+        Assert.Equal(peak / bw, back.Ridge, 9);
+    }
+
+    [Fact]
+    public void BenchReportsEveryTestAgainstTheGivenCeilings()
+    {
+        var roofPath = Path.Combine(TestPaths.NewTempDir("bench"), "roof.json");
+        new Roofline
+        {
+            Cpu = "test", Threads = 2, Isa = "V512", PeakGflops = 100, BandwidthGBps = 10, CacheBandwidth = [], Caches = [],
+            DramBufferBytes = 0, Reps = 1, MeasuredUtc = DateTime.UtcNow,
+        }.Save(roofPath);
+        var (code, stdout, stderr) = Run("bench", "-p", "16", "-n", "4", "-b", "1,3", "-r", "2", "--roofline", roofPath, "--output", "json", "-t", "2");
+        Assert.True(code == 0, stderr);
+        using var doc = JsonDocument.Parse(stdout);
+        var results = doc.RootElement.GetProperty("results").EnumerateArray().ToList();
+        Assert.Equal(["pp16", "tg4", "tg4 b3"], results.Select(r => r.GetProperty("test").GetString()));
+        foreach (var r in results)
+        {
+            Assert.True(r.GetProperty("tok_s").GetDouble() > 0);
+            Assert.Equal(2, r.GetProperty("seconds").GetArrayLength());
+            // GB/s and % of bandwidth are consistent with the ceilings passed in
+            Assert.Equal(r.GetProperty("gbps").GetDouble() * 10, r.GetProperty("pct_bandwidth").GetDouble(), 6);
+        }
+        var md = Run("bench", "-p", "8", "-n", "2", "-r", "1", "--roofline", roofPath, "--output", "md");
+        Assert.Contains("| pp8", md.Out);
+        Assert.NotEqual(0, Run("bench", "-p", "x", "--roofline", roofPath).Code);
+        Assert.NotEqual(0, Run("bench", "-b", "0", "--roofline", roofPath).Code);
+    }
+
+    [Fact]
+    public void CostModelCountsAHandCheckedStep()
+    {
+        // d=4, f=6, h=2, g=1, hd=2, V=10, one layer; a 3-token prefill: T=3, causal pairs = 3·3 − 3 = 6.
+        var c = new LlamaConfig
+        {
+            HiddenSize = 4, IntermediateSize = 6, NumHiddenLayers = 1, NumAttentionHeads = 2, NumKeyValueHeads = 1,
+            HeadDim = 2, VocabSize = 10, MaxPositionEmbeddings = 16, TieWordEmbeddings = true,
+        };
+        var ops = new CostModel(c, weightBytesPerElement: 4).Step([new StepSequence(3, 3)], logitRows: 1);
+        OpCost Op(OpKind k) => ops.Single(o => o.Op == k);
+        Assert.Equal(2 * 3 * 4 * 4, Op(OpKind.QProj).Flops);          // 2·T·d·h·hd
+        Assert.Equal(4 * 4 * 4, Op(OpKind.QProj).WeightBytes);         // d·h·hd·4
+        Assert.Equal(2 * 3 * 4 * 2, Op(OpKind.KProj).Flops);          // 2·T·d·g·hd
+        Assert.Equal(3 * 2 * 4, Op(OpKind.KProj).KvWriteBytes);        // T·g·hd·4
+        Assert.Equal(2 * 2 * 2 * 6, Op(OpKind.AttnScores).Flops);     // 2·h·hd·pairs
+        Assert.Equal(3 * 2 * 4, Op(OpKind.AttnScores).KvReadBytes);    // ctx·g·hd·4
+        Assert.Equal(2 * 3 * 4 * 6, Op(OpKind.Gate).Flops);
+        Assert.Equal(2 * 1 * 4 * 10, Op(OpKind.LmHead).Flops);        // one logit row
+        Assert.Equal(10 * 4 * 4, Op(OpKind.LmHead).WeightBytes);
+        var (flops, _, weights) = CostModel.Sum(ops);
+        Assert.Equal(ops.Sum(o => o.Flops), flops);
+        // every weight of the model is read once: embedding rows gathered (3·4·4), norms, projections, tied head
+        Assert.Equal(3 * 4 * 4 + 2 * 4 * 4 + (4 * 4 + 2 * 4 * 2 + 4 * 4 + 3 * 4 * 6) * 4 + 4 * 4 + 10 * 4 * 4, weights);
+    }
+}
