@@ -21,9 +21,10 @@ public static class BenchCommand
         var threads = CommonOptions.Threads();
         var roofFile = new Option<string?>("--roofline") { Description = "Use saved ceilings from this JSON instead of measuring them now" };
         var output = new Option<string>("--output", "-o") { Description = "Output format", DefaultValueFactory = _ => "text" }.AcceptOnlyFromAmong("text", "json", "csv", "md");
+        var kernels = new Option<bool>("--kernels") { Description = "Benchmark the GEMM/GEMV kernels alone (no model) against the ceilings" };
         var cmd = new Command("bench", "Benchmark prefill (ppN) and decode (tgN, batch B) against this machine's measured roofs")
         {
-            model, prompts, gens, batches, reps, threads, roofFile, output,
+            model, prompts, gens, batches, reps, threads, roofFile, output, kernels,
         };
         cmd.SetAction(r =>
         {
@@ -33,17 +34,17 @@ public static class BenchCommand
             if (bs.Any(b => b < 1)) throw new ArgumentException("batch sizes must be ≥ 1", "batch");
             int t = RooflineCommand.ResolveThreads(r.GetValue(threads));
             string fmt = r.GetValue(output)!;
+            if (r.GetValue(kernels))
+            {
+                var kroof = LoadOrMeasure(r.GetValue(roofFile), t, fmt, io);
+                var kr = KernelBenchmark.Run(t, Math.Max(rp, 3), fmt == "text" ? s => io.Err.WriteLine($"running {s}…") : null).ToList();
+                io.Out.Write(KernelTable(kr, kroof, t, fmt));
+                return ExitCodes.Ok;
+            }
             var dir = ModelLocator.Resolve(r.GetValue(model));
             using var llm = LlamaModel.Load(dir, t, maxTokens: Math.Max(512, Math.Max(ps.DefaultIfEmpty(0).Max(), bs.Max())));
 
-            Roofline roof;
-            if (r.GetValue(roofFile) is { } rf)
-                roof = Roofline.TryLoad(rf) ?? throw new ArgumentException($"{rf}: not a roofline JSON (make one with `minillm roofline --out {rf}`)", "roofline");
-            else
-            {
-                if (fmt == "text") io.Err.WriteLine("measuring ceilings (FMA peak, DRAM read bandwidth)…");
-                roof = Ceilings.Measure(t, 5);
-            }
+            var roof = LoadOrMeasure(r.GetValue(roofFile), t, fmt, io);
 
             var results = new List<BenchResult>();
             foreach (int p in ps.Where(p => p > 0))
@@ -69,6 +70,38 @@ public static class BenchCommand
             return ExitCodes.Ok;
         });
         return cmd;
+    }
+
+    private static Roofline LoadOrMeasure(string? file, int threads, string fmt, CliIO io)
+    {
+        if (file != null)
+            return Roofline.TryLoad(file) ?? throw new ArgumentException($"{file}: not a roofline JSON (make one with `minillm roofline --out {file}`)", "roofline");
+        if (fmt == "text") io.Err.WriteLine("measuring ceilings (FMA peak, DRAM read bandwidth)…");
+        return Ceilings.Measure(threads, 5);
+    }
+
+    private static string KernelTable(List<KernelResult> rs, Roofline roof, int threads, string fmt)
+    {
+        if (fmt == "json")
+            return JsonSerializer.Serialize(new
+            {
+                threads, ceilings = new { peak_gflops = roof.PeakGflops, bandwidth_gbps = roof.BandwidthGBps },
+                results = rs.Select(r => new
+                {
+                    kernel = r.Kernel, type = r.Type, m = r.M, k = r.K, n = r.N, seconds = r.MedianSeconds, gflops = r.Gflops, gbps = r.GBps,
+                    pct_fma_peak = 100 * r.Gflops / roof.PeakGflops, pct_bandwidth = 100 * r.GBps / roof.BandwidthGBps,
+                }),
+            }, new JsonSerializerOptions { WriteIndented = true }) + "\n";
+        var sb = new StringBuilder();
+        sb.AppendLine($"kernels alone, {threads} threads; ceilings: FMA peak {F(roof.PeakGflops)} GFLOP/s, DRAM read {F(roof.BandwidthGBps)} GB/s");
+        bool md = fmt == "md";
+        if (md) sb.AppendLine().AppendLine("| kernel | type | M×K×N | GFLOP/s | % FMA peak | weight GB/s | % DRAM BW |").AppendLine("|---|---|---|---:|---:|---:|---:|");
+        foreach (var r in rs)
+        {
+            string[] c = [r.Kernel, r.Type, $"{r.M}×{r.K}×{r.N}", F(r.Gflops), F(100 * r.Gflops / roof.PeakGflops), F(r.GBps), F(100 * r.GBps / roof.BandwidthGBps)];
+            sb.AppendLine(md ? "| " + string.Join(" | ", c) + " |" : $"{c[0],-12} {c[1],-5} {c[2],-16} {c[3],9} GFLOP/s {c[4],6} % peak {c[5],8} GB/s {c[6],6} % BW");
+        }
+        return sb.ToString();
     }
 
     private sealed record BenchInfo(string Model, string DType, long WeightBytes, int Threads, Roofline Roof);

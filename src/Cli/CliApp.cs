@@ -44,7 +44,8 @@ public static class CliApp
     public static int Report(Exception e, bool verbose, TextWriter stderr)
     {
         while (e is AggregateException { InnerExceptions.Count: 1 } a) e = a.InnerException!;
-        stderr.WriteLine($"error: {e.Message}");
+        string message = e is ArgumentException { ParamName: { } name } ? e.Message.Replace($" (Parameter '{name}')", "") : e.Message;
+        stderr.WriteLine($"error: {message}");
         if (verbose) stderr.WriteLine(e.ToString());
         return e switch
         {

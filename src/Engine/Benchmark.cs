@@ -41,7 +41,7 @@ public static class Benchmark
 {
     public static BenchResult Prefill(LlamaModel m, int tokens, int reps)
     {
-        if (tokens < 1 || tokens >= m.Context) throw new ArgumentException($"prompt length {tokens} must be in [1, {m.Context - 1}]", "p");
+        if (tokens < 1 || tokens > m.Context) throw new ArgumentException($"prompt length {tokens} must be in [1, {m.Context}] (the model's context)", "p");
         var ids = Tokens(m, tokens, 1);
         var logits = new float[m.Config.VocabSize];
         using var cache = m.NewKvCache(tokens);

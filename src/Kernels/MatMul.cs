@@ -20,6 +20,8 @@ public sealed unsafe class MatMul : ParallelJob
     private int _m, _panel, _nPanels, _mBlocks;
 
     private readonly PackedGemm _packed;
+    private float* _xPairs;          // GEMV over bf16: x regrouped per 32 as [16 even | 16 odd]
+    private int _xPairsLength;
 
     /// <summary>From this many rows on, the packed outer-product GEMM beats the dot-product tiles.</summary>
     public static int PackedMinRows { get; set; } = 32;
@@ -63,6 +65,7 @@ public sealed unsafe class MatMul : ParallelJob
             return;
         }
         _x = x; _y = y; _w = w; _m = m;
+        if (m == 1 && w.Type == WeightType.BF16 && isa == SimdPolicy.Isa.V512) PairX(x, w.Cols);
         int threads = _pool.Threads;
         long macs = (long)m * w.Rows * w.Cols;
         _mBlocks = (m + RowBlock - 1) / RowBlock;
@@ -74,6 +77,54 @@ public sealed unsafe class MatMul : ParallelJob
         else _pool.Run(this, _mBlocks * _nPanels);
     }
 
+    /// <summary>
+    /// bf16 GEMV trick: 32 bf16 weights loaded as 16 uint32 are the even elements in their low halves and the odd
+    /// ones in their high halves, so (w &lt;&lt; 16) and (w &amp; 0xFFFF0000) are both fp32 vectors with no shuffle.
+    /// x is regrouped once per call to match: per block of 32, its 16 even then its 16 odd elements.
+    /// </summary>
+    private void PairX(float* x, int k)
+    {
+        if (_xPairsLength < k)
+        {
+            if (_xPairs != null) System.Runtime.InteropServices.NativeMemory.AlignedFree(_xPairs);
+            _xPairs = (float*)System.Runtime.InteropServices.NativeMemory.AlignedAlloc((nuint)k * sizeof(float), 64);
+            _xPairsLength = k;
+        }
+        int blocks = k / 32;
+        for (int b = 0; b < blocks; b++)
+            for (int i = 0; i < 16; i++)
+            {
+                _xPairs[b * 32 + i] = x[b * 32 + 2 * i];
+                _xPairs[b * 32 + 16 + i] = x[b * 32 + 2 * i + 1];
+            }
+    }
+
+    /// <summary>row · x for a bf16 row, using the paired x from <see cref="PairX"/>.</summary>
+    private static float DotBf16Pairs(float* xPairs, float* x, nint row, int K)
+    {
+        var hi = Vector512.Create(0xFFFF0000u);
+        Vector512<float> e0 = default, o0 = default, e1 = default, o1 = default;
+        int k = 0;
+        for (; k + 64 <= K; k += 64)
+        {
+            var w0 = Vector512.Load((uint*)((ushort*)row + k));
+            var w1 = Vector512.Load((uint*)((ushort*)row + k + 32));
+            e0 = Vector512.FusedMultiplyAdd(Vector512.ShiftLeft(w0, 16).AsSingle(), Vector512.Load(xPairs + k), e0);
+            o0 = Vector512.FusedMultiplyAdd((w0 & hi).AsSingle(), Vector512.Load(xPairs + k + 16), o0);
+            e1 = Vector512.FusedMultiplyAdd(Vector512.ShiftLeft(w1, 16).AsSingle(), Vector512.Load(xPairs + k + 32), e1);
+            o1 = Vector512.FusedMultiplyAdd((w1 & hi).AsSingle(), Vector512.Load(xPairs + k + 48), o1);
+        }
+        for (; k + 32 <= K; k += 32)
+        {
+            var w0 = Vector512.Load((uint*)((ushort*)row + k));
+            e0 = Vector512.FusedMultiplyAdd(Vector512.ShiftLeft(w0, 16).AsSingle(), Vector512.Load(xPairs + k), e0);
+            o0 = Vector512.FusedMultiplyAdd((w0 & hi).AsSingle(), Vector512.Load(xPairs + k + 16), o0);
+        }
+        float s = Vector512.Sum((e0 + o0) + (e1 + o1));
+        for (; k < K; k++) s = MathF.FusedMultiplyAdd(x[k], Bf16Load.Load1(row, k), s);
+        return s;
+    }
+
     public override void Execute(int chunk, int worker)
     {
         int mb = chunk % _mBlocks, nb = chunk / _mBlocks;
@@ -82,6 +133,9 @@ public sealed unsafe class MatMul : ParallelJob
         switch (_w.Type)
         {
             case WeightType.F32: Tile<F32Load>(m0, m1, n0, n1); break;
+            case WeightType.BF16 when _m == 1 && SimdPolicy.Current == SimdPolicy.Isa.V512:
+                for (int r = n0; r < n1; r++) _y[r] = DotBf16Pairs(_xPairs, _x, _w.Row(r), _w.Cols);
+                break;
             case WeightType.BF16: Tile<Bf16Load>(m0, m1, n0, n1); break;
             case WeightType.F16: Tile<F16Load>(m0, m1, n0, n1); break;
         }
