@@ -60,6 +60,13 @@ public sealed unsafe class LlamaModel : IDisposable
     public ModelFiles Files { get; }
     public TextTokenizer Tokenizer => Files.Tokenizer ?? throw new InvalidOperationException($"{Files.Directory}: model has no tokenizer.model");
     public int Threads => _pool.Threads;
+    /// <summary>Logits of a sequence independent of what it is batched with (see <see cref="MatMul.BatchInvariant"/>).</summary>
+    public bool BatchInvariant
+    {
+        get => _matmul.BatchInvariant;
+        set => _matmul.BatchInvariant = value;
+    }
+
     /// <summary>When set, every forward pass adds its per-op wall time here.</summary>
     public OpProfiler? Profiler { get; set; }
     /// <summary>Most tokens one <see cref="Forward"/> call takes (longer prompts are fed in chunks).</summary>

@@ -30,24 +30,33 @@ public sealed record SamplingParams
     }
 }
 
-/// <summary>Turns one row of logits into a token id. Holds its buffers and its seeded RNG; allocates nothing per call.</summary>
+/// <summary>Vocabulary-sized buffers for sampling; samplers used one after another can share one.</summary>
+public sealed class SamplerScratch(int vocab)
+{
+    internal readonly float[] Probs = new float[vocab];   // [V]
+    internal readonly float[] Keys = new float[vocab];    // [V] −p, sort keys
+    internal readonly int[] Ids = new int[vocab];         // [V]
+}
+
+/// <summary>Turns one row of logits into a token id. Holds its seeded RNG; allocates nothing per call.</summary>
 public sealed class Sampler
 {
     private readonly SamplingParams _p;
-    private readonly float[] _probs;     // [V]
-    private readonly float[] _keys;      // [V] −p, sort keys
-    private readonly int[] _ids;         // [V]
+    private readonly float[] _probs, _keys;
+    private readonly int[] _ids;
     private readonly Random _rng;
 
     public SamplingParams Params => _p;
 
-    public Sampler(SamplingParams p, int vocab)
+    public Sampler(SamplingParams p, int vocab, SamplerScratch? scratch = null)
     {
         p.Validate();
         _p = p;
-        _probs = new float[vocab];
-        _keys = new float[vocab];
-        _ids = new int[vocab];
+        scratch ??= new SamplerScratch(vocab);
+        if (scratch.Probs.Length < vocab) throw new ArgumentException("scratch smaller than the vocabulary", nameof(scratch));
+        _probs = scratch.Probs;
+        _keys = scratch.Keys;
+        _ids = scratch.Ids;
         _rng = new Random(unchecked((int)(p.Seed ^ (p.Seed >> 32))));
     }
 

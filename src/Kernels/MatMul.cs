@@ -20,11 +20,19 @@ public sealed unsafe class MatMul : ParallelJob
     private int _m, _panel, _nPanels, _mBlocks;
 
     private readonly PackedGemm _packed;
+    private bool _invariant;
     private float* _xPairs;          // GEMV over bf16: x regrouped per 32 as [16 even | 16 odd]
     private int _xPairsLength;
 
     /// <summary>From this many rows on, the packed outer-product GEMM beats the dot-product tiles.</summary>
     public static int PackedMinRows { get; set; } = 32;
+
+    /// <summary>
+    /// Every output element is summed in the same order whatever M is (the dot-product tiles for all sizes, no
+    /// packed GEMM, no multi-accumulator GEMV), so a sequence's logits do not depend on what it is batched with.
+    /// Slower for prefill; for checks and reproducible serving.
+    /// </summary>
+    public bool BatchInvariant { get; set; }
 
     public MatMul(WorkerPool pool)
     {
@@ -50,7 +58,7 @@ public sealed unsafe class MatMul : ParallelJob
         foreach (var p in products)
             if (p.W.Cols != k) throw new ArgumentException($"weights of one group must share K (got {p.W.Cols} and {k})", nameof(products));
         var isa = SimdPolicy.Current;
-        if (m >= PackedMinRows && isa != SimdPolicy.Isa.Scalar) _packed.Run(x, m, k, products, isa);
+        if (m >= PackedMinRows && isa != SimdPolicy.Isa.Scalar && !BatchInvariant) _packed.Run(x, m, k, products, isa);
         else foreach (var p in products) Run(x, m, p.W, p.Y);
     }
 
@@ -59,13 +67,14 @@ public sealed unsafe class MatMul : ParallelJob
     {
         if (m <= 0) return;
         var isa = SimdPolicy.Current;
-        if (m >= PackedMinRows && isa != SimdPolicy.Isa.Scalar)
+        if (m >= PackedMinRows && isa != SimdPolicy.Isa.Scalar && !BatchInvariant)
         {
             _packed.Run(x, m, w.Cols, [new Product(w, y)], isa);
             return;
         }
         _x = x; _y = y; _w = w; _m = m;
-        if (m == 1 && w.Type == WeightType.BF16 && isa == SimdPolicy.Isa.V512) PairX(x, w.Cols);
+        _invariant = BatchInvariant;
+        if (m == 1 && w.Type == WeightType.BF16 && isa == SimdPolicy.Isa.V512 && !_invariant) PairX(x, w.Cols);
         int threads = _pool.Threads;
         long macs = (long)m * w.Rows * w.Cols;
         _mBlocks = (m + RowBlock - 1) / RowBlock;
@@ -133,7 +142,7 @@ public sealed unsafe class MatMul : ParallelJob
         switch (_w.Type)
         {
             case WeightType.F32: Tile<F32Load>(m0, m1, n0, n1); break;
-            case WeightType.BF16 when _m == 1 && SimdPolicy.Current == SimdPolicy.Isa.V512:
+            case WeightType.BF16 when _m == 1 && SimdPolicy.Current == SimdPolicy.Isa.V512 && !_invariant:
                 for (int r = n0; r < n1; r++) _y[r] = DotBf16Pairs(_xPairs, _x, _w.Row(r), _w.Cols);
                 break;
             case WeightType.BF16: Tile<Bf16Load>(m0, m1, n0, n1); break;
@@ -145,18 +154,18 @@ public sealed unsafe class MatMul : ParallelJob
     {
         switch (SimdPolicy.Current)
         {
-            case SimdPolicy.Isa.V512: Tiles<Simd512, Vector512<float>, TL>.Run(_x, _w, _y, m0, m1, n0, n1); break;
-            case SimdPolicy.Isa.V256: Tiles<Simd256, Vector256<float>, TL>.Run(_x, _w, _y, m0, m1, n0, n1); break;
+            case SimdPolicy.Isa.V512: Tiles<Simd512, Vector512<float>, TL>.Run(_x, _w, _y, m0, m1, n0, n1, _invariant); break;
+            case SimdPolicy.Isa.V256: Tiles<Simd256, Vector256<float>, TL>.Run(_x, _w, _y, m0, m1, n0, n1, _invariant); break;
             default: Tiles<Simd256, Vector256<float>, TL>.RunScalar(_x, _w, _y, m0, m1, n0, n1); break;
         }
     }
 
     private static class Tiles<S, TV, TL> where S : ISimd<TV> where TV : struct where TL : IWeightLoad
     {
-        public static void Run(float* x, WeightMatrix w, float* y, int m0, int m1, int n0, int n1)
+        public static void Run(float* x, WeightMatrix w, float* y, int m0, int m1, int n0, int n1, bool invariant)
         {
             int K = w.Cols, N = w.Rows;
-            if (m1 - m0 == 1)
+            if (m1 - m0 == 1 && !invariant)
             {
                 // GEMV: rows one after another, so the chunk is read as one sequential stream.
                 for (int r = n0; r < n1; r++) y[(long)m0 * N + r] = Dot4(x + (long)m0 * K, w.Row(r), K);
