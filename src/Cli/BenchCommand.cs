@@ -21,14 +21,20 @@ public static class BenchCommand
         var threads = CommonOptions.Threads();
         var roofFile = new Option<string?>("--roofline") { Description = "Use saved ceilings from this JSON instead of measuring them now" };
         var output = new Option<string>("--output", "-o") { Description = "Output format", DefaultValueFactory = _ => "text" }.AcceptOnlyFromAmong("text", "json", "csv", "md");
+        var sweep = new Option<string?>("--batch-sweep") { Description = "Decode throughput per batch size, e.g. 1,2,4,8,16,32,64 (skips prefill)" };
         var kernels = new Option<bool>("--kernels") { Description = "Benchmark the GEMM/GEMV kernels alone (no model) against the ceilings" };
         var cmd = new Command("bench", "Benchmark prefill (ppN) and decode (tgN, batch B) against this machine's measured roofs")
         {
-            model, prompts, gens, batches, reps, threads, roofFile, output, kernels,
+            model, prompts, gens, batches, reps, threads, roofFile, output, kernels, sweep,
         };
         cmd.SetAction(r =>
         {
             int[] ps = ParseList(r.GetValue(prompts)!, "p"), ns = ParseList(r.GetValue(gens)!, "n"), bs = ParseList(r.GetValue(batches)!, "b");
+            if (r.GetValue(sweep) is { } sw)
+            {
+                bs = ParseList(sw, "batch-sweep");
+                ps = [];
+            }
             int rp = r.GetValue(reps);
             if (rp < 1) throw new ArgumentException($"reps must be ≥ 1, got {rp}", "reps");
             if (bs.Any(b => b < 1)) throw new ArgumentException("batch sizes must be ≥ 1", "batch");
@@ -124,10 +130,11 @@ public static class BenchCommand
         var llc = roof.Caches.Where(c => c.Name == "L3").Select(c => c.Bytes).DefaultIfEmpty(32L << 20).Max();
         if (i.WeightBytes < Math.Min(llc, 64L << 20))
             sb.AppendLine($"note: the weights ({i.WeightBytes / 1048576.0:F1} MiB) fit in the last-level cache, so decode reads them from cache, not DRAM: %BW can exceed 100 %.");
-        string[] head = ["test", "tok/s", "±sd", "GFLOP/s", "% FMA peak", "GB/s", "% DRAM BW", "roof tok/s", "% of roof"];
+        string[] head = ["test", "tok/s", "±sd", "ms/step", "FLOP/byte", "GFLOP/s", "% FMA peak", "GB/s", "% DRAM BW", "roof tok/s", "% of roof"];
         var rows = rs.Select(r => new[]
         {
-            r.Test, F(r.MeanTokensPerSecond), F(r.SdTokensPerSecond), F(r.Gflops), F(100 * r.Gflops / roof.PeakGflops),
+            r.Test, F(r.MeanTokensPerSecond), F(r.SdTokensPerSecond), F(1000 * r.Batch / r.MeanTokensPerSecond, "F2"), F(r.Flops / r.Bytes, "F2"),
+            F(r.Gflops), F(100 * r.Gflops / roof.PeakGflops),
             F(r.GBps), F(100 * r.GBps / roof.BandwidthGBps), F(r.BoundTokensPerSecond(roof)), F(100 * r.MeanTokensPerSecond / r.BoundTokensPerSecond(roof)),
         }).ToList();
         var widths = head.Select((h, c) => Math.Max(h.Length, rows.Select(x => x[c].Length).DefaultIfEmpty(0).Max())).ToArray();

@@ -28,6 +28,7 @@ public static class CliApp
         root.Subcommands.Add(RooflineCommand.Create(io));
         root.Subcommands.Add(SynthCommand.Create(io));
         root.Subcommands.Add(BenchCommand.Create(io));
+        root.Subcommands.Add(BatchCommand.Create(io));
         var config = new InvocationConfiguration { Output = stdout, Error = stderr, EnableDefaultExceptionHandler = false };
         var parsed = root.Parse(args);
         try
@@ -49,7 +50,7 @@ public static class CliApp
         if (verbose) stderr.WriteLine(e.ToString());
         return e switch
         {
-            ArgumentException or PromptTooLongException => ExitCodes.BadArguments,
+            ArgumentException or PromptTooLongException or RequestRejectedException => ExitCodes.BadArguments,
             ModelFormatException or ModelNotFoundException => ExitCodes.BadModel,
             _ => ExitCodes.Failure,
         };
