@@ -38,11 +38,15 @@ public sealed class CostModel
     /// <summary>Bytes per KV cache element.</summary>
     public double KvBytesPerElement { get; }
 
-    public CostModel(LlamaConfig config, double weightBytesPerElement, double kvBytesPerElement = 4)
+    /// <summary>Bytes per activation element moved to or from memory: 4 here (fp32); 0 to assume they stay on chip.</summary>
+    public double ActivationBytesPerElement { get; }
+
+    public CostModel(LlamaConfig config, double weightBytesPerElement, double kvBytesPerElement = 4, double activationBytesPerElement = 4)
     {
         _c = config;
         WeightBytesPerElement = weightBytesPerElement;
         KvBytesPerElement = kvBytesPerElement;
+        ActivationBytesPerElement = activationBytesPerElement;
     }
 
     /// <summary>For a loaded model: weight width from its stored projection weights.</summary>
@@ -62,7 +66,7 @@ public sealed class CostModel
             kvRows += ctx;                        // KV rows read: each sequence reads its cache once per layer
         }
         double d = c.HiddenSize, f = c.IntermediateSize, h = c.NumAttentionHeads, g = c.NumKeyValueHeads, hd = c.HeadDim, V = c.VocabSize;
-        double w = WeightBytesPerElement, k = KvBytesPerElement, a = 4;
+        double w = WeightBytesPerElement, k = KvBytesPerElement, a = ActivationBytesPerElement;
         double normW = d * w;
         var ops = new List<OpCost>(c.NumHiddenLayers * 17 + 3);
 
