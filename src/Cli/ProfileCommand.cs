@@ -1,0 +1,158 @@
+using System.CommandLine;
+using System.Globalization;
+using System.Text.Json;
+using MiniLlm.Engine;
+using MiniLlm.Kernels;
+using MiniLlm.Loader;
+using Spectre.Console;
+
+namespace MiniLlm.Cli;
+
+/// <summary><c>minillm profile</c>: where the time goes, per op and per layer, against this CPU's roofline.</summary>
+public static class ProfileCommand
+{
+    public static Command Create(CliIO io)
+    {
+        var prompt = new Option<string>("--prompt", "-p") { Description = "Prompt to prefill", DefaultValueFactory = _ => "And God said unto Moses, I AM THAT I AM: and he said, Thus shalt thou say unto the children of Israel" };
+        var tokens = new Option<int>("--tokens", "-n") { Description = "Decode steps to profile", DefaultValueFactory = _ => 64 };
+        var batch = new Option<int>("--batch", "-b") { Description = "Sequences decoded together (each with the prompt)", DefaultValueFactory = _ => 1 };
+        var model = CommonOptions.Model();
+        var threads = CommonOptions.Threads();
+        var roofFile = new Option<string?>("--roofline") { Description = "Use saved ceilings instead of measuring them now" };
+        var output = CommonOptions.Output();
+        var cmd = new Command("profile", "Time every op of prefill and decode and set it against the measured roofline")
+        {
+            prompt, tokens, batch, model, threads, roofFile, output,
+        };
+        cmd.SetAction(r =>
+        {
+            int t = RooflineCommand.ResolveThreads(r.GetValue(threads));
+            int n = r.GetValue(tokens), b = r.GetValue(batch);
+            if (n < 1) throw new ArgumentException($"tokens must be ≥ 1, got {n}", "tokens");
+            if (b < 1) throw new ArgumentException($"batch must be ≥ 1, got {b}", "batch");
+            var dir = ModelLocator.Resolve(r.GetValue(model));
+            using var llm = LlamaModel.Load(dir, t, maxTokens: 512);
+            var ids = llm.Tokenizer.Encode(r.GetValue(prompt)!);
+            if (ids.Length + n > llm.Context) throw new PromptTooLongException($"prompt ({ids.Length} tokens) + {n} decode steps exceed the context of {llm.Context}");
+            if (b * ids.Length > llm.MaxTokens) throw new ArgumentException($"batch × prompt = {b * ids.Length} tokens exceeds one step's {llm.MaxTokens}", "batch");
+            bool json = r.GetValue(output) == "json";
+            var roof = r.GetValue(roofFile) is { } rf ? Roofline.TryLoad(rf) ?? throw new ArgumentException($"{rf}: not a roofline JSON", "roofline")
+                : Measure(t, json ? null : io.Err);
+            var (prefill, decode) = Run(llm, ids, n, b, roof);
+            if (json) io.Out.WriteLine(Json(llm, dir, roof, prefill, decode));
+            else Render(io.Out, llm, dir, roof, prefill, decode);
+            return ExitCodes.Ok;
+        });
+        return cmd;
+    }
+
+    private static Roofline Measure(int threads, TextWriter? progress)
+    {
+        progress?.WriteLine("measuring ceilings (FMA peak, DRAM and cache read bandwidth)…");
+        return Ceilings.Measure(threads, 3);
+    }
+
+    /// <summary>Prefill of b copies of the prompt in one pass, then n decode steps for all b; each phase profiled on its own.</summary>
+    public static (PhaseProfile Prefill, PhaseProfile Decode) Run(LlamaModel llm, int[] ids, int n, int b, Roofline roof)
+    {
+        llm.Warmup();
+        var caches = Enumerable.Range(0, b).Select(_ => llm.NewKvCache(ids.Length + n + 1)).ToArray();
+        try
+        {
+            int V = llm.Config.VocabSize, L = llm.Config.NumHiddenLayers;
+            var logits = new float[b * V];
+            var tokens = Enumerable.Range(0, b).SelectMany(_ => ids).ToArray();
+            var slices = caches.Select(c => new SequenceSlice(0, ids.Length, c)).ToArray();
+            var cost = CostModel.For(llm);
+            long weightBytes = llm.Files.Weights.All().Sum(w => w.ByteLength);
+            double llcBw = roof.CacheBandwidth.Where(p => p.Level == "L3").Select(p => p.GBps).DefaultIfEmpty(roof.BandwidthGBps).First();
+            long llc = Math.Min(32L << 20, roof.Caches.Where(c => c.Name == "L3").Select(c => c.Bytes).DefaultIfEmpty(32L << 20).Max());
+            bool fits = weightBytes < llc;
+
+            var pre = new OpProfiler(L);
+            llm.Profiler = pre;
+            llm.Forward(tokens, slices, logits);
+            llm.Profiler = null;
+            var prefill = ProfileReport.Build("prefill", b * ids.Length, pre, cost.Step(Enumerable.Repeat(new StepSequence(ids.Length, ids.Length), b).ToList(), b), L, roof, llcBw, fits);
+
+            var dec = new OpProfiler(L);
+            var next = new int[b];
+            var costs = new List<OpCost>();
+            for (int s = 0; s < n; s++)
+            {
+                for (int i = 0; i < b; i++)
+                {
+                    next[i] = Ops.ArgMax(logits.AsSpan(i * V, V));
+                    slices[i] = new SequenceSlice(ids.Length + s, 1, caches[i]);
+                }
+                llm.Profiler = dec;
+                llm.Forward(next, slices, logits);
+                llm.Profiler = null;
+                costs.AddRange(cost.Step(Enumerable.Repeat(new StepSequence(1, ids.Length + s + 1), b).ToList(), b));
+            }
+            var decode = ProfileReport.Build("decode", b * n, dec, costs, L, roof, llcBw, fits);
+            return (prefill, decode);
+        }
+        finally { foreach (var c in caches) c.Dispose(); }
+    }
+
+    private static string F(double v, string f = "F1") => v.ToString(f, CultureInfo.InvariantCulture);
+
+    private static void Render(TextWriter w, LlamaModel llm, string dir, Roofline roof, PhaseProfile pre, PhaseProfile dec)
+    {
+        var console = AnsiConsole.Create(new AnsiConsoleSettings { Out = new AnsiConsoleOutput(w), Ansi = AnsiSupport.No, ColorSystem = ColorSystemSupport.NoColors, Interactive = InteractionSupport.No });
+        console.Profile.Width = 160;
+        console.WriteLine($"model {Path.GetFileName(dir.TrimEnd('/'))}: {pre.WeightBytes / 1048576.0:F1} MiB of weights read per step, {llm.Threads} threads, {roof.Cpu}");
+        console.WriteLine($"roofline (measured {(roof.MeasuredUtc > DateTime.UtcNow.AddMinutes(-10) ? "in this run" : roof.MeasuredUtc.ToString("u"))}): FMA peak {F(roof.PeakGflops)} GFLOP/s, DRAM {F(roof.BandwidthGBps)} GB/s, ridge {F(roof.Ridge, "F2")} FLOP/byte");
+        foreach (var p in new[] { pre, dec })
+        {
+            console.WriteLine();
+            console.WriteLine($"{p.Phase}: {p.Tokens} tokens in {F(p.Seconds * 1000, "F2")} ms — bytes counted against {p.BandwidthSource}");
+            console.Write(Table(p.Ops, roof, p.BandwidthUsedGBps, "op"));
+        }
+        console.WriteLine();
+        console.WriteLine("per layer (decode)");
+        console.Write(Table(dec.Layers, roof, dec.BandwidthUsedGBps, "layer"));
+        console.WriteLine();
+        foreach (var p in new[] { pre, dec })
+            console.WriteLine($"{p.Phase,-8} measured {F(p.TokensPerSecond),9} tok/s | predicted ceiling {F(p.PredictedTokensPerSecond(roof)),9} tok/s " +
+                              $"({F(100 * p.TokensPerSecond / p.PredictedTokensPerSecond(roof), "F0")} % of it) | MFU {F(100 * p.Mfu(roof))} % | MBU {F(100 * p.Mbu)} % | {F(p.Flops / p.Bytes, "F2")} FLOP/byte");
+        console.WriteLine($"decode ceiling = bandwidth ÷ bytes per token = {F(dec.BandwidthUsedGBps)} GB/s ÷ {F(dec.Bytes / dec.Tokens / 1e6, "F2")} MB = {F(dec.PredictedTokensPerSecond(roof))} tok/s");
+        console.WriteLine($"prefill : decode per-token speed = {F(pre.TokensPerSecond / dec.TokensPerSecond)} : 1");
+    }
+
+    private static Table Table(IReadOnlyList<ProfileRow> rows, Roofline roof, double bw, string first)
+    {
+        var t = new Table().AddColumn(first);
+        foreach (var h in new[] { "ms", "share", "GFLOP/s", "GB/s", "FLOP/byte", "bound", "% of roof" }) t.AddColumn(new TableColumn(h).RightAligned());
+        foreach (var r in rows)
+        {
+            var (bound, of) = ProfileReport.Verdict(r, roof, bw);
+            t.AddRow(Markup.Escape(r.Name), F(r.Seconds * 1000, "F3"), F(100 * r.Share) + " %", F(r.Gflops), F(r.GBps), F(r.Intensity, "F2"), r.Flops == 0 ? "-" : bound, r.Flops == 0 ? "-" : F(100 * of) + " %");
+        }
+        return t;
+    }
+
+    private static string Json(LlamaModel llm, string dir, Roofline roof, PhaseProfile pre, PhaseProfile dec)
+    {
+        object Phase(PhaseProfile p) => new
+        {
+            tokens = p.Tokens, seconds = p.Seconds, tok_s = p.TokensPerSecond, predicted_tok_s = p.PredictedTokensPerSecond(roof),
+            flops = p.Flops, bytes = p.Bytes, weight_bytes = p.WeightBytes, mfu = p.Mfu(roof), mbu = p.Mbu, bandwidth_gbps = p.BandwidthUsedGBps,
+            bandwidth_source = p.BandwidthSource,
+            ops = p.Ops.Select(r => Row(r, roof, p.BandwidthUsedGBps)), layers = p.Layers.Select(r => Row(r, roof, p.BandwidthUsedGBps)),
+        };
+        return JsonSerializer.Serialize(new
+        {
+            model = dir, threads = llm.Threads,
+            roofline = new { peak_gflops = roof.PeakGflops, bandwidth_gbps = roof.BandwidthGBps, ridge = roof.Ridge },
+            prefill = Phase(pre), decode = Phase(dec), prefill_to_decode = pre.TokensPerSecond / dec.TokensPerSecond,
+        }, new JsonSerializerOptions { WriteIndented = true });
+    }
+
+    private static object Row(ProfileRow r, Roofline roof, double bw)
+    {
+        var (bound, of) = ProfileReport.Verdict(r, roof, bw);
+        return new { name = r.Name, seconds = r.Seconds, share = r.Share, flops = r.Flops, bytes = r.Bytes, gflops = r.Gflops, gbps = r.GBps, flop_per_byte = r.Intensity, bound, fraction_of_roof = of };
+    }
+}

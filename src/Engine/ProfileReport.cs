@@ -1,0 +1,65 @@
+using MiniLlm.Kernels;
+
+namespace MiniLlm.Engine;
+
+/// <summary>One row of a profile: measured time against the work the cost model says was done.</summary>
+public sealed record ProfileRow(string Name, double Seconds, double Share, double Flops, double Bytes)
+{
+    public double Gflops => Seconds > 0 ? Flops / Seconds / 1e9 : 0;
+    public double GBps => Seconds > 0 ? Bytes / Seconds / 1e9 : 0;
+    public double Intensity => Bytes > 0 ? Flops / Bytes : 0;
+}
+
+/// <summary>A phase (prefill or decode) measured per op and per layer, with its roofline verdict.</summary>
+public sealed record PhaseProfile(string Phase, int Tokens, double Seconds, double Flops, double Bytes, double WeightBytes,
+    IReadOnlyList<ProfileRow> Ops, IReadOnlyList<ProfileRow> Layers, double BandwidthUsedGBps, string BandwidthSource)
+{
+    public double TokensPerSecond => Tokens / Seconds;
+    public double Gflops => Flops / Seconds / 1e9;
+    public double GBps => Bytes / Seconds / 1e9;
+    /// <summary>Tokens/s the roofline allows: tokens ÷ max(FLOPs ÷ peak, bytes ÷ bandwidth).</summary>
+    public double PredictedTokensPerSecond(Roofline r) => Tokens / Math.Max(Flops / (r.PeakGflops * 1e9), Bytes / (BandwidthUsedGBps * 1e9));
+    public double Mfu(Roofline r) => Gflops / r.PeakGflops;
+    public double Mbu => GBps / BandwidthUsedGBps;
+}
+
+/// <summary>Builds profiles from an <see cref="OpProfiler"/> and the matching <see cref="CostModel"/> steps.</summary>
+public static class ProfileReport
+{
+    /// <summary>Ops whose time the forward pass records under one entry: attention scores, softmax and ·V run fused.</summary>
+    private static OpKind Timed(OpKind k) => k is OpKind.Softmax or OpKind.AttnValues ? OpKind.AttnScores : k;
+
+    public static PhaseProfile Build(string phase, int tokens, OpProfiler prof, IEnumerable<OpCost> costs, int layers, Roofline roof, double cacheBandwidth, bool fitsInCache)
+    {
+        var all = costs.ToList();
+        double total = prof.TotalSeconds;
+        var ops = new List<ProfileRow>();
+        foreach (var kind in Enum.GetValues<OpKind>())
+        {
+            if (Timed(kind) != kind) continue;
+            var mine = all.Where(c => Timed(c.Op) == kind).ToList();
+            double s = prof.Seconds(kind);
+            if (s == 0 && mine.Count == 0) continue;
+            ops.Add(new ProfileRow(kind == OpKind.AttnScores ? "Attention (QKᵀ, softmax, ·V)" : kind.ToString(), s, s / total, mine.Sum(c => c.Flops), mine.Sum(c => c.Bytes)));
+        }
+        var rows = new List<ProfileRow>();
+        for (int l = -1; l < layers; l++)
+        {
+            double s = Enum.GetValues<OpKind>().Sum(k => prof.Seconds(k, l));
+            var mine = all.Where(c => c.Layer == l).ToList();
+            rows.Add(new ProfileRow(l < 0 ? "embedding + head" : $"layer {l}", s, s / total, mine.Sum(c => c.Flops), mine.Sum(c => c.Bytes)));
+        }
+        var (fl, by, wb) = CostModel.Sum(all);
+        double bw = fitsInCache ? cacheBandwidth : roof.BandwidthGBps;
+        return new PhaseProfile(phase, tokens, total, fl, by, wb, ops, rows, bw,
+            fitsInCache ? $"last-level cache ({bw:F1} GB/s measured): the weights fit in it" : $"DRAM ({bw:F1} GB/s measured)");
+    }
+
+    /// <summary>"compute" or "memory" by the ridge, and the fraction of the roof at this row's intensity.</summary>
+    public static (string Bound, double OfRoof) Verdict(ProfileRow r, Roofline roof, double bandwidth)
+    {
+        double ridge = roof.PeakGflops / bandwidth;
+        double roofAt = Math.Min(roof.PeakGflops, r.Intensity * bandwidth);
+        return (r.Intensity >= ridge ? "compute" : "memory", roofAt > 0 ? r.Gflops / roofAt : 0);
+    }
+}
