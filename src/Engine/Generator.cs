@@ -85,6 +85,8 @@ public sealed class Generator(LlamaModel model)
         var decoder = tok?.NewStreamingDecoder(continuation: true);
         var text = new System.Text.StringBuilder();
         using var cache = Model.NewKvCache(Math.Min(ctx, promptIds.Length + options.MaxTokens));
+        // Compile the sampling path before the clock starts, on a throwaway sampler (the real one's RNG stays untouched).
+        new Sampler(options.Sampling, cfg.VocabSize).Sample(logits);
 
         var clock = Stopwatch.StartNew();
         for (int done = 0; done < promptIds.Length; done += Model.MaxTokens)
