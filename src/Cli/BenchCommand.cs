@@ -22,10 +22,11 @@ public static class BenchCommand
         var roofFile = new Option<string?>("--roofline") { Description = "Use saved ceilings from this JSON instead of measuring them now" };
         var output = new Option<string>("--output", "-o") { Description = "Output format", DefaultValueFactory = _ => "text" }.AcceptOnlyFromAmong("text", "json", "csv", "md");
         var sweep = new Option<string?>("--batch-sweep") { Description = "Decode throughput per batch size, e.g. 1,2,4,8,16,32,64 (skips prefill)" };
+        var plot = new Option<string?>("--plot") { Description = "With --batch-sweep: write batch-sweep.png/.svg into this directory" };
         var kernels = new Option<bool>("--kernels") { Description = "Benchmark the GEMM/GEMV kernels alone (no model) against the ceilings" };
         var cmd = new Command("bench", "Benchmark prefill (ppN) and decode (tgN, batch B) against this machine's measured roofs")
         {
-            model, prompts, gens, batches, reps, threads, roofFile, output, kernels, sweep,
+            model, prompts, gens, batches, reps, threads, roofFile, output, kernels, sweep, plot,
         };
         cmd.SetAction(r =>
         {
@@ -66,6 +67,11 @@ public static class BenchCommand
                 }
             var weights = llm.Files.Weights.All().Sum(x => x.ByteLength);
             var info = new BenchInfo(Path.GetFileName(dir.TrimEnd('/')), DTypes.Name(llm.Files.Weights.Layers[0].Wq.DType), weights, t, roof);
+            if (r.GetValue(plot) is { } plotDir)
+            {
+                Plots.BatchSweep(plotDir, "batch-sweep", results.Where(x => x.Test.StartsWith("tg", StringComparison.Ordinal)).ToList(), roof, $"{info.Model} ({info.DType})");
+                if (fmt == "text") io.Err.WriteLine($"plot written to {Path.GetFullPath(plotDir)}");
+            }
             io.Out.Write(fmt switch
             {
                 "json" => Json(info, results),

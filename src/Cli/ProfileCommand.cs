@@ -20,9 +20,10 @@ public static class ProfileCommand
         var threads = CommonOptions.Threads();
         var roofFile = new Option<string?>("--roofline") { Description = "Use saved ceilings instead of measuring them now" };
         var output = CommonOptions.Output();
+        var plot = new Option<string?>("--plot") { Description = "Write roofline.png/.svg and layers.png/.svg into this directory" };
         var cmd = new Command("profile", "Time every op of prefill and decode and set it against the measured roofline")
         {
-            prompt, tokens, batch, model, threads, roofFile, output,
+            prompt, tokens, batch, model, threads, roofFile, output, plot,
         };
         cmd.SetAction(r =>
         {
@@ -38,9 +39,16 @@ public static class ProfileCommand
             bool json = r.GetValue(output) == "json";
             var roof = r.GetValue(roofFile) is { } rf ? Roofline.TryLoad(rf) ?? throw new ArgumentException($"{rf}: not a roofline JSON", "roofline")
                 : Measure(t, json ? null : io.Err);
-            var (prefill, decode) = Run(llm, ids, n, b, roof);
+            var (prefill, decode, decodeProfiler) = Run(llm, ids, n, b, roof);
             if (json) io.Out.WriteLine(Json(llm, dir, roof, prefill, decode));
             else Render(io.Out, llm, dir, roof, prefill, decode);
+            if (r.GetValue(plot) is { } plotDir)
+            {
+                string name = Path.GetFileName(dir.TrimEnd('/'));
+                Plots.Roofline(plotDir, "roofline", roof, prefill, decode);
+                Plots.LayerBars(plotDir, "layers", decodeProfiler, $"{name}: decode time per layer and op (batch {b})");
+                if (!json) io.Out.WriteLine($"plots written to {Path.GetFullPath(plotDir)}");
+            }
             return ExitCodes.Ok;
         });
         return cmd;
@@ -53,7 +61,7 @@ public static class ProfileCommand
     }
 
     /// <summary>Prefill of b copies of the prompt in one pass, then n decode steps for all b; each phase profiled on its own.</summary>
-    public static (PhaseProfile Prefill, PhaseProfile Decode) Run(LlamaModel llm, int[] ids, int n, int b, Roofline roof)
+    public static (PhaseProfile Prefill, PhaseProfile Decode, OpProfiler DecodeProfiler) Run(LlamaModel llm, int[] ids, int n, int b, Roofline roof)
     {
         llm.Warmup();
         var caches = Enumerable.Range(0, b).Select(_ => llm.NewKvCache(ids.Length + n + 1)).ToArray();
@@ -91,7 +99,7 @@ public static class ProfileCommand
                 costs.AddRange(cost.Step(Enumerable.Repeat(new StepSequence(1, ids.Length + s + 1), b).ToList(), b));
             }
             var decode = ProfileReport.Build("decode", b * n, dec, costs, L, roof, llcBw, fits);
-            return (prefill, decode);
+            return (prefill, decode, dec);
         }
         finally { foreach (var c in caches) c.Dispose(); }
     }
