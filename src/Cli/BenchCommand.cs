@@ -22,11 +22,12 @@ public static class BenchCommand
         var roofFile = new Option<string?>("--roofline") { Description = "Use saved ceilings from this JSON instead of measuring them now" };
         var output = new Option<string>("--output", "-o") { Description = "Output format", DefaultValueFactory = _ => "text" }.AcceptOnlyFromAmong("text", "json", "csv", "md");
         var sweep = new Option<string?>("--batch-sweep") { Description = "Decode throughput per batch size, e.g. 1,2,4,8,16,32,64 (skips prefill)" };
+        var weightsOpt = CommonOptions.Weights();
         var plot = new Option<string?>("--plot") { Description = "With --batch-sweep: write batch-sweep.png/.svg into this directory" };
         var kernels = new Option<bool>("--kernels") { Description = "Benchmark the GEMM/GEMV kernels alone (no model) against the ceilings" };
         var cmd = new Command("bench", "Benchmark prefill (ppN) and decode (tgN, batch B) against this machine's measured roofs")
         {
-            model, prompts, gens, batches, reps, threads, roofFile, output, kernels, sweep, plot,
+            model, prompts, gens, batches, reps, threads, roofFile, output, kernels, sweep, plot, weightsOpt,
         };
         cmd.SetAction(r =>
         {
@@ -49,7 +50,7 @@ public static class BenchCommand
                 return ExitCodes.Ok;
             }
             var dir = ModelLocator.Resolve(r.GetValue(model));
-            using var llm = LlamaModel.Load(dir, t, maxTokens: Math.Max(512, Math.Max(ps.DefaultIfEmpty(0).Max(), bs.Max())));
+            using var llm = LlamaModel.Load(dir, t, maxTokens: Math.Max(512, Math.Max(ps.DefaultIfEmpty(0).Max(), bs.Max())), format: CommonOptions.Format(r.GetValue(weightsOpt)!));
 
             var roof = LoadOrMeasure(r.GetValue(roofFile), t, fmt, io);
 
@@ -65,8 +66,7 @@ public static class BenchCommand
                     if (fmt == "text") io.Err.WriteLine($"running tg{n} batch {b}…");
                     results.Add(Benchmark.Generate(llm, n, b, rp));
                 }
-            var weights = llm.Files.Weights.All().Sum(x => x.ByteLength);
-            var info = new BenchInfo(Path.GetFileName(dir.TrimEnd('/')), DTypes.Name(llm.Files.Weights.Layers[0].Wq.DType), weights, t, roof);
+            var info = new BenchInfo(Path.GetFileName(dir.TrimEnd('/')), llm.WeightLabel, llm.WeightBytes, t, roof);
             if (r.GetValue(plot) is { } plotDir)
             {
                 Plots.BatchSweep(plotDir, "batch-sweep", results.Where(x => x.Test.StartsWith("tg", StringComparison.Ordinal)).ToList(), roof, $"{info.Model} ({info.DType})");

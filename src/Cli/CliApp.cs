@@ -31,6 +31,7 @@ public static class CliApp
         root.Subcommands.Add(BatchCommand.Create(io));
         root.Subcommands.Add(ProjectCommand.Create(io));
         root.Subcommands.Add(ProfileCommand.Create(io));
+        root.Subcommands.Add(PerplexityCommand.Create(io));
         var config = new InvocationConfiguration { Output = stdout, Error = stderr, EnableDefaultExceptionHandler = false };
         var parsed = root.Parse(args);
         try

@@ -20,11 +20,12 @@ public static class GenerateCommand
         var seed = new Option<ulong?>("--seed", "-s") { Description = "Random seed (default: a fresh one, reported in the JSON output)" };
         var threads = CommonOptions.Threads();
         var output = CommonOptions.Output();
+        var weights = CommonOptions.Weights();
         var noWarmup = new Option<bool>("--no-warmup") { Description = "Skip the untimed warm-up pass (then TTFT includes JIT compilation)" };
 
         var cmd = new Command("generate", "Generate text from a prompt, streaming it, then print the speed")
         {
-            prompt, model, maxTokens, temperature, topK, topP, minP, seed, threads, output, noWarmup,
+            prompt, model, maxTokens, temperature, topK, topP, minP, seed, threads, output, weights, noWarmup,
         };
         cmd.SetAction(r =>
         {
@@ -47,7 +48,7 @@ public static class GenerateCommand
             string text = r.GetValue(prompt)!;
 
             var dir = ModelLocator.Resolve(r.GetValue(model));
-            using var llm = LlamaModel.Load(dir, t);
+            using var llm = LlamaModel.Load(dir, t, format: CommonOptions.Format(r.GetValue(weights)!));
             if (!r.GetValue(noWarmup)) llm.Warmup();
             var gen = new Generator(llm);
             if (!json) { io.Out.Write(text); io.Out.Flush(); }

@@ -16,6 +16,14 @@ public static class CommonOptions
         DefaultValueFactory = _ => 0,
     };
 
+    public static Option<string> Weights() => new Option<string>("--weights")
+    {
+        Description = "Hold the weights as stored, or quantize them to Q8_0 at load (blocks of 32 int8 with an fp16 scale)",
+        DefaultValueFactory = _ => "stored",
+    }.AcceptOnlyFromAmong("stored", "q8");
+
+    public static MiniLlm.Engine.WeightFormat Format(string s) => s == "q8" ? MiniLlm.Engine.WeightFormat.Q8 : MiniLlm.Engine.WeightFormat.Stored;
+
     public static Option<string> Output() => new Option<string>("--output", "-o")
     {
         Description = "Output format",

@@ -21,9 +21,10 @@ public static class ProfileCommand
         var roofFile = new Option<string?>("--roofline") { Description = "Use saved ceilings instead of measuring them now" };
         var output = CommonOptions.Output();
         var plot = new Option<string?>("--plot") { Description = "Write roofline.png/.svg and layers.png/.svg into this directory" };
+        var weights = CommonOptions.Weights();
         var cmd = new Command("profile", "Time every op of prefill and decode and set it against the measured roofline")
         {
-            prompt, tokens, batch, model, threads, roofFile, output, plot,
+            prompt, tokens, batch, model, threads, roofFile, output, plot, weights,
         };
         cmd.SetAction(r =>
         {
@@ -32,7 +33,7 @@ public static class ProfileCommand
             if (n < 1) throw new ArgumentException($"tokens must be ≥ 1, got {n}", "tokens");
             if (b < 1) throw new ArgumentException($"batch must be ≥ 1, got {b}", "batch");
             var dir = ModelLocator.Resolve(r.GetValue(model));
-            using var llm = LlamaModel.Load(dir, t, maxTokens: 512);
+            using var llm = LlamaModel.Load(dir, t, maxTokens: 512, format: CommonOptions.Format(r.GetValue(weights)!));
             var ids = llm.Tokenizer.Encode(r.GetValue(prompt)!);
             if (ids.Length + n > llm.Context) throw new PromptTooLongException($"prompt ({ids.Length} tokens) + {n} decode steps exceed the context of {llm.Context}");
             if (b * ids.Length > llm.MaxTokens) throw new ArgumentException($"batch × prompt = {b * ids.Length} tokens exceeds one step's {llm.MaxTokens}", "batch");
@@ -72,7 +73,7 @@ public static class ProfileCommand
             var tokens = Enumerable.Range(0, b).SelectMany(_ => ids).ToArray();
             var slices = caches.Select(c => new SequenceSlice(0, ids.Length, c)).ToArray();
             var cost = CostModel.For(llm);
-            long weightBytes = llm.Files.Weights.All().Sum(w => w.ByteLength);
+            long weightBytes = llm.WeightBytes;
             double llcBw = roof.CacheBandwidth.Where(p => p.Level == "L3").Select(p => p.GBps).DefaultIfEmpty(roof.BandwidthGBps).First();
             long llc = Math.Min(32L << 20, roof.Caches.Where(c => c.Name == "L3").Select(c => c.Bytes).DefaultIfEmpty(32L << 20).Max());
             bool fits = weightBytes < llc;
@@ -110,7 +111,7 @@ public static class ProfileCommand
     {
         var console = AnsiConsole.Create(new AnsiConsoleSettings { Out = new AnsiConsoleOutput(w), Ansi = AnsiSupport.No, ColorSystem = ColorSystemSupport.NoColors, Interactive = InteractionSupport.No });
         console.Profile.Width = 160;
-        console.WriteLine($"model {Path.GetFileName(dir.TrimEnd('/'))}: {pre.WeightBytes / 1048576.0:F1} MiB of weights read per step, {llm.Threads} threads, {roof.Cpu}");
+        console.WriteLine($"model {Path.GetFileName(dir.TrimEnd('/'))} ({llm.WeightLabel}): {pre.WeightBytes / 1048576.0:F1} MiB of weights read per step, {llm.Threads} threads, {roof.Cpu}");
         console.WriteLine($"roofline (measured {(roof.MeasuredUtc > DateTime.UtcNow.AddMinutes(-10) ? "in this run" : roof.MeasuredUtc.ToString("u"))}): FMA peak {F(roof.PeakGflops)} GFLOP/s, DRAM {F(roof.BandwidthGBps)} GB/s, ridge {F(roof.Ridge, "F2")} FLOP/byte");
         foreach (var p in new[] { pre, dec })
         {

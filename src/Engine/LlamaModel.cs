@@ -7,6 +7,9 @@ namespace MiniLlm.Engine;
 /// <summary>One sequence's share of a batched forward pass: <see cref="Count"/> new tokens from position <see cref="Start"/>.</summary>
 public readonly record struct SequenceSlice(int Start, int Count, IKvCache Cache);
 
+/// <summary>How the weights are held in memory: as stored in the checkpoint, or quantized to Q8_0 at load.</summary>
+public enum WeightFormat { Stored, Q8 }
+
 /// <summary>Which positions of a forward pass produce logits.</summary>
 public enum LogitsFor { LastToken, AllTokens }
 
@@ -74,8 +77,23 @@ public sealed unsafe class LlamaModel : IDisposable
     /// <summary>Longest sequence: the model's max_position_embeddings.</summary>
     public int Context => Config.MaxPositionEmbeddings;
 
-    public LlamaModel(ModelFiles files, int threads = 0, int maxTokens = 512, bool ownsFiles = false)
+    private readonly List<nint> _quantized = new();
+
+    /// <summary>How the matrices are held (Q8 halves bf16's bytes and quarters fp32's).</summary>
+    public WeightFormat Format { get; }
+
+    /// <summary>Bytes of every weight the forward pass reads, as held in memory (quantized bytes for Q8).</summary>
+    public long WeightBytes { get; }
+
+    /// <summary>What the matrices are held as: the stored dtype, or Q8_0.</summary>
+    public string WeightLabel => Format == WeightFormat.Q8 ? "Q8_0" : DTypes.Name(Files.Weights.Layers[0].Wq.DType);
+
+    /// <summary>Bytes per weight of the projection matrices (4, 2 or 34/32 for Q8).</summary>
+    public double WeightBytesPerElement => Format == WeightFormat.Q8 ? Q8Load.BlockBytes / (double)Q8Load.Block : DTypes.SizeOf(Files.Weights.Layers[0].Wq.DType);
+
+    public LlamaModel(ModelFiles files, int threads = 0, int maxTokens = 512, bool ownsFiles = false, WeightFormat format = WeightFormat.Stored)
     {
+        Format = format;
         Files = files;
         Config = files.Config;
         if (ownsFiles) _owned = files;
@@ -90,13 +108,16 @@ public sealed unsafe class LlamaModel : IDisposable
 
         var w = files.Weights;
         _embed = Matrix(w.Embed);
-        _lmHead = Matrix(w.LmHead);
+        _lmHead = w.LmHead.Pointer == w.Embed.Pointer ? _embed : Matrix(w.LmHead);
         _finalNorm = Vector(w.FinalNorm);
         _layers = w.Layers.Select(l => new LayerMatrices
         {
             AttnNorm = Vector(l.AttnNorm), Wq = Matrix(l.Wq), Wk = Matrix(l.Wk), Wv = Matrix(l.Wv), Wo = Matrix(l.Wo),
             FfnNorm = Vector(l.FfnNorm), Wgate = Matrix(l.Wgate), Wup = Matrix(l.Wup), Wdown = Matrix(l.Wdown),
         }).ToArray();
+
+        WeightBytes = _embed.ByteLength + (_lmHead.Pointer == _embed.Pointer ? 0 : _lmHead.ByteLength) + 4L * c.HiddenSize * (2 * c.NumHiddenLayers + 1)
+            + _layers.Sum(l => l.Wq.ByteLength + l.Wk.ByteLength + l.Wv.ByteLength + l.Wo.ByteLength + l.Wgate.ByteLength + l.Wup.ByteLength + l.Wdown.ByteLength);
 
         long S = MaxTokens;
         _x = new NativeBuffer(S * c.HiddenSize);
@@ -112,8 +133,8 @@ public sealed unsafe class LlamaModel : IDisposable
     }
 
     /// <summary>Opens the model directory and builds the model (which then owns the files).</summary>
-    public static LlamaModel Load(string dir, int threads = 0, int maxTokens = 512) =>
-        new(ModelFiles.Open(dir, requireTokenizer: false), threads, maxTokens, ownsFiles: true);
+    public static LlamaModel Load(string dir, int threads = 0, int maxTokens = 512, WeightFormat format = WeightFormat.Stored) =>
+        new(ModelFiles.Open(dir, requireTokenizer: false), threads, maxTokens, ownsFiles: true, format);
 
     /// <summary>A KV cache for one sequence of up to <paramref name="capacity"/> positions (default: the full context).</summary>
     public ContiguousKvCache NewKvCache(int capacity = 0) =>
@@ -280,8 +301,26 @@ public sealed unsafe class LlamaModel : IDisposable
         if (logits.Length < need) throw new ArgumentException($"logits buffer holds {logits.Length} floats, needs {need}", nameof(logits));
     }
 
-    private static WeightMatrix Matrix(TensorView t) =>
-        new(t.Pointer, Kind(t.DType), checked((int)t.Shape[0]), checked((int)t.Shape[1]));
+    private WeightMatrix Matrix(TensorView t)
+    {
+        var m = new WeightMatrix(t.Pointer, Kind(t.DType), checked((int)t.Shape[0]), checked((int)t.Shape[1]));
+        return Format == WeightFormat.Q8 && m.Cols % Q8Load.Block == 0 ? Quantize(m) : m;
+    }
+
+    /// <summary>Q8_0 copy of a matrix in native memory the model owns: rows quantized in parallel.</summary>
+    private WeightMatrix Quantize(WeightMatrix src)
+    {
+        long rowBytes = (long)src.Cols / Q8Load.Block * Q8Load.BlockBytes;
+        nint dst = (nint)System.Runtime.InteropServices.NativeMemory.AlignedAlloc((nuint)(rowBytes * src.Rows), 64);
+        _quantized.Add(dst);
+        Parallel.For(0, src.Rows, () => new float[src.Cols], (r, _, row) =>
+        {
+            src.WidenRow(r, row);
+            Q8Load.QuantizeRow(row, (byte*)(dst + (nint)(r * rowBytes)));
+            return row;
+        }, _ => { });
+        return new WeightMatrix(dst, WeightType.Q8, src.Rows, src.Cols);
+    }
 
     private static WeightType Kind(DType d) => d switch
     {
@@ -302,6 +341,8 @@ public sealed unsafe class LlamaModel : IDisposable
     {
         _pool.Dispose();
         foreach (var b in new[] { _x, _xb, _xb2, _q, _k, _v, _att, _hb, _hb2, _scratch }) b.Dispose();
+        foreach (var q in _quantized) System.Runtime.InteropServices.NativeMemory.AlignedFree((void*)q);
+        _quantized.Clear();
         _owned?.Dispose();
     }
 }

@@ -50,8 +50,7 @@ public sealed class CostModel
     }
 
     /// <summary>For a loaded model: weight width from its stored projection weights.</summary>
-    public static CostModel For(LlamaModel model) =>
-        new(model.Config, DTypes.SizeOf(model.Files.Weights.Layers[0].Wq.DType), 4);
+    public static CostModel For(LlamaModel model) => new(model.Config, model.WeightBytesPerElement, 4);
 
     /// <summary>Every op of one step over <paramref name="sequences"/>; <paramref name="logitRows"/> rows go through the LM head.</summary>
     public List<OpCost> Step(IReadOnlyList<StepSequence> sequences, int logitRows)

@@ -1,5 +1,6 @@
 using System.Runtime.CompilerServices;
 using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
 
 namespace MiniLlm.Kernels;
 
@@ -67,6 +68,7 @@ public sealed unsafe class MatMul : ParallelJob
     {
         if (m <= 0) return;
         var isa = SimdPolicy.Current;
+        if (w.Type == WeightType.Q8 && w.Cols % Q8Load.Block != 0) throw new ArgumentException($"Q8 weights need K a multiple of {Q8Load.Block}, got {w.Cols}", nameof(w));
         if (m >= PackedMinRows && isa != SimdPolicy.Isa.Scalar && !BatchInvariant)
         {
             _packed.Run(x, m, w.Cols, [new Product(w, y)], isa);
@@ -108,6 +110,34 @@ public sealed unsafe class MatMul : ParallelJob
             }
     }
 
+    /// <summary>
+    /// row · x for a Q8_0 row: per block, 32 int8 widened to fp32 in registers against x, the block's partial sum
+    /// scaled once. Two blocks in flight for independent chains.
+    /// </summary>
+    private static float DotQ8(float* x, nint row, int K)
+    {
+        byte* b = (byte*)row;
+        Vector512<float> a0 = default, a1 = default;
+        int k = 0;
+        for (; k + 64 <= K; k += 64, b += 2 * Q8Load.BlockBytes)
+        {
+            var p0 = Vector512.ConvertToSingle(Avx512F.ConvertToVector512Int32(Vector128.Load((sbyte*)(b + 2)))) * Vector512.Load(x + k);
+            p0 = Vector512.FusedMultiplyAdd(Vector512.ConvertToSingle(Avx512F.ConvertToVector512Int32(Vector128.Load((sbyte*)(b + 18)))), Vector512.Load(x + k + 16), p0);
+            a0 = Vector512.FusedMultiplyAdd(p0, Vector512.Create((float)*(Half*)b), a0);
+            byte* c = b + Q8Load.BlockBytes;
+            var p1 = Vector512.ConvertToSingle(Avx512F.ConvertToVector512Int32(Vector128.Load((sbyte*)(c + 2)))) * Vector512.Load(x + k + 32);
+            p1 = Vector512.FusedMultiplyAdd(Vector512.ConvertToSingle(Avx512F.ConvertToVector512Int32(Vector128.Load((sbyte*)(c + 18)))), Vector512.Load(x + k + 48), p1);
+            a1 = Vector512.FusedMultiplyAdd(p1, Vector512.Create((float)*(Half*)c), a1);
+        }
+        for (; k < K; k += 32, b += Q8Load.BlockBytes)
+        {
+            var p0 = Vector512.ConvertToSingle(Avx512F.ConvertToVector512Int32(Vector128.Load((sbyte*)(b + 2)))) * Vector512.Load(x + k);
+            p0 = Vector512.FusedMultiplyAdd(Vector512.ConvertToSingle(Avx512F.ConvertToVector512Int32(Vector128.Load((sbyte*)(b + 18)))), Vector512.Load(x + k + 16), p0);
+            a0 = Vector512.FusedMultiplyAdd(p0, Vector512.Create((float)*(Half*)b), a0);
+        }
+        return Vector512.Sum(a0 + a1);
+    }
+
     /// <summary>row · x for a bf16 row, using the paired x from <see cref="PairX"/>.</summary>
     private static float DotBf16Pairs(float* xPairs, float* x, nint row, int K)
     {
@@ -147,6 +177,10 @@ public sealed unsafe class MatMul : ParallelJob
                 break;
             case WeightType.BF16: Tile<Bf16Load>(m0, m1, n0, n1); break;
             case WeightType.F16: Tile<F16Load>(m0, m1, n0, n1); break;
+            case WeightType.Q8 when _m == 1 && SimdPolicy.Current == SimdPolicy.Isa.V512 && Avx512F.IsSupported && !_invariant:
+                for (int r = n0; r < n1; r++) _y[r] = DotQ8(_x, _w.Row(r), _w.Cols);
+                break;
+            case WeightType.Q8: Tile<Q8Load>(m0, m1, n0, n1); break;
         }
     }
 

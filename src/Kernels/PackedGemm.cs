@@ -24,6 +24,7 @@ internal sealed unsafe class PackedGemm : ParallelJob
     private float* _xPack;                  // [ceil(M/NR)][K][NR]
     private long _xPackFloats;
     private readonly float*[] _tiles;       // per worker: [MicroPerChunk][panels][MR][NR] running sums
+    private readonly float*[] _dequant;     // per worker: [MR][KC] fp32 copy of a Q8 weight slice
     private long _tileFloats;
     private float* _x;
     private int _m, _k, _panels, _nr, _phase;
@@ -35,6 +36,8 @@ internal sealed unsafe class PackedGemm : ParallelJob
     {
         _pool = pool;
         _tiles = new float*[pool.Threads];
+        _dequant = new float*[pool.Threads];
+        for (int i = 0; i < pool.Threads; i++) _dequant[i] = (float*)NativeMemory.AlignedAlloc(MR * KC * sizeof(float), 64);
     }
 
     /// <summary>Every product shares X [m × K]; each writes its own Y.</summary>
@@ -93,6 +96,7 @@ internal sealed unsafe class PackedGemm : ParallelJob
             case WeightType.F32: Rows<F32Load>(prod, local, worker); break;
             case WeightType.BF16: Rows<Bf16Load>(prod, local, worker); break;
             case WeightType.F16: Rows<F16Load>(prod, local, worker); break;
+            case WeightType.Q8: Rows<F32Load>(prod, local, worker); break;   // slices dequantized to fp32 scratch first
         }
     }
 
@@ -130,8 +134,24 @@ internal sealed unsafe class PackedGemm : ParallelJob
             for (int n = r0, mp = 0; n < r1; n += MR, mp++)
             {
                 int valid = Math.Min(MR, r1 - n);
-                nint w0 = Row(w, n, 0, valid, k0), w1 = Row(w, n, 1, valid, k0), w2 = Row(w, n, 2, valid, k0), w3 = Row(w, n, 3, valid, k0);
-                nint w4 = Row(w, n, 4, valid, k0), w5 = Row(w, n, 5, valid, k0), w6 = Row(w, n, 6, valid, k0), w7 = Row(w, n, 7, valid, k0);
+                nint w0, w1, w2, w3, w4, w5, w6, w7;
+                if (w.Type == WeightType.Q8)
+                {
+                    // Q8 blocks have no per-element stride: widen this 8 × kc slice once (KC is a multiple of the block).
+                    float* dq = _dequant[worker];
+                    for (int i = 0; i < MR; i++)
+                    {
+                        nint row = w.Row(n + Math.Min(i, valid - 1));
+                        for (int k = 0; k < kc; k++) dq[i * KC + k] = Q8Load.Load1(row, k0 + k);
+                    }
+                    w0 = (nint)dq; w1 = (nint)(dq + KC); w2 = (nint)(dq + 2 * KC); w3 = (nint)(dq + 3 * KC);
+                    w4 = (nint)(dq + 4 * KC); w5 = (nint)(dq + 5 * KC); w6 = (nint)(dq + 6 * KC); w7 = (nint)(dq + 7 * KC);
+                }
+                else
+                {
+                    w0 = Row(w, n, 0, valid, k0); w1 = Row(w, n, 1, valid, k0); w2 = Row(w, n, 2, valid, k0); w3 = Row(w, n, 3, valid, k0);
+                    w4 = Row(w, n, 4, valid, k0); w5 = Row(w, n, 5, valid, k0); w6 = Row(w, n, 6, valid, k0); w7 = Row(w, n, 7, valid, k0);
+                }
                 float* tile = tiles + (long)mp * _panels * tileFloats;
                 for (int p = 0; p < _panels; p++, tile += tileFloats)
                     Micro<S, TV, TL>(w0, w1, w2, w3, w4, w5, w6, w7, _xPack + ((long)p * K + k0) * nr, kc, tile, k0 > 0);

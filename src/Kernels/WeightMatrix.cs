@@ -1,7 +1,14 @@
 namespace MiniLlm.Kernels;
 
 /// <summary>Element type of a weight matrix as stored (activations are always fp32).</summary>
-public enum WeightType { F32, F16, BF16 }
+public enum WeightType
+{
+    F32,
+    F16,
+    BF16,
+    /// <summary>Q8_0: blocks of 32 weights, each an fp16 scale followed by 32 int8 (34 bytes, 1.0625 bytes per weight).</summary>
+    Q8,
+}
 
 /// <summary>
 /// A row-major weight matrix W [Rows × Cols] in its stored type, as HF stores a linear layer (out × in).
@@ -14,9 +21,11 @@ public readonly unsafe struct WeightMatrix(nint pointer, WeightType type, int ro
     public int Rows { get; } = rows;
     public int Cols { get; } = cols;
 
-    public int ElementSize => Type == WeightType.F32 ? 4 : 2;
-    public long ByteLength => (long)Rows * Cols * ElementSize;
-    public nint Row(int r) => Pointer + (nint)((long)r * Cols * ElementSize);
+    /// <summary>Bytes per element for the plain types (Q8 has no per-element size: see <see cref="RowBytes"/>).</summary>
+    public int ElementSize => Type switch { WeightType.F32 => 4, WeightType.Q8 => throw new InvalidOperationException("Q8 rows are blocks; use RowBytes"), _ => 2 };
+    public long RowBytes => Type == WeightType.Q8 ? (long)Cols / Q8Load.Block * Q8Load.BlockBytes : (long)Cols * ElementSize;
+    public long ByteLength => Rows * RowBytes;
+    public nint Row(int r) => Pointer + (nint)(r * RowBytes);
 
     /// <summary>Row <paramref name="r"/> widened to fp32 into <paramref name="dst"/> (embedding gather).</summary>
     public void WidenRow(int r, Span<float> dst)

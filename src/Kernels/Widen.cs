@@ -108,6 +108,71 @@ public unsafe struct F16Load : IWeightLoad
     public static Vector256<float> Broadcast256(nint row, int k) => Vector256.Create(Load1(row, k));
 }
 
+/// <summary>
+/// Q8_0 rows: for each block of 32 weights an fp16 scale d then 32 int8 q; weight = d · q. Vector loads start at
+/// a multiple of their width, so they never straddle a block when K is a multiple of 32.
+/// </summary>
+public unsafe struct Q8Load : IWeightLoad
+{
+    public const int Block = 32;
+    public const int BlockBytes = 2 + Block;
+
+    public static int ElementSize => 1;
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static byte* BlockAt(nint row, int k) => (byte*)row + k / Block * BlockBytes;
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static float Scale(nint row, int k) => (float)*(Half*)BlockAt(row, k);
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector512<float> Load512(nint row, int k)
+    {
+        byte* b = BlockAt(row, k);
+        var q = Vector128.Load((sbyte*)(b + 2 + k % Block));
+        Vector512<int> wide = Avx512F.IsSupported ? Avx512F.ConvertToVector512Int32(q)
+            : Vector512.Create(Vector256.WidenLower(Vector256.WidenLower(q.ToVector256())), Vector256.WidenUpper(Vector256.WidenLower(q.ToVector256())));
+        return Vector512.ConvertToSingle(wide) * (float)*(Half*)b;
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector256<float> Load256(nint row, int k)
+    {
+        byte* b = BlockAt(row, k);
+        var q = Vector128.CreateScalar(*(long*)(b + 2 + k % Block)).AsSByte();
+        Vector256<int> wide = Avx2.IsSupported ? Avx2.ConvertToVector256Int32(q) : Vector256.Create(Vector128.WidenLower(Vector128.WidenLower(q)), Vector128.WidenUpper(Vector128.WidenLower(q)));
+        return Vector256.ConvertToSingle(wide) * (float)*(Half*)b;
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static float Load1(nint row, int k)
+    {
+        byte* b = BlockAt(row, k);
+        return (float)*(Half*)b * ((sbyte*)(b + 2))[k % Block];
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector512<float> Broadcast512(nint row, int k) => Vector512.Create(Load1(row, k));
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector256<float> Broadcast256(nint row, int k) => Vector256.Create(Load1(row, k));
+
+    /// <summary>Quantizes one row of K fp32 weights (K a multiple of 32) into <paramref name="dst"/> (K/32·34 bytes).</summary>
+    public static void QuantizeRow(ReadOnlySpan<float> w, byte* dst)
+    {
+        if (w.Length % Block != 0) throw new ArgumentException($"Q8 needs rows that are a multiple of {Block} long, got {w.Length}");
+        for (int b = 0; b < w.Length / Block; b++, dst += BlockBytes)
+        {
+            var blk = w.Slice(b * Block, Block);
+            float amax = 0;
+            foreach (var v in blk) amax = Math.Max(amax, Math.Abs(v));
+            var d = (Half)(amax / 127f);
+            *(Half*)dst = d;
+            float inv = (float)d == 0 ? 0 : 1f / (float)d;
+            for (int i = 0; i < Block; i++) ((sbyte*)(dst + 2))[i] = (sbyte)Math.Clamp((int)MathF.Round(blk[i] * inv), -127, 127);
+        }
+    }
+}
+
 public static unsafe class Widen
 {
     /// <summary>n weights of <paramref name="type"/> at <paramref name="src"/> → fp32.</summary>
@@ -118,6 +183,7 @@ public static unsafe class Widen
             case WeightType.F32: new ReadOnlySpan<float>((void*)src, n).CopyTo(new Span<float>(dst, n)); break;
             case WeightType.BF16: Run<Bf16Load>(src, dst, n); break;
             case WeightType.F16: Run<F16Load>(src, dst, n); break;
+            case WeightType.Q8: for (int k = 0; k < n; k++) dst[k] = Q8Load.Load1(src, k); break;
             default: throw new ArgumentOutOfRangeException(nameof(type));
         }
     }
