@@ -18,7 +18,7 @@ public static class CommonOptions
 
     public static Option<string> Weights() => new Option<string>("--weights")
     {
-        Description = "Hold the weights as stored, or quantize them to Q8_0 at load (blocks of 32 int8 with an fp16 scale)",
+        Description = "Hold the weights as stored, or quantize them to Q8_0 at load (blocks of 32 int8 with one fp32 scale)",
         DefaultValueFactory = _ => "stored",
     }.AcceptOnlyFromAmong("stored", "q8");
 

@@ -88,7 +88,7 @@ public sealed unsafe class LlamaModel : IDisposable
     /// <summary>What the matrices are held as: the stored dtype, or Q8_0.</summary>
     public string WeightLabel => Format == WeightFormat.Q8 ? "Q8_0" : DTypes.Name(Files.Weights.Layers[0].Wq.DType);
 
-    /// <summary>Bytes per weight of the projection matrices (4, 2 or 34/32 for Q8).</summary>
+    /// <summary>Bytes per weight of the projection matrices (4, 2 or 36/32 for Q8).</summary>
     public double WeightBytesPerElement => Format == WeightFormat.Q8 ? Q8Load.BlockBytes / (double)Q8Load.Block : DTypes.SizeOf(Files.Weights.Layers[0].Wq.DType);
 
     public LlamaModel(ModelFiles files, int threads = 0, int maxTokens = 512, bool ownsFiles = false, WeightFormat format = WeightFormat.Stored)

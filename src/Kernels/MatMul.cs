@@ -121,19 +121,19 @@ public sealed unsafe class MatMul : ParallelJob
         int k = 0;
         for (; k + 64 <= K; k += 64, b += 2 * Q8Load.BlockBytes)
         {
-            var p0 = Vector512.ConvertToSingle(Avx512F.ConvertToVector512Int32(Vector128.Load((sbyte*)(b + 2)))) * Vector512.Load(x + k);
-            p0 = Vector512.FusedMultiplyAdd(Vector512.ConvertToSingle(Avx512F.ConvertToVector512Int32(Vector128.Load((sbyte*)(b + 18)))), Vector512.Load(x + k + 16), p0);
-            a0 = Vector512.FusedMultiplyAdd(p0, Vector512.Create((float)*(Half*)b), a0);
+            var p0 = Vector512.ConvertToSingle(Avx512F.ConvertToVector512Int32(Vector128.Load((sbyte*)(b + 4)))) * Vector512.Load(x + k);
+            p0 = Vector512.FusedMultiplyAdd(Vector512.ConvertToSingle(Avx512F.ConvertToVector512Int32(Vector128.Load((sbyte*)(b + 20)))), Vector512.Load(x + k + 16), p0);
+            a0 = Vector512.FusedMultiplyAdd(p0, Vector512.Create(*(float*)b), a0);
             byte* c = b + Q8Load.BlockBytes;
-            var p1 = Vector512.ConvertToSingle(Avx512F.ConvertToVector512Int32(Vector128.Load((sbyte*)(c + 2)))) * Vector512.Load(x + k + 32);
-            p1 = Vector512.FusedMultiplyAdd(Vector512.ConvertToSingle(Avx512F.ConvertToVector512Int32(Vector128.Load((sbyte*)(c + 18)))), Vector512.Load(x + k + 48), p1);
-            a1 = Vector512.FusedMultiplyAdd(p1, Vector512.Create((float)*(Half*)c), a1);
+            var p1 = Vector512.ConvertToSingle(Avx512F.ConvertToVector512Int32(Vector128.Load((sbyte*)(c + 4)))) * Vector512.Load(x + k + 32);
+            p1 = Vector512.FusedMultiplyAdd(Vector512.ConvertToSingle(Avx512F.ConvertToVector512Int32(Vector128.Load((sbyte*)(c + 20)))), Vector512.Load(x + k + 48), p1);
+            a1 = Vector512.FusedMultiplyAdd(p1, Vector512.Create(*(float*)c), a1);
         }
         for (; k < K; k += 32, b += Q8Load.BlockBytes)
         {
-            var p0 = Vector512.ConvertToSingle(Avx512F.ConvertToVector512Int32(Vector128.Load((sbyte*)(b + 2)))) * Vector512.Load(x + k);
-            p0 = Vector512.FusedMultiplyAdd(Vector512.ConvertToSingle(Avx512F.ConvertToVector512Int32(Vector128.Load((sbyte*)(b + 18)))), Vector512.Load(x + k + 16), p0);
-            a0 = Vector512.FusedMultiplyAdd(p0, Vector512.Create((float)*(Half*)b), a0);
+            var p0 = Vector512.ConvertToSingle(Avx512F.ConvertToVector512Int32(Vector128.Load((sbyte*)(b + 4)))) * Vector512.Load(x + k);
+            p0 = Vector512.FusedMultiplyAdd(Vector512.ConvertToSingle(Avx512F.ConvertToVector512Int32(Vector128.Load((sbyte*)(b + 20)))), Vector512.Load(x + k + 16), p0);
+            a0 = Vector512.FusedMultiplyAdd(p0, Vector512.Create(*(float*)b), a0);
         }
         return Vector512.Sum(a0 + a1);
     }

@@ -6,7 +6,7 @@ public enum WeightType
     F32,
     F16,
     BF16,
-    /// <summary>Q8_0: blocks of 32 weights, each an fp16 scale followed by 32 int8 (34 bytes, 1.0625 bytes per weight).</summary>
+    /// <summary>Q8_0-style: blocks of 32 weights, each an fp32 scale followed by 32 int8 (36 bytes, 1.125 bytes per weight).</summary>
     Q8,
 }
 

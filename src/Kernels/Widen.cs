@@ -109,13 +109,16 @@ public unsafe struct F16Load : IWeightLoad
 }
 
 /// <summary>
-/// Q8_0 rows: for each block of 32 weights an fp16 scale d then 32 int8 q; weight = d · q. Vector loads start at
-/// a multiple of their width, so they never straddle a block when K is a multiple of 32.
+/// Q8_0 rows: for each block of 32 weights an fp32 scale d then 32 int8 q; weight = d · q. (llama.cpp stores d as
+/// fp16; .NET has no hardware fp16→fp32 conversion, so a software one per block would make the kernels
+/// compute-bound — fp32 scales cost 4 % more bytes and nothing in time.) Vector loads start at a multiple of their
+/// width, so they never straddle a block when K is a multiple of 32.
 /// </summary>
 public unsafe struct Q8Load : IWeightLoad
 {
     public const int Block = 32;
-    public const int BlockBytes = 2 + Block;
+    public const int BlockBytes = 4 + Block;
+    private const int Q = 4;   // offset of the int8 values in a block
 
     public static int ElementSize => 1;
 
@@ -123,32 +126,32 @@ public unsafe struct Q8Load : IWeightLoad
     private static byte* BlockAt(nint row, int k) => (byte*)row + k / Block * BlockBytes;
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    public static float Scale(nint row, int k) => (float)*(Half*)BlockAt(row, k);
+    public static float Scale(nint row, int k) => *(float*)BlockAt(row, k);
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static Vector512<float> Load512(nint row, int k)
     {
         byte* b = BlockAt(row, k);
-        var q = Vector128.Load((sbyte*)(b + 2 + k % Block));
+        var q = Vector128.Load((sbyte*)(b + Q + k % Block));
         Vector512<int> wide = Avx512F.IsSupported ? Avx512F.ConvertToVector512Int32(q)
             : Vector512.Create(Vector256.WidenLower(Vector256.WidenLower(q.ToVector256())), Vector256.WidenUpper(Vector256.WidenLower(q.ToVector256())));
-        return Vector512.ConvertToSingle(wide) * (float)*(Half*)b;
+        return Vector512.ConvertToSingle(wide) * *(float*)b;
     }
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static Vector256<float> Load256(nint row, int k)
     {
         byte* b = BlockAt(row, k);
-        var q = Vector128.CreateScalar(*(long*)(b + 2 + k % Block)).AsSByte();
+        var q = Vector128.CreateScalar(*(long*)(b + Q + k % Block)).AsSByte();
         Vector256<int> wide = Avx2.IsSupported ? Avx2.ConvertToVector256Int32(q) : Vector256.Create(Vector128.WidenLower(Vector128.WidenLower(q)), Vector128.WidenUpper(Vector128.WidenLower(q)));
-        return Vector256.ConvertToSingle(wide) * (float)*(Half*)b;
+        return Vector256.ConvertToSingle(wide) * *(float*)b;
     }
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static float Load1(nint row, int k)
     {
         byte* b = BlockAt(row, k);
-        return (float)*(Half*)b * ((sbyte*)(b + 2))[k % Block];
+        return *(float*)b * ((sbyte*)(b + Q))[k % Block];
     }
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -165,10 +168,10 @@ public unsafe struct Q8Load : IWeightLoad
             var blk = w.Slice(b * Block, Block);
             float amax = 0;
             foreach (var v in blk) amax = Math.Max(amax, Math.Abs(v));
-            var d = (Half)(amax / 127f);
-            *(Half*)dst = d;
-            float inv = (float)d == 0 ? 0 : 1f / (float)d;
-            for (int i = 0; i < Block; i++) ((sbyte*)(dst + 2))[i] = (sbyte)Math.Clamp((int)MathF.Round(blk[i] * inv), -127, 127);
+            float d = amax / 127f;
+            *(float*)dst = d;
+            float inv = d == 0 ? 0 : 1f / d;
+            for (int i = 0; i < Block; i++) ((sbyte*)(dst + Q))[i] = (sbyte)Math.Clamp((int)MathF.Round(blk[i] * inv), -127, 127);
         }
     }
 }

@@ -32,7 +32,7 @@ public unsafe class QuantizationTests
             for (int r = 0; r < 3; r++)
                 for (int k = 0; k < K; k++)
                 {
-                    nint row = (nint)(p + r * (K / 32) * 34);
+                    nint row = (nint)(p + r * (K / 32) * Q8Load.BlockBytes);
                     float step = Q8Load.Scale(row, k);
                     Assert.True(Math.Abs(w[r * K + k] - Q8Load.Load1(row, k)) <= step * 0.5f + 1e-3f * step, $"row {r} k {k}");
                 }
@@ -58,7 +58,7 @@ public unsafe class QuantizationTests
         var deq = new float[N * K];
         fixed (byte* p = q)
             for (int n = 0; n < N; n++)
-                for (int k = 0; k < K; k++) deq[n * K + k] = Q8Load.Load1((nint)(p + n * (K / 32) * 34), k);
+                for (int k = 0; k < K; k++) deq[n * K + k] = Q8Load.Load1((nint)(p + n * (K / 32) * Q8Load.BlockBytes), k);
         var reference = new double[M * N];
         var bound = new double[M * N];
         for (int m = 0; m < M; m++)
@@ -134,7 +134,7 @@ public unsafe class QuantizationTests
     {
         using var q8 = LlamaModel.Load(TestPaths.Model("tiny-kjv"), threads: 2, format: WeightFormat.Q8);
         Assert.Equal(WeightFormat.Q8, q8.Format);
-        Assert.True(q8.WeightBytes < 7 << 20, $"{q8.WeightBytes} bytes");   // 5.77 M weights × 34/32 ≈ 6.1 MB (vs 23 MB fp32)
+        Assert.True(q8.WeightBytes < 7 << 20, $"{q8.WeightBytes} bytes");   // 5.77 M weights × 36/32 ≈ 6.5 MB (vs 23 MB fp32)
         var r = new Generator(q8).Generate([1, 324, 434, 425], new GenerationOptions { MaxTokens = 8, Sampling = SamplingParams.Greedy });
         Assert.Equal([4003, 300, 538, 262, 384, 4007, 13, 1841], r.OutputIds);   // expected.json's first steps (margins ≥ 0.16)
     }
