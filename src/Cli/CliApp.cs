@@ -32,6 +32,7 @@ public static class CliApp
         root.Subcommands.Add(ProjectCommand.Create(io));
         root.Subcommands.Add(ProfileCommand.Create(io));
         root.Subcommands.Add(PerplexityCommand.Create(io));
+        root.Subcommands.Add(QuantizeCommand.Create(io));
         var config = new InvocationConfiguration { Output = stdout, Error = stderr, EnableDefaultExceptionHandler = false };
         var parsed = root.Parse(args);
         try

@@ -59,11 +59,13 @@ public static class InfoCommand
         console.Write(cfg);
 
         var all = files.Weights.All().ToList();
-        long parameters = all.Sum(t => t.ElementCount);
+        // A Q8_0 export stores 32 weights in 36 bytes.
+        static long Params(TensorView t) => t.DType == DType.U8 ? t.ByteLength / ModelWeights.Q8BlockBytes * ModelWeights.Q8Block : t.ElementCount;
+        long parameters = all.Sum(Params);
         console.WriteLine($"parameters: {parameters:N0}{(c.TieWordEmbeddings ? " (embedding tied to the LM head, counted once)" : "")}");
         var byType = new Table().AddColumn("dtype").AddColumn("tensors").AddColumn(new TableColumn("parameters").RightAligned()).AddColumn(new TableColumn("bytes").RightAligned());
         foreach (var g in files.Checkpoint.Tensors.GroupBy(t => t.DType).OrderBy(g => g.Key))
-            byType.AddRow(DTypes.Name(g.Key), g.Count().ToString(), g.Sum(t => t.ElementCount).ToString("N0"), $"{g.Sum(t => t.ByteLength):N0} ({g.Sum(t => t.ByteLength) / 1048576.0:F1} MiB)");
+            byType.AddRow(g.Key == DType.U8 ? "U8 (Q8_0)" : DTypes.Name(g.Key), g.Count().ToString(), g.Sum(Params).ToString("N0"), $"{g.Sum(t => t.ByteLength):N0} ({g.Sum(t => t.ByteLength) / 1048576.0:F1} MiB)");
         console.Write(byType);
 
         var tensors = new Table().AddColumn("tensor").AddColumn("dtype").AddColumn("shape").AddColumn(new TableColumn("bytes").RightAligned()).AddColumn("file");

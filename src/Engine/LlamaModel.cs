@@ -91,9 +91,47 @@ public sealed unsafe class LlamaModel : IDisposable
     /// <summary>Bytes per weight of the projection matrices (4, 2 or 36/32 for Q8).</summary>
     public double WeightBytesPerElement => Format == WeightFormat.Q8 ? Q8Load.BlockBytes / (double)Q8Load.Block : DTypes.SizeOf(Files.Weights.Layers[0].Wq.DType);
 
+    /// <summary>Writes this model's weights as held (Q8_0 matrices as U8 blocks, norms as F32) to a safetensors file.</summary>
+    public void SaveWeights(string path)
+    {
+        var specs = new List<SafetensorsWriter.TensorSpec>();
+        var data = new Dictionary<string, (nint Pointer, long Bytes, float[]? Floats)>();
+        void Mat(string name, WeightMatrix m)
+        {
+            if (m.Type != WeightType.Q8) throw new InvalidOperationException($"{name}: only Q8 weights are exported ({m.Type} here)");
+            specs.Add(new(name, DType.U8, [m.Rows, m.RowBytes]));
+            data[name] = (m.Pointer, m.ByteLength, null);
+        }
+        void Vec(string name, float[] v)
+        {
+            specs.Add(new(name, DType.F32, [v.Length]));
+            data[name] = (0, 0, v);
+        }
+        Mat("model.embed_tokens.weight", _embed);
+        for (int l = 0; l < _layers.Length; l++)
+        {
+            var L = _layers[l];
+            string p = $"model.layers.{l}.";
+            Vec(p + "input_layernorm.weight", L.AttnNorm);
+            Mat(p + "self_attn.q_proj.weight", L.Wq); Mat(p + "self_attn.k_proj.weight", L.Wk);
+            Mat(p + "self_attn.v_proj.weight", L.Wv); Mat(p + "self_attn.o_proj.weight", L.Wo);
+            Vec(p + "post_attention_layernorm.weight", L.FfnNorm);
+            Mat(p + "mlp.gate_proj.weight", L.Wgate); Mat(p + "mlp.up_proj.weight", L.Wup); Mat(p + "mlp.down_proj.weight", L.Wdown);
+        }
+        Vec("model.norm.weight", _finalNorm);
+        if (_lmHead.Pointer != _embed.Pointer) Mat("lm_head.weight", _lmHead);
+        SafetensorsWriter.Write(path, specs, (t, stream) =>
+        {
+            var (ptr, bytes, floats) = data[t.Name];
+            if (floats != null) stream.Write(System.Runtime.InteropServices.MemoryMarshal.AsBytes(floats.AsSpan()));
+            else for (long o = 0; o < bytes; o += int.MaxValue / 2)
+                stream.Write(new ReadOnlySpan<byte>((void*)(ptr + (nint)o), (int)Math.Min(int.MaxValue / 2, bytes - o)));
+        }, new Dictionary<string, string> { ["format"] = "pt", [ModelWeights.QuantKey] = ModelWeights.QuantQ8, ["minillm_quant_block"] = "32 weights: fp32 scale + 32 int8" });
+    }
+
     public LlamaModel(ModelFiles files, int threads = 0, int maxTokens = 512, bool ownsFiles = false, WeightFormat format = WeightFormat.Stored)
     {
-        Format = format;
+        Format = files.Weights.Quantized ? WeightFormat.Q8 : format;
         Files = files;
         Config = files.Config;
         if (ownsFiles) _owned = files;
@@ -303,6 +341,8 @@ public sealed unsafe class LlamaModel : IDisposable
 
     private WeightMatrix Matrix(TensorView t)
     {
+        if (t.DType == DType.U8)   // already Q8_0 (MiniLlm's export): rows of 36-byte blocks of 32 weights
+            return new WeightMatrix(t.Pointer, WeightType.Q8, checked((int)t.Shape[0]), checked((int)(t.Shape[1] / Q8Load.BlockBytes * Q8Load.Block)));
         var m = new WeightMatrix(t.Pointer, Kind(t.DType), checked((int)t.Shape[0]), checked((int)t.Shape[1]));
         return Format == WeightFormat.Q8 && m.Cols % Q8Load.Block == 0 ? Quantize(m) : m;
     }

@@ -6,6 +6,8 @@ public enum DType
     F32,
     F16,
     BF16,
+    /// <summary>Raw bytes: only accepted as the container of MiniLlm's own Q8_0 export (metadata minillm_quant = q8_0).</summary>
+    U8,
 }
 
 public static class DTypes
@@ -15,6 +17,7 @@ public static class DTypes
         DType.F32 => 4,
         DType.F16 => 2,
         DType.BF16 => 2,
+        DType.U8 => 1,
         _ => throw new ArgumentOutOfRangeException(nameof(t)),
     };
 
@@ -24,12 +27,13 @@ public static class DTypes
         DType.F32 => "F32",
         DType.F16 => "F16",
         DType.BF16 => "BF16",
+        DType.U8 => "U8",
         _ => throw new ArgumentOutOfRangeException(nameof(t)),
     };
 
     /// <summary>Every dtype the safetensors format defines; those we cannot compute with are known but rejected.</summary>
     internal static readonly HashSet<string> KnownButUnsupported =
-        ["F64", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F6_E2M3", "F6_E3M2", "F4", "C64"];
+        ["F64", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "BOOL", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F6_E2M3", "F6_E3M2", "F4", "C64"];
 
     public static bool TryParse(string s, out DType t)
     {
@@ -38,6 +42,7 @@ public static class DTypes
             case "F32": t = DType.F32; return true;
             case "F16": t = DType.F16; return true;
             case "BF16": t = DType.BF16; return true;
+            case "U8": t = DType.U8; return true;
             default: t = default; return false;
         }
     }

@@ -30,13 +30,31 @@ public sealed partial class ModelWeights
     [GeneratedRegex(@"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")]
     private static partial Regex IgnorableTensor();
 
+    /// <summary>Metadata key and value that mark MiniLlm's Q8_0 export; block layout: 32 weights → fp32 scale + 32 int8.</summary>
+    public const string QuantKey = "minillm_quant", QuantQ8 = "q8_0";
+    public const int Q8Block = 32, Q8BlockBytes = 36;
+
+    /// <summary>True when the checkpoint is MiniLlm's Q8_0 export (matrices as U8 blocks).</summary>
+    public bool Quantized { get; private init; }
+
     public static ModelWeights Bind(LlamaConfig c, Checkpoint ckpt)
     {
         var used = new HashSet<string>();
+        bool quantized = ckpt.Files.Any(f => f.Metadata.TryGetValue(QuantKey, out var q) && q == QuantQ8);
         TensorView Get(string name, params long[] shape)
         {
             if (!ckpt.TryGet(name, out var t))
                 throw new ModelFormatException($"{ckpt.Directory}: tensor '{name}' is missing (expected shape [{string.Join(", ", shape)}])");
+            if (t.DType == DType.U8)
+            {
+                // MiniLlm's Q8_0 export: a matrix [rows × cols] is stored as rows of cols/32 blocks of 36 bytes.
+                if (!quantized)
+                    throw new ModelFormatException($"{t.File}: tensor '{name}' has dtype U8, which MiniLlm reads only in its own Q8_0 export ({QuantKey}={QuantQ8} in the metadata)");
+                if (shape.Length != 2 || shape[1] % Q8Block != 0 || t.Shape.Length != 2 || t.Shape[0] != shape[0] || t.Shape[1] != shape[1] / Q8Block * Q8BlockBytes)
+                    throw new ModelFormatException($"{t.File}: Q8_0 tensor '{name}' has shape {t.ShapeText}, expected [{shape[0]}, {(shape.Length == 2 ? shape[1] / Q8Block * Q8BlockBytes : 0)}] for [{string.Join(", ", shape)}] weights");
+                used.Add(name);
+                return t;
+            }
             if (!t.Shape.AsSpan().SequenceEqual(shape))
                 throw new ModelFormatException($"{t.File}: tensor '{name}' has shape {t.ShapeText}, expected [{string.Join(", ", shape)}] from config.json");
             used.Add(name);
@@ -73,7 +91,7 @@ public sealed partial class ModelWeights
         foreach (var t in ckpt.Tensors)
             if (!used.Contains(t.Name) && !IgnorableTensor().IsMatch(t.Name))
                 throw new ModelFormatException($"{t.File}: unexpected tensor '{t.Name}' {t.ShapeText} (not part of a {c.NumHiddenLayers}-layer Llama with this config)");
-        return new ModelWeights(embed, layers, norm, lmHead);
+        return new ModelWeights(embed, layers, norm, lmHead) { Quantized = quantized };
     }
 
     /// <summary>Every tensor the forward pass reads, each once (the tied head is not counted twice).</summary>

@@ -72,6 +72,8 @@ public static class SafetensorsWriter
             case DType.F16:
                 for (int i = 0; i < src.Length; i++) BitConverter.TryWriteBytes(dst[(i * 2)..], BitConverter.HalfToUInt16Bits((Half)src[i]));
                 break;
+            default:
+                throw new ArgumentException($"cannot encode floats as {DTypes.Name(dtype)}", nameof(dtype));
         }
     }
 

@@ -38,7 +38,7 @@ public readonly unsafe struct TensorView
             DType.F32 => ((float*)Pointer)[i],
             DType.F16 => (float)((Half*)Pointer)[i],
             DType.BF16 => BitConverter.UInt32BitsToSingle((uint)((ushort*)Pointer)[i] << 16),
-            _ => throw new InvalidOperationException(),
+            _ => throw new InvalidOperationException($"{File}: tensor '{Name}' holds {DTypes.Name(DType)} data, not numbers to widen"),
         };
     }
 }

@@ -138,4 +138,41 @@ public unsafe class QuantizationTests
         var r = new Generator(q8).Generate([1, 324, 434, 425], new GenerationOptions { MaxTokens = 8, Sampling = SamplingParams.Greedy });
         Assert.Equal([4003, 300, 538, 262, 384, 4007, 13, 1841], r.OutputIds);   // expected.json's first steps (margins ≥ 0.16)
     }
+
+    [Fact]
+    public void QuantizeWritesAModelThatLoadsAsQ8AndAgreesWithLoadTimeQuantization()
+    {
+        var dir = TestPaths.NewTempDir("q8-export");
+        var o = new StringWriter();
+        var e = new StringWriter();
+        Assert.True(MiniLlm.Cli.CliApp.Run(["quantize", "--out", dir], o, e) == 0, e.ToString());
+        using var saved = LlamaModel.Load(dir);
+        using var atLoad = LlamaModel.Load(TestPaths.Model("tiny-kjv"), format: WeightFormat.Q8);
+        Assert.Equal(WeightFormat.Q8, saved.Format);
+        Assert.Equal(atLoad.WeightBytes, saved.WeightBytes);
+        var V = saved.Config.VocabSize;
+        var a = new float[V];
+        var b = new float[V];
+        int[] prompt = [1, 324, 434, 425, 13, 262];
+        using (var c1 = saved.NewKvCache()) saved.Forward(prompt, 0, c1, a);
+        using (var c2 = atLoad.NewKvCache()) atLoad.Forward(prompt, 0, c2, b);
+        Assert.Equal(b, a);   // the same bytes, the same kernels
+        var info = new StringWriter();
+        MiniLlm.Cli.CliApp.Run(["info", "--model", dir], info, new StringWriter());
+        Assert.Contains("5,770,496", info.ToString());
+    }
+
+    [Fact]
+    public void U8TensorsOutsideAQ8ExportAreRefused()
+    {
+        var dir = TestPaths.NewTempDir("u8");
+        var rm = new RandomModel(new RandomModelSpec { Hidden = 32, Intermediate = 64, Heads = 2, KvHeads = 1, HeadDim = 16, Vocab = 40, Layers = 1 }, dir);
+        var entries = rm.Tensors.Select(kv => kv.Key == "model.layers.0.mlp.up_proj.weight"
+            ? new TestSafetensors.Entry(kv.Key, "U8", [64, 36], new byte[64 * 36])
+            : TestSafetensors.F32(kv.Key, kv.Value.Shape, kv.Value.Values)).ToList();
+        TestSafetensors.Write(Path.Combine(dir, "model.safetensors"), entries);
+        var ex = Assert.Throws<MiniLlm.Loader.ModelFormatException>(() => LlamaModel.Load(dir));
+        Assert.Contains("up_proj", ex.Message);
+        Assert.Contains("U8", ex.Message);
+    }
 }
