@@ -21,11 +21,12 @@ public static class GenerateCommand
         var threads = CommonOptions.Threads();
         var output = CommonOptions.Output();
         var weights = CommonOptions.Weights();
+        var profile = new Option<bool>("--profile") { Description = "Time every op per layer, prefill and decode separately, and print where the time went" };
         var noWarmup = new Option<bool>("--no-warmup") { Description = "Skip the untimed warm-up pass (then TTFT includes JIT compilation)" };
 
         var cmd = new Command("generate", "Generate text from a prompt, streaming it, then print the speed")
         {
-            prompt, model, maxTokens, temperature, topK, topP, minP, seed, threads, output, weights, noWarmup,
+            prompt, model, maxTokens, temperature, topK, topP, minP, seed, threads, output, weights, noWarmup, profile,
         };
         cmd.SetAction(r =>
         {
@@ -51,6 +52,12 @@ public static class GenerateCommand
             using var llm = LlamaModel.Load(dir, t, format: CommonOptions.Format(r.GetValue(weights)!));
             if (!r.GetValue(noWarmup)) llm.Warmup();
             var gen = new Generator(llm);
+            bool profiling = r.GetValue(profile);
+            if (profiling)
+            {
+                gen.PrefillProfiler = new OpProfiler(llm.Config.NumHiddenLayers);
+                gen.DecodeProfiler = new OpProfiler(llm.Config.NumHiddenLayers);
+            }
             if (!json) { io.Out.Write(text); io.Out.Flush(); }
             var result = gen.Generate(text, options, json ? null : (_, piece) => { io.Out.Write(piece); io.Out.Flush(); });
             if (json) WriteJson(io.Out, dir, llm, options, result);
@@ -59,6 +66,7 @@ public static class GenerateCommand
                 io.Out.WriteLine();
                 io.Out.WriteLine(Summary(result));
             }
+            if (profiling && !json) io.Out.Write(OpTimes(gen.PrefillProfiler!, gen.DecodeProfiler!));
             return ExitCodes.Ok;
         });
         return cmd;
@@ -70,6 +78,23 @@ public static class GenerateCommand
         string decode = t.DecodeStepMs.Length == 0 ? "n/a" : $"{r.DecodeTokensPerSecond:F1} tok/s ({t.MedianDecodeMs:F2} ms/token median)";
         return $"[prompt {r.PromptIds.Length} tokens | generated {r.OutputIds.Length} tokens | stop: {StopReasons.Name(r.StopReason)} | " +
                $"TTFT {t.TtftMs:F1} ms | prefill {r.PrefillTokensPerSecond:F1} tok/s | decode {decode}]";
+    }
+
+    /// <summary>Per-op wall time of prefill and decode (ms, share); `minillm profile` adds FLOPs, bytes and the roofline.</summary>
+    public static string OpTimes(OpProfiler prefill, OpProfiler decode)
+    {
+        var sb = new System.Text.StringBuilder();
+        sb.AppendLine($"{"op",-14} {"prefill ms",11} {"share",7} {"decode ms/token",16} {"share",7}");
+        double pt = prefill.TotalSeconds, dt = decode.TotalSeconds;
+        int steps = Math.Max(1, decode.Passes);
+        foreach (var op in Enum.GetValues<OpKind>())
+        {
+            double p = prefill.Seconds(op), d = decode.Seconds(op);
+            if (p == 0 && d == 0) continue;
+            sb.AppendLine($"{(op == OpKind.AttnScores ? "Attention" : op.ToString()),-14} {p * 1000,11:F3} {100 * p / Math.Max(pt, 1e-12),6:F1}% {d * 1000 / steps,16:F4} {100 * d / Math.Max(dt, 1e-12),6:F1}%");
+        }
+        sb.AppendLine($"{"total",-14} {pt * 1000,11:F3} {"",7} {dt * 1000 / steps,16:F4}   ({decode.Passes} decode steps; `minillm profile` sets these against the roofline)");
+        return sb.ToString();
     }
 
     private static void WriteJson(TextWriter w, string dir, LlamaModel llm, GenerationOptions o, GenerationResult r)

@@ -68,6 +68,10 @@ public sealed class Generator(LlamaModel model)
         return Generate(ids, options, onText);
     }
 
+    /// <summary>When set, prefill and decode are timed per op into these (see <see cref="OpProfiler"/>).</summary>
+    public OpProfiler? PrefillProfiler { get; set; }
+    public OpProfiler? DecodeProfiler { get; set; }
+
     public GenerationResult Generate(int[] promptIds, GenerationOptions options, Action<int, string>? onText = null)
     {
         options.Validate();
@@ -89,11 +93,13 @@ public sealed class Generator(LlamaModel model)
         new Sampler(options.Sampling, cfg.VocabSize).Sample(logits);
 
         var clock = Stopwatch.StartNew();
+        Model.Profiler = PrefillProfiler;
         for (int done = 0; done < promptIds.Length; done += Model.MaxTokens)
         {
             int n = Math.Min(Model.MaxTokens, promptIds.Length - done);
             Model.Forward(promptIds.AsSpan(done, n), done, cache, logits);
         }
+        Model.Profiler = DecodeProfiler;
         double prefillMs = clock.Elapsed.TotalMilliseconds;
 
         var output = new List<int>(options.MaxTokens);
@@ -123,6 +129,7 @@ public sealed class Generator(LlamaModel model)
             pos++;
             steps.Add(clock.Elapsed.TotalMilliseconds - t0);
         }
+        Model.Profiler = null;
         if (decoder != null)
         {
             var tail = decoder.Flush();
