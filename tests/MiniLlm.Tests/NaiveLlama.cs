@@ -15,6 +15,10 @@ public sealed class NaiveLlama
         _w = model.Tensors;
     }
 
+    /// <summary>Multiply-adds done by the linear layers and by attention (QKᵀ and ·V) in the last <see cref="Logits"/> call.</summary>
+    public long LinearMacs { get; private set; }
+    public long AttentionMacs { get; private set; }
+
     private double[] Vec(string name) => _w[name].Values.Select(v => (double)v).ToArray();
 
     /// <summary>y = W·x for W [rows × cols] stored row-major.</summary>
@@ -22,6 +26,7 @@ public sealed class NaiveLlama
     {
         var (shape, w) = _w[name];
         int rows = (int)shape[0], cols = (int)shape[1];
+        LinearMacs += (long)rows * cols;
         var y = new double[rows];
         for (int r = 0; r < rows; r++)
         {
@@ -77,6 +82,8 @@ public sealed class NaiveLlama
     {
         int S = tokens.Length, d = _s.Hidden, hd = _s.HeadDim, H = _s.Heads, G = _s.KvHeads;
         const double eps = 1e-5;
+        LinearMacs = 0;
+        AttentionMacs = 0;
         var inv = InvFreq();
         var (_, emb) = _w["model.embed_tokens.weight"];
         var x = new double[S][];
@@ -108,6 +115,7 @@ public sealed class NaiveLlama
                     {
                         double s = 0;
                         for (int i = 0; i < hd; i++) s += queries[t][h * hd + i] * keys[j][g * hd + i];
+                        AttentionMacs += 2L * hd;   // this score, and its share of ·V below
                         scores[j] = s / Math.Sqrt(hd);
                     }
                     double max = scores.Max();

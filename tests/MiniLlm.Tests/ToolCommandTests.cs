@@ -119,4 +119,29 @@ public class ToolCommandTests
         // every weight of the model is read once: embedding rows gathered (3·4·4), norms, projections, tied head
         Assert.Equal(3 * 4 * 4 + 2 * 4 * 4 + (4 * 4 + 2 * 4 * 2 + 4 * 4 + 3 * 4 * 6) * 4 + 4 * 4 + 10 * 4 * 4, weights);
     }
+
+    [Theory]
+    [InlineData(1, 4, 4, 10, 7, false)]
+    [InlineData(2, 6, 3, 8, 13, true)]
+    [InlineData(3, 8, 2, 6, 1, false)]
+    public void CostModelCountsWhatTheNaiveReferenceDoes(int layers, int heads, int kv, int hd, int tokens, bool tied)
+    {
+        // The naive reference counts its own multiply-adds; the cost model must predict them exactly.
+        var rm = new RandomModel(new RandomModelSpec { Layers = layers, Heads = heads, KvHeads = kv, HeadDim = hd, Tied = tied, Hidden = 20 + heads, Intermediate = 33 + hd },
+            TestPaths.NewTempDir("count"));
+        var naive = new NaiveLlama(rm);
+        naive.Logits(Enumerable.Range(0, tokens).Select(i => 3 + i).ToArray());
+        using var files = ModelFiles.Open(rm.Dir, requireTokenizer: false);
+        var ops = new CostModel(files.Config, 4).Step([new StepSequence(tokens, tokens)], logitRows: tokens);   // the reference makes logits for every row
+        double linear = ops.Where(o => o.Op is OpKind.QProj or OpKind.KProj or OpKind.VProj or OpKind.OProj or OpKind.Gate or OpKind.Up or OpKind.Down or OpKind.LmHead).Sum(o => o.Flops);
+        double attention = ops.Where(o => o.Op is OpKind.AttnScores or OpKind.AttnValues).Sum(o => o.Flops);
+        Assert.Equal(2.0 * naive.LinearMacs, linear);
+        Assert.Equal(2.0 * naive.AttentionMacs, attention);
+        // and the weight bytes of a step are every matrix once, the head once even when tied
+        var (_, _, weightBytes) = CostModel.Sum(ops);
+        long matrices = rm.Tensors.Where(t => t.Value.Shape.Length == 2 && t.Key != "model.embed_tokens.weight").Sum(t => t.Value.Values.LongLength)
+            + (tied ? rm.Tensors["model.embed_tokens.weight"].Values.LongLength : 0);
+        long norms = rm.Tensors.Where(t => t.Value.Shape.Length == 1).Sum(t => t.Value.Values.LongLength);
+        Assert.Equal(4.0 * (matrices + norms + tokens * files.Config.HiddenSize), weightBytes);
+    }
 }
