@@ -1,5 +1,4 @@
 using System.Numerics.Tensors;
-using System.Runtime.Intrinsics;
 
 namespace MiniLlm.Kernels;
 
@@ -62,5 +61,4 @@ public static unsafe class Ops
     /// <summary>Index of the largest of n values (first on ties).</summary>
     public static int ArgMax(ReadOnlySpan<float> x) => TensorPrimitives.IndexOfMax(x);
 
-    internal static bool Accelerated => Vector256.IsHardwareAccelerated;
 }

@@ -10,8 +10,6 @@ namespace MiniLlm.Kernels;
 /// </summary>
 public unsafe interface IWeightLoad
 {
-    /// <summary>Bytes per stored element.</summary>
-    static abstract int ElementSize { get; }
     /// <summary>16 consecutive weights starting at element <paramref name="k"/> of row <paramref name="row"/>.</summary>
     static abstract Vector512<float> Load512(nint row, int k);
     /// <summary>8 consecutive weights.</summary>
@@ -24,7 +22,6 @@ public unsafe interface IWeightLoad
 
 public unsafe struct F32Load : IWeightLoad
 {
-    public static int ElementSize => 4;
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static Vector512<float> Load512(nint row, int k) => Vector512.Load((float*)row + k);
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -40,7 +37,6 @@ public unsafe struct F32Load : IWeightLoad
 /// <summary>bf16 is the top half of an fp32: zero-extend to 32 bits and shift left 16.</summary>
 public unsafe struct Bf16Load : IWeightLoad
 {
-    public static int ElementSize => 2;
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static Vector512<float> Load512(nint row, int k)
     {
@@ -71,7 +67,6 @@ public unsafe struct Bf16Load : IWeightLoad
 /// </summary>
 public unsafe struct F16Load : IWeightLoad
 {
-    public static int ElementSize => 2;
     private const float Rescale = 5.192296858534828e33f; // 2^112 = 2^(127-15)
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -120,7 +115,6 @@ public unsafe struct Q8Load : IWeightLoad
     public const int BlockBytes = 4 + Block;
     private const int Q = 4;   // offset of the int8 values in a block
 
-    public static int ElementSize => 1;
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static byte* BlockAt(nint row, int k) => (byte*)row + k / Block * BlockBytes;
