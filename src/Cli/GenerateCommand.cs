@@ -21,12 +21,13 @@ public static class GenerateCommand
         var threads = CommonOptions.Threads();
         var output = CommonOptions.Output();
         var weights = CommonOptions.Weights();
+        var q8Act = CommonOptions.Q8Activations();
         var profile = new Option<bool>("--profile") { Description = "Time every op per layer, prefill and decode separately, and print where the time went" };
         var noWarmup = new Option<bool>("--no-warmup") { Description = "Skip the untimed warm-up pass (then TTFT includes JIT compilation)" };
 
         var cmd = new Command("generate", "Generate text from a prompt, streaming it, then print the speed")
         {
-            prompt, model, maxTokens, temperature, topK, topP, minP, seed, threads, output, weights, noWarmup, profile,
+            prompt, model, maxTokens, temperature, topK, topP, minP, seed, threads, output, weights, q8Act, noWarmup, profile,
         };
         cmd.SetAction(r =>
         {
@@ -50,6 +51,7 @@ public static class GenerateCommand
 
             var dir = ModelLocator.Resolve(r.GetValue(model));
             using var llm = LlamaModel.Load(dir, t, format: CommonOptions.Format(r.GetValue(weights)!));
+            llm.Q8Int8Activations = r.GetValue(q8Act) == "int8";
             if (!r.GetValue(noWarmup)) llm.Warmup();
             var gen = new Generator(llm);
             bool profiling = r.GetValue(profile);

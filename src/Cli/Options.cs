@@ -22,6 +22,12 @@ public static class CommonOptions
         DefaultValueFactory = _ => "stored",
     }.AcceptOnlyFromAmong("stored", "q8");
 
+    public static Option<string> Q8Activations() => new Option<string>("--q8-activations")
+    {
+        Description = "With Q8 weights at batch 1: fp32 activations (int8 widened in registers) or int8 activations per block of 32 with AVX-VNNI dot products",
+        DefaultValueFactory = _ => "fp32",
+    }.AcceptOnlyFromAmong("fp32", "int8");
+
     public static MiniLlm.Engine.WeightFormat Format(string s) => s == "q8" ? MiniLlm.Engine.WeightFormat.Q8 : MiniLlm.Engine.WeightFormat.Stored;
 
     public static Option<string> Output() => new Option<string>("--output", "-o")

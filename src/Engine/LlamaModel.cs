@@ -70,6 +70,13 @@ public sealed unsafe class LlamaModel : IDisposable
         set => _matmul.BatchInvariant = value;
     }
 
+    /// <summary>Q8 decode with int8 activations and VNNI dot products instead of fp32 activations (see <see cref="MatMul.Q8Int8Activations"/>).</summary>
+    public bool Q8Int8Activations
+    {
+        get => _matmul.Q8Int8Activations;
+        set => _matmul.Q8Int8Activations = value;
+    }
+
     /// <summary>When set, every forward pass adds its per-op wall time here.</summary>
     public OpProfiler? Profiler { get; set; }
     /// <summary>Most tokens one <see cref="Forward"/> call takes (longer prompts are fed in chunks).</summary>

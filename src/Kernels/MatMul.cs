@@ -22,6 +22,16 @@ public sealed unsafe class MatMul : ParallelJob
 
     private readonly PackedGemm _packed;
     private bool _invariant;
+    private bool _int8Dot;
+    private sbyte* _xq;              // Q8 GEMV with int8 activations: x quantized per block of 32 …
+    private float* _xScale;          // … and each block's scale
+    private int _xqLength;
+
+    /// <summary>
+    /// Q8 GEMV with activations quantized to int8 per block of 32 (as llama.cpp does), so AVX-VNNI's vpdpbusd
+    /// multiplies and sums 32 int8 pairs per instruction; otherwise int8 weights are widened to fp32 against fp32 x.
+    /// </summary>
+    public bool Q8Int8Activations { get; set; }
     private float* _xPairs;          // GEMV over bf16: x regrouped per 32 as [16 even | 16 odd]
     private int _xPairsLength;
 
@@ -77,6 +87,8 @@ public sealed unsafe class MatMul : ParallelJob
         _x = x; _y = y; _w = w; _m = m;
         _invariant = BatchInvariant;
         if (m == 1 && w.Type == WeightType.BF16 && isa == SimdPolicy.Isa.V512 && !_invariant) PairX(x, w.Cols);
+        _int8Dot = m == 1 && w.Type == WeightType.Q8 && Q8Int8Activations && AvxVnni.IsSupported && isa != SimdPolicy.Isa.Scalar && !_invariant;
+        if (_int8Dot) QuantizeX(x, w.Cols);
         int threads = _pool.Threads;
         long macs = (long)m * w.Rows * w.Cols;
         _mBlocks = (m + RowBlock - 1) / RowBlock;
@@ -138,6 +150,55 @@ public sealed unsafe class MatMul : ParallelJob
         return Vector512.Sum(a0 + a1);
     }
 
+    /// <summary>x → int8 per block of 32 with scale max|x|/127 (round to nearest), once per GEMV call.</summary>
+    private void QuantizeX(float* x, int k)
+    {
+        if (_xqLength < k)
+        {
+            if (_xq != null) { System.Runtime.InteropServices.NativeMemory.AlignedFree(_xq); System.Runtime.InteropServices.NativeMemory.AlignedFree(_xScale); }
+            _xq = (sbyte*)System.Runtime.InteropServices.NativeMemory.AlignedAlloc((nuint)k, 64);
+            _xScale = (float*)System.Runtime.InteropServices.NativeMemory.AlignedAlloc((nuint)(k / Q8Load.Block + 1) * sizeof(float), 64);
+            _xqLength = k;
+        }
+        for (int b = 0; b < k / Q8Load.Block; b++)
+        {
+            float* xb = x + b * Q8Load.Block;
+            float amax = 0;
+            for (int i = 0; i < Q8Load.Block; i++) amax = Math.Max(amax, Math.Abs(xb[i]));
+            float d = amax / 127f, inv = d == 0 ? 0 : 1 / d;
+            _xScale[b] = d;
+            for (int i = 0; i < Q8Load.Block; i++) _xq[b * Q8Load.Block + i] = (sbyte)Math.Clamp((int)MathF.Round(xb[i] * inv), -127, 127);
+        }
+    }
+
+    /// <summary>
+    /// row · x with both in int8: per block, vpdpbusd on |xq| (unsigned) against wq carrying xq's sign (vpsignb),
+    /// eight int32 partial sums converted once and scaled by (weight scale · x scale).
+    /// </summary>
+    private static float DotQ8Int8(sbyte* xq, float* xScale, nint row, int K)
+    {
+        byte* b = (byte*)row;
+        Vector256<float> acc0 = default, acc1 = default;
+        int blocks = K / Q8Load.Block, i = 0;
+        for (; i + 1 < blocks; i += 2, b += 2 * Q8Load.BlockBytes)
+        {
+            var x0 = Vector256.Load(xq + i * 32);
+            var s0 = AvxVnni.MultiplyWideningAndAdd(Vector256<int>.Zero, Avx2.Abs(x0), Avx2.Sign(Vector256.Load((sbyte*)(b + 4)), x0));
+            acc0 = Vector256.FusedMultiplyAdd(Vector256.ConvertToSingle(s0), Vector256.Create(*(float*)b * xScale[i]), acc0);
+            byte* c = b + Q8Load.BlockBytes;
+            var x1 = Vector256.Load(xq + i * 32 + 32);
+            var s1 = AvxVnni.MultiplyWideningAndAdd(Vector256<int>.Zero, Avx2.Abs(x1), Avx2.Sign(Vector256.Load((sbyte*)(c + 4)), x1));
+            acc1 = Vector256.FusedMultiplyAdd(Vector256.ConvertToSingle(s1), Vector256.Create(*(float*)c * xScale[i + 1]), acc1);
+        }
+        for (; i < blocks; i++, b += Q8Load.BlockBytes)
+        {
+            var x0 = Vector256.Load(xq + i * 32);
+            var s0 = AvxVnni.MultiplyWideningAndAdd(Vector256<int>.Zero, Avx2.Abs(x0), Avx2.Sign(Vector256.Load((sbyte*)(b + 4)), x0));
+            acc0 = Vector256.FusedMultiplyAdd(Vector256.ConvertToSingle(s0), Vector256.Create(*(float*)b * xScale[i]), acc0);
+        }
+        return Vector256.Sum(acc0 + acc1);
+    }
+
     /// <summary>row · x for a bf16 row, using the paired x from <see cref="PairX"/>.</summary>
     private static float DotBf16Pairs(float* xPairs, float* x, nint row, int K)
     {
@@ -177,6 +238,9 @@ public sealed unsafe class MatMul : ParallelJob
                 break;
             case WeightType.BF16: Tile<Bf16Load>(m0, m1, n0, n1); break;
             case WeightType.F16: Tile<F16Load>(m0, m1, n0, n1); break;
+            case WeightType.Q8 when _int8Dot:
+                for (int r = n0; r < n1; r++) _y[r] = DotQ8Int8(_xq, _xScale, _w.Row(r), _w.Cols);
+                break;
             case WeightType.Q8 when _m == 1 && SimdPolicy.Current == SimdPolicy.Isa.V512 && Avx512F.IsSupported && !_invariant:
                 for (int r = n0; r < n1; r++) _y[r] = DotQ8(_x, _w.Row(r), _w.Cols);
                 break;

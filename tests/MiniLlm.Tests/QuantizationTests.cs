@@ -87,6 +87,49 @@ public unsafe class QuantizationTests
             }
     }
 
+    [Theory]
+    [InlineData(32, 1)]
+    [InlineData(96, 7)]
+    [InlineData(288, 33)]
+    [InlineData(2048, 130)]
+    public void Q8GemvWithInt8ActivationsMatchesQuantizedReference(int K, int N)
+    {
+        if (!System.Runtime.Intrinsics.X86.AvxVnni.IsSupported) throw new InvalidOperationException("this test needs AVX-VNNI, which every machine of this project has");
+        var x = Random(K, K, 3);
+        var w = Random(N * K, N);
+        var q = Quantize(w, N, K);
+        // reference: x quantized per block of 32 by the same rule (scale max|x|/127, round to nearest), then exact products
+        var xd = new double[K];
+        for (int b = 0; b < K / 32; b++)
+        {
+            float amax = 0;
+            for (int i = 0; i < 32; i++) amax = Math.Max(amax, Math.Abs(x[b * 32 + i]));
+            float d = amax / 127f, inv = d == 0 ? 0 : 1 / d;
+            for (int i = 0; i < 32; i++) xd[b * 32 + i] = (double)d * Math.Clamp((int)MathF.Round(x[b * 32 + i] * inv), -127, 127);
+        }
+        var y = new float[N];
+        var yFp32 = new float[N];
+        using var pool = new WorkerPool(2);
+        var mm = new MatMul(pool);
+        fixed (float* xp = x, yp = y, yf = yFp32)
+        fixed (byte* wp = q)
+        {
+            var wm = new WeightMatrix((nint)wp, WeightType.Q8, N, K);
+            mm.Q8Int8Activations = true;
+            mm.Run(xp, 1, wm, yp);
+            mm.Q8Int8Activations = false;
+            mm.Run(xp, 1, wm, yf);
+            for (int n = 0; n < N; n++)
+            {
+                double r = 0, a = 0;
+                for (int k = 0; k < K; k++) { double t = Q8Load.Load1((nint)(wp + n * (K / 32) * Q8Load.BlockBytes), k) * xd[k]; r += t; a += Math.Abs(t); }
+                Assert.True(Math.Abs(y[n] - r) <= 1e-5 * a + 1e-6, $"K={K} row {n}: {y[n]} vs {r}");
+                // and it differs from the fp32-activation result only by x's quantization error (≤ half a step per element)
+                Assert.True(Math.Abs(y[n] - yFp32[n]) <= 0.02 * a + 1e-4, $"K={K} row {n}: int8 {y[n]} vs fp32 {yFp32[n]}");
+            }
+        }
+    }
+
     [Fact]
     public void PerplexityIsTheExponentOfTheMeanScoredNll()
     {
