@@ -70,7 +70,48 @@ public sealed unsafe class MatMul : ParallelJob
             if (p.W.Cols != k) throw new ArgumentException($"weights of one group must share K (got {p.W.Cols} and {k})", nameof(products));
         var isa = SimdPolicy.Current;
         if (m >= PackedMinRows && isa != SimdPolicy.Isa.Scalar && !BatchInvariant) _packed.Run(x, m, k, products, isa);
+        else if (m == 1 && products.Length > 1 && !BatchInvariant) RunGroupedGemv(x, k, products);
         else foreach (var p in products) Run(x, m, p.W, p.Y);
+    }
+
+    private Product[] _group = new Product[4];
+    private int[] _groupFirst = new int[5];
+    private int _groupCount, _groupRows;
+
+    /// <summary>
+    /// Several GEMVs on one x in a single dispatch: the rows of all the weights are cut into one list of chunks,
+    /// so small projections (q, k, v) do not each pay a launch and a cold start.
+    /// </summary>
+    private void RunGroupedGemv(float* x, int k, ReadOnlySpan<Product> products)
+    {
+        if (_group.Length < products.Length) { _group = new Product[products.Length]; _groupFirst = new int[products.Length + 1]; }
+        long rows = 0, macs = 0;
+        foreach (var p in products) { rows += p.W.Rows; macs += (long)p.W.Rows * k; }
+        _groupRows = (int)Math.Max(4, (rows / (4 * _pool.Threads) + 3) & ~3);
+        int chunks = 0;
+        bool bf16 = false, q8 = false;
+        for (int i = 0; i < products.Length; i++)
+        {
+            _group[i] = products[i];
+            _groupFirst[i] = chunks;
+            chunks += (products[i].W.Rows + _groupRows - 1) / _groupRows;
+            bf16 |= products[i].W.Type == WeightType.BF16;
+            q8 |= products[i].W.Type == WeightType.Q8;
+            if (products[i].W.Type == WeightType.Q8 && k % Q8Load.Block != 0) throw new ArgumentException($"Q8 weights need K a multiple of {Q8Load.Block}, got {k}", nameof(products));
+        }
+        _groupFirst[products.Length] = chunks;
+        _groupCount = products.Length;
+        var isa = SimdPolicy.Current;
+        _x = x; _m = 1; _invariant = false;
+        if (bf16 && isa == SimdPolicy.Isa.V512) PairX(x, k);
+        _int8Dot = q8 && Q8Int8Activations && AvxVnni.IsSupported && isa != SimdPolicy.Isa.Scalar;
+        if (_int8Dot) QuantizeX(x, k);
+        try
+        {
+            if (macs < SerialMacs) for (int c = 0; c < chunks; c++) Execute(c, 0);
+            else _pool.Run(this, chunks);
+        }
+        finally { _groupCount = 0; }
     }
 
     /// <summary>Y = X·Wᵀ. x: [m × w.Cols] row-major, y: [m × w.Rows] row-major.</summary>
@@ -227,34 +268,49 @@ public sealed unsafe class MatMul : ParallelJob
 
     public override void Execute(int chunk, int worker)
     {
+        if (_groupCount > 0)
+        {
+            int pi = 0;
+            while (_groupFirst[pi + 1] <= chunk) pi++;
+            var p = _group[pi];
+            int r0 = (chunk - _groupFirst[pi]) * _groupRows;
+            Rows(p.W, p.Y, 0, 1, r0, Math.Min(p.W.Rows, r0 + _groupRows));
+            return;
+        }
         int mb = chunk % _mBlocks, nb = chunk / _mBlocks;
         int m0 = mb * RowBlock, m1 = Math.Min(_m, m0 + RowBlock);
         int n0 = nb * _panel, n1 = Math.Min(_w.Rows, n0 + _panel);
-        switch (_w.Type)
+        Rows(_w, _y, m0, m1, n0, n1);
+    }
+
+    /// <summary>Y rows m0..m1 × columns n0..n1 of X·Wᵀ, by the kernel for W's type and this call's shape.</summary>
+    private void Rows(in WeightMatrix w, float* y, int m0, int m1, int n0, int n1)
+    {
+        switch (w.Type)
         {
-            case WeightType.F32: Tile<F32Load>(m0, m1, n0, n1); break;
+            case WeightType.F32: Tile<F32Load>(w, y, m0, m1, n0, n1); break;
             case WeightType.BF16 when _m == 1 && SimdPolicy.Current == SimdPolicy.Isa.V512 && !_invariant:
-                for (int r = n0; r < n1; r++) _y[r] = DotBf16Pairs(_xPairs, _x, _w.Row(r), _w.Cols);
+                for (int r = n0; r < n1; r++) y[r] = DotBf16Pairs(_xPairs, _x, w.Row(r), w.Cols);
                 break;
-            case WeightType.BF16: Tile<Bf16Load>(m0, m1, n0, n1); break;
-            case WeightType.F16: Tile<F16Load>(m0, m1, n0, n1); break;
+            case WeightType.BF16: Tile<Bf16Load>(w, y, m0, m1, n0, n1); break;
+            case WeightType.F16: Tile<F16Load>(w, y, m0, m1, n0, n1); break;
             case WeightType.Q8 when _int8Dot:
-                for (int r = n0; r < n1; r++) _y[r] = DotQ8Int8(_xq, _xScale, _w.Row(r), _w.Cols);
+                for (int r = n0; r < n1; r++) y[r] = DotQ8Int8(_xq, _xScale, w.Row(r), w.Cols);
                 break;
             case WeightType.Q8 when _m == 1 && SimdPolicy.Current == SimdPolicy.Isa.V512 && Avx512F.IsSupported && !_invariant:
-                for (int r = n0; r < n1; r++) _y[r] = DotQ8(_x, _w.Row(r), _w.Cols);
+                for (int r = n0; r < n1; r++) y[r] = DotQ8(_x, w.Row(r), w.Cols);
                 break;
-            case WeightType.Q8: Tile<Q8Load>(m0, m1, n0, n1); break;
+            case WeightType.Q8: Tile<Q8Load>(w, y, m0, m1, n0, n1); break;
         }
     }
 
-    private void Tile<TL>(int m0, int m1, int n0, int n1) where TL : IWeightLoad
+    private void Tile<TL>(in WeightMatrix w, float* y, int m0, int m1, int n0, int n1) where TL : IWeightLoad
     {
         switch (SimdPolicy.Current)
         {
-            case SimdPolicy.Isa.V512: Tiles<Simd512, Vector512<float>, TL>.Run(_x, _w, _y, m0, m1, n0, n1, _invariant); break;
-            case SimdPolicy.Isa.V256: Tiles<Simd256, Vector256<float>, TL>.Run(_x, _w, _y, m0, m1, n0, n1, _invariant); break;
-            default: Tiles<Simd256, Vector256<float>, TL>.RunScalar(_x, _w, _y, m0, m1, n0, n1); break;
+            case SimdPolicy.Isa.V512: Tiles<Simd512, Vector512<float>, TL>.Run(_x, w, y, m0, m1, n0, n1, _invariant); break;
+            case SimdPolicy.Isa.V256: Tiles<Simd256, Vector256<float>, TL>.Run(_x, w, y, m0, m1, n0, n1, _invariant); break;
+            default: Tiles<Simd256, Vector256<float>, TL>.RunScalar(_x, w, y, m0, m1, n0, n1); break;
         }
     }
 
