@@ -10,6 +10,8 @@ public sealed record EngineOptions
     public int MaxBatchedTokens { get; init; } = 512;
     public int MaxSeqs { get; init; } = 64;
     public bool PrefixCaching { get; init; } = true;
+    /// <summary>KV element type: fp32, or bf16 (twice the sequences in the same memory).</summary>
+    public Kernels.KvType KvType { get; init; } = Kernels.KvType.F32;
 }
 
 /// <summary>A request the engine can never serve (too long for the context or for the whole KV pool).</summary>
@@ -54,10 +56,10 @@ public sealed class LlmEngine : IDisposable
         if (o.MaxBatchedTokens > model.MaxTokens)
             throw new ArgumentException($"max-batched-tokens {o.MaxBatchedTokens} exceeds the model's batch buffers ({model.MaxTokens}); load the model with a larger maxTokens", "max-batched-tokens");
         long bytes = o.KvMemoryBytes > 0 ? o.KvMemoryBytes
-            : Math.Min(4L << 30, (long)o.MaxSeqs * model.Context * 2 * c.NumHiddenLayers * c.KvDim * sizeof(float));
-        int blocks = KvBlockPool.BlocksFor(bytes, c.NumHiddenLayers, c.KvDim);
+            : Math.Min(4L << 30, (long)o.MaxSeqs * model.Context * 2 * c.NumHiddenLayers * c.KvDim * KvBlockPool.ElementBytes(o.KvType));
+        int blocks = KvBlockPool.BlocksFor(bytes, c.NumHiddenLayers, c.KvDim, o.KvType);
         if (blocks < 1) throw new ArgumentException($"kv-memory {bytes} bytes holds not even one block of {KvBlockPool.BlockSize} positions", "kv-memory");
-        _pool = new KvBlockPool(c.NumHiddenLayers, c.KvDim, blocks);
+        _pool = new KvBlockPool(c.NumHiddenLayers, c.KvDim, blocks, o.KvType);
         _blocks = new BlockManager(blocks, KvBlockPool.BlockSize, o.PrefixCaching);
         _scheduler = new Scheduler(_blocks, o.MaxBatchedTokens, o.MaxSeqs);
         _runner = new ModelRunner(model);

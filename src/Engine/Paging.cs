@@ -13,34 +13,36 @@ public sealed unsafe class KvBlockPool : IDisposable
 {
     public const int BlockSize = KvView.Tile;
 
-    private readonly float*[] _k, _v;   // per layer: [Blocks × BlockSize × g·hd]
+    private readonly byte*[] _k, _v;   // per layer: [Blocks × BlockSize × g·hd] elements of Type
 
     public int Blocks { get; }
     public int Layers { get; }
     public int KvDim { get; }
+    public KvType Type { get; }
+    public static int ElementBytes(KvType t) => t == KvType.F32 ? 4 : 2;
     /// <summary>Bytes of K and V for one block across all layers.</summary>
-    public long BytesPerBlock => 2L * Layers * BlockSize * KvDim * sizeof(float);
+    public long BytesPerBlock => 2L * Layers * BlockSize * KvDim * ElementBytes(Type);
     public long Bytes => BytesPerBlock * Blocks;
 
-    public KvBlockPool(int layers, int kvDim, int blocks)
+    public KvBlockPool(int layers, int kvDim, int blocks, KvType type = KvType.F32)
     {
         if (blocks < 1) throw new ArgumentOutOfRangeException(nameof(blocks), "the KV pool needs at least one block");
-        Layers = layers; KvDim = kvDim; Blocks = blocks;
-        _k = new float*[layers];
-        _v = new float*[layers];
-        nuint bytes = (nuint)((long)blocks * BlockSize * kvDim * sizeof(float));
+        Layers = layers; KvDim = kvDim; Blocks = blocks; Type = type;
+        _k = new byte*[layers];
+        _v = new byte*[layers];
+        nuint bytes = (nuint)((long)blocks * BlockSize * kvDim * ElementBytes(type));
         for (int l = 0; l < layers; l++)
         {
-            _k[l] = (float*)NativeMemory.AlignedAlloc(bytes, 64);
-            _v[l] = (float*)NativeMemory.AlignedAlloc(bytes, 64);
+            _k[l] = (byte*)NativeMemory.AlignedAlloc(bytes, 64);
+            _v[l] = (byte*)NativeMemory.AlignedAlloc(bytes, 64);
         }
     }
 
     /// <summary>How many blocks fit in <paramref name="bytes"/>.</summary>
-    public static int BlocksFor(long bytes, int layers, int kvDim) =>
-        (int)Math.Min(int.MaxValue, bytes / (2L * layers * BlockSize * kvDim * sizeof(float)));
+    public static int BlocksFor(long bytes, int layers, int kvDim, KvType type = KvType.F32) =>
+        (int)Math.Min(int.MaxValue, bytes / (2L * layers * BlockSize * kvDim * ElementBytes(type)));
 
-    public KvView View(int layer, int* blockTable) => new(_k[layer], _v[layer], KvDim, blockTable);
+    public KvView View(int layer, int* blockTable) => new(_k[layer], _v[layer], KvDim, Type, blockTable);
 
     public void Dispose()
     {

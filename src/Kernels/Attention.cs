@@ -4,49 +4,69 @@ using System.Runtime.Intrinsics;
 
 namespace MiniLlm.Kernels;
 
+/// <summary>Element type of the KV cache: fp32, or bf16 (half the memory, keys and values rounded to nearest even).</summary>
+public enum KvType { F32, BF16 }
+
 /// <summary>
 /// Where one layer's keys and values live. Positions come in tiles of <see cref="Tile"/> (16, one Vector512 of
 /// fp32): a tile's keys are stored transposed, [g][hd][16], so the scores of 16 keys are hd broadcast-FMAs with no
 /// horizontal sums; its values are plain rows, [16][g·hd]. Tiles are contiguous (no block table) or found through
-/// a block table (paged cache: one block = one tile).
+/// a block table (paged cache: one block = one tile). Elements are fp32 or bf16 (<see cref="Type"/>).
 /// </summary>
 public readonly unsafe struct KvView
 {
     public const int Tile = 16;
 
-    public readonly float* K;            // tile t's keys at K + phys(t)·TileFloats
-    public readonly float* V;            // tile t's values at V + phys(t)·TileFloats
+    public readonly byte* K;             // tile t's keys at K + phys(t)·TileBytes
+    public readonly byte* V;             // tile t's values at V + phys(t)·TileBytes
     public readonly int* BlockTable;     // null: phys(t) = t; else phys(t) = BlockTable[t]
-    public readonly int KvDim;           // g·hd floats per position
+    public readonly int KvDim;           // g·hd elements per position
+    public readonly KvType Type;
 
-    public KvView(float* k, float* v, int kvDim, int* blockTable = null)
+    public KvView(float* k, float* v, int kvDim, int* blockTable = null) : this((byte*)k, (byte*)v, kvDim, KvType.F32, blockTable) { }
+
+    public KvView(byte* k, byte* v, int kvDim, KvType type, int* blockTable = null)
     {
-        K = k; V = v; KvDim = kvDim; BlockTable = blockTable;
+        K = k; V = v; KvDim = kvDim; Type = type; BlockTable = blockTable;
     }
 
-    public long TileFloats => (long)Tile * KvDim;
+    public int ElementBytes => Type == KvType.F32 ? 4 : 2;
+    public long TileBytes => (long)Tile * KvDim * ElementBytes;
 
     private long Phys(int tile) => BlockTable == null ? tile : BlockTable[tile];
 
     /// <summary>Keys of tile <paramref name="tile"/>: [g·hd][16], element e of the key at position 16·tile + r at [e·16 + r].</summary>
-    public float* KeyTile(int tile) => K + Phys(tile) * TileFloats;
+    public nint KeyTile(int tile) => (nint)(K + Phys(tile) * TileBytes);
 
     /// <summary>Values of tile <paramref name="tile"/>: [16][g·hd].</summary>
-    public float* ValueTile(int tile) => V + Phys(tile) * TileFloats;
+    public nint ValueTile(int tile) => (nint)(V + Phys(tile) * TileBytes);
 
-    public float* ValueRow(int pos) => ValueTile(pos / Tile) + (long)(pos % Tile) * KvDim;
+    public nint ValueRow(int pos) => ValueTile(pos / Tile) + (nint)((long)(pos % Tile) * KvDim * ElementBytes);
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private void Store(nint p, long i, float v)
+    {
+        if (Type == KvType.F32) ((float*)p)[i] = v;
+        else ((ushort*)p)[i] = Bf16.FromFloat(v);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private float Load(nint p, long i) => Type == KvType.F32 ? ((float*)p)[i] : Bf16.ToFloat(((ushort*)p)[i]);
 
     /// <summary>Stores the key and value rows ([g·hd] each) of position <paramref name="pos"/>.</summary>
     public void Write(int pos, float* key, float* value)
     {
-        float* kt = KeyTile(pos / Tile) + pos % Tile;
-        for (int e = 0; e < KvDim; e++) kt[(long)e * Tile] = key[e];
-        new ReadOnlySpan<float>(value, KvDim).CopyTo(new Span<float>(ValueRow(pos), KvDim));
+        nint kt = KeyTile(pos / Tile);
+        int r = pos % Tile;
+        for (int e = 0; e < KvDim; e++) Store(kt, (long)e * Tile + r, key[e]);
+        nint vr = ValueRow(pos);
+        if (Type == KvType.F32) new ReadOnlySpan<float>(value, KvDim).CopyTo(new Span<float>((void*)vr, KvDim));
+        else for (int e = 0; e < KvDim; e++) Store(vr, e, value[e]);
     }
 
     /// <summary>
     /// Stores <paramref name="count"/> consecutive positions from <paramref name="pos0"/>; k and v are [count × g·hd].
-    /// Whole tiles go through a block transpose that writes each 64-byte line of keys once.
+    /// Whole tiles go through a block transpose that writes each line of keys once.
     /// </summary>
     public void WriteRows(int pos0, int count, float* key, float* value)
     {
@@ -56,14 +76,16 @@ public readonly unsafe struct KvView
             int pos = pos0 + i;
             if (pos % Tile == 0 && count - i >= Tile)
             {
-                float* kt = KeyTile(pos / Tile);
+                nint kt = KeyTile(pos / Tile);
                 float* src = key + (long)i * kvd;
-                for (int e = 0; e < kvd; e++, kt += Tile)
+                for (int e = 0; e < kvd; e++)
                 {
                     float* s = src + e;
-                    for (int r = 0; r < Tile; r++) kt[r] = s[(long)r * kvd];
+                    for (int r = 0; r < Tile; r++) Store(kt, (long)e * Tile + r, s[(long)r * kvd]);
                 }
-                new ReadOnlySpan<float>(value + (long)i * kvd, Tile * kvd).CopyTo(new Span<float>(ValueTile(pos / Tile), Tile * kvd));
+                nint vt = ValueTile(pos / Tile);
+                if (Type == KvType.F32) new ReadOnlySpan<float>(value + (long)i * kvd, Tile * kvd).CopyTo(new Span<float>((void*)vt, Tile * kvd));
+                else for (long e = 0; e < (long)Tile * kvd; e++) Store(vt, e, value[(long)i * kvd + e]);
                 i += Tile;
             }
             else
@@ -75,7 +97,25 @@ public readonly unsafe struct KvView
     }
 
     /// <summary>Element <paramref name="e"/> of the key at <paramref name="pos"/> (for checks, not hot paths).</summary>
-    public float KeyAt(int pos, int e) => KeyTile(pos / Tile)[(long)e * Tile + pos % Tile];
+    public float KeyAt(int pos, int e) => Load(KeyTile(pos / Tile), (long)e * Tile + pos % Tile);
+
+    /// <summary>Element <paramref name="e"/> of the value at <paramref name="pos"/>.</summary>
+    public float ValueAt(int pos, int e) => Load(ValueRow(pos), e);
+}
+
+/// <summary>fp32 ↔ bf16, round to nearest even (NaN kept a quiet NaN).</summary>
+public static class Bf16
+{
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static ushort FromFloat(float f)
+    {
+        uint u = BitConverter.SingleToUInt32Bits(f);
+        if ((u & 0x7fffffff) > 0x7f800000) return (ushort)((u >> 16) | 0x40);
+        return (ushort)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static float ToFloat(ushort b) => BitConverter.UInt32BitsToSingle((uint)b << 16);
 }
 
 /// <summary>One sequence's part of an attention call: its rows in q/output, the position of the first, and its KV.</summary>
@@ -151,12 +191,19 @@ public sealed unsafe class Attention : ParallelJob
     {
         int si = 0;
         while (_firstChunk[si + 1] <= chunk) si++;   // few segments: a linear walk is cheapest
+        if (_segments[si].Kv.Type == KvType.F32) Execute<F32Load>(si, chunk, worker);
+        else Execute<Bf16Load>(si, chunk, worker);
+    }
+
+    private void Execute<TL>(int si, int chunk, int worker) where TL : IWeightLoad
+    {
         ref readonly var seg = ref _segments[si];
         int local = chunk - _firstChunk[si];
         int t = local / _heads, h = local % _heads;
         int row = seg.Row + t, pos = seg.Start + t, hd = _headDim;
         int kvh = h / (_heads / _kvHeads);
         var kv = seg.Kv;
+        int eb = kv.ElementBytes;
         float* q = _q + ((long)row * _heads + h) * hd;
         float* o = _out + ((long)row * _heads + h) * hd;
         int keys = pos + 1, tiles = (keys + KvView.Tile - 1) / KvView.Tile;
@@ -164,19 +211,20 @@ public sealed unsafe class Attention : ParallelJob
         {
             // scores[j] = q·k_j / √hd, 16 keys per tile
             for (int tile = 0; tile < tiles; tile++)
-                TileScores(q, kv.KeyTile(tile) + (long)kvh * hd * KvView.Tile, hd, _scale, scores + tile * KvView.Tile);
+                TileScores<TL>(q, kv.KeyTile(tile) + (nint)((long)kvh * hd * KvView.Tile * eb), hd, _scale, scores + tile * KvView.Tile);
             var p = new Span<float>(scores, keys);
             TensorPrimitives.SoftMax(p, p);
             // o = Σ_j p_j · v_j
-            if (SimdPolicy.Current == SimdPolicy.Isa.V512 && hd % 32 == 0) WeightedSumV512(kv, kvh * hd, hd, scores, keys, o);
+            if (SimdPolicy.Current == SimdPolicy.Isa.V512 && hd % 32 == 0) WeightedSumV512<TL>(kv, kvh * hd, hd, scores, keys, o);
             else
             {
                 new Span<float>(o, hd).Clear();
+                long rowBytes = (long)kv.KvDim * eb;
                 for (int tile = 0; tile < tiles; tile++)
                 {
-                    float* vt = kv.ValueTile(tile) + kvh * hd;
+                    nint vt = kv.ValueTile(tile) + (nint)((long)kvh * hd * eb);
                     int rows = Math.Min(KvView.Tile, keys - tile * KvView.Tile);
-                    for (int r = 0; r < rows; r++) Axpy(o, vt + (long)r * kv.KvDim, scores[tile * KvView.Tile + r], hd);
+                    for (int r = 0; r < rows; r++) Axpy<TL>(o, vt + (nint)(r * rowBytes), scores[tile * KvView.Tile + r], hd);
                 }
             }
         }
@@ -184,7 +232,7 @@ public sealed unsafe class Attention : ParallelJob
 
     /// <summary>16 scores from one transposed key tile [hd][16]: broadcast q[i] times row i of the tile.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void TileScores(float* q, float* kt, int hd, float scale, float* dst)
+    private static void TileScores<TL>(float* q, nint kt, int hd, float scale, float* dst) where TL : IWeightLoad
     {
         switch (SimdPolicy.Current)
         {
@@ -195,12 +243,12 @@ public sealed unsafe class Attention : ParallelJob
                 int i = 0;
                 for (; i + 4 <= hd; i += 4)
                 {
-                    a0 = Vector512.FusedMultiplyAdd(Vector512.Create(q[i]), Vector512.Load(kt + i * 16), a0);
-                    a1 = Vector512.FusedMultiplyAdd(Vector512.Create(q[i + 1]), Vector512.Load(kt + i * 16 + 16), a1);
-                    a2 = Vector512.FusedMultiplyAdd(Vector512.Create(q[i + 2]), Vector512.Load(kt + i * 16 + 32), a2);
-                    a3 = Vector512.FusedMultiplyAdd(Vector512.Create(q[i + 3]), Vector512.Load(kt + i * 16 + 48), a3);
+                    a0 = Vector512.FusedMultiplyAdd(Vector512.Create(q[i]), TL.Load512(kt, i * 16), a0);
+                    a1 = Vector512.FusedMultiplyAdd(Vector512.Create(q[i + 1]), TL.Load512(kt, i * 16 + 16), a1);
+                    a2 = Vector512.FusedMultiplyAdd(Vector512.Create(q[i + 2]), TL.Load512(kt, i * 16 + 32), a2);
+                    a3 = Vector512.FusedMultiplyAdd(Vector512.Create(q[i + 3]), TL.Load512(kt, i * 16 + 48), a3);
                 }
-                for (; i < hd; i++) a0 = Vector512.FusedMultiplyAdd(Vector512.Create(q[i]), Vector512.Load(kt + i * 16), a0);
+                for (; i < hd; i++) a0 = Vector512.FusedMultiplyAdd(Vector512.Create(q[i]), TL.Load512(kt, i * 16), a0);
                 ((a0 + a1 + (a2 + a3)) * scale).Store(dst);
                 break;
             }
@@ -210,8 +258,8 @@ public sealed unsafe class Attention : ParallelJob
                 for (int i = 0; i < hd; i++)
                 {
                     var b = Vector256.Create(q[i]);
-                    a0 = Vector256.FusedMultiplyAdd(b, Vector256.Load(kt + i * 16), a0);
-                    a1 = Vector256.FusedMultiplyAdd(b, Vector256.Load(kt + i * 16 + 8), a1);
+                    a0 = Vector256.FusedMultiplyAdd(b, TL.Load256(kt, i * 16), a0);
+                    a1 = Vector256.FusedMultiplyAdd(b, TL.Load256(kt, i * 16 + 8), a1);
                 }
                 (a0 * scale).Store(dst);
                 (a1 * scale).Store(dst + 8);
@@ -221,7 +269,7 @@ public sealed unsafe class Attention : ParallelJob
                 for (int c = 0; c < 16; c++)
                 {
                     float s = 0;
-                    for (int i = 0; i < hd; i++) s = MathF.FusedMultiplyAdd(q[i], kt[i * 16 + c], s);
+                    for (int i = 0; i < hd; i++) s = MathF.FusedMultiplyAdd(q[i], TL.Load1(kt, i * 16 + c), s);
                     dst[c] = s * scale;
                 }
                 break;
@@ -232,30 +280,30 @@ public sealed unsafe class Attention : ParallelJob
     /// o[0..hd) = Σ_j p[j] · v_j[offset..offset+hd), hd a multiple of 32: the output stays in registers, 32 floats
     /// at a time, with keys taken two at a time into separate accumulators (four independent FMA chains).
     /// </summary>
-    private static void WeightedSumV512(in KvView kv, int offset, int hd, float* p, int keys, float* o)
+    private static void WeightedSumV512<TL>(in KvView kv, int offset, int hd, float* p, int keys, float* o) where TL : IWeightLoad
     {
-        long stride = kv.KvDim;
+        long stride = (long)kv.KvDim * kv.ElementBytes;   // bytes from one position's values to the next
         for (int c = 0; c < hd; c += 32)
         {
             Vector512<float> a0 = default, a1 = default, b0 = default, b1 = default;
             for (int tile = 0, j = 0; j < keys; tile++)
             {
-                float* v = kv.ValueTile(tile) + offset + c;
+                nint v = kv.ValueTile(tile) + (nint)((long)offset * kv.ElementBytes);
                 int end = Math.Min(keys, j + KvView.Tile);
-                for (; j + 1 < end; j += 2, v += 2 * stride)
+                for (; j + 1 < end; j += 2, v += (nint)(2 * stride))
                 {
                     var pj = Vector512.Create(p[j]);
                     var pk = Vector512.Create(p[j + 1]);
-                    a0 = Vector512.FusedMultiplyAdd(Vector512.Load(v), pj, a0);
-                    a1 = Vector512.FusedMultiplyAdd(Vector512.Load(v + 16), pj, a1);
-                    b0 = Vector512.FusedMultiplyAdd(Vector512.Load(v + stride), pk, b0);
-                    b1 = Vector512.FusedMultiplyAdd(Vector512.Load(v + stride + 16), pk, b1);
+                    a0 = Vector512.FusedMultiplyAdd(TL.Load512(v, c), pj, a0);
+                    a1 = Vector512.FusedMultiplyAdd(TL.Load512(v, c + 16), pj, a1);
+                    b0 = Vector512.FusedMultiplyAdd(TL.Load512(v + (nint)stride, c), pk, b0);
+                    b1 = Vector512.FusedMultiplyAdd(TL.Load512(v + (nint)stride, c + 16), pk, b1);
                 }
                 if (j < end)
                 {
                     var pj = Vector512.Create(p[j]);
-                    a0 = Vector512.FusedMultiplyAdd(Vector512.Load(v), pj, a0);
-                    a1 = Vector512.FusedMultiplyAdd(Vector512.Load(v + 16), pj, a1);
+                    a0 = Vector512.FusedMultiplyAdd(TL.Load512(v, c), pj, a0);
+                    a1 = Vector512.FusedMultiplyAdd(TL.Load512(v, c + 16), pj, a1);
                     j++;
                 }
             }
@@ -266,19 +314,19 @@ public sealed unsafe class Attention : ParallelJob
 
     /// <summary>o[0..n) += p · v[0..n).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void Axpy(float* o, float* v, float p, int n)
+    private static void Axpy<TL>(float* o, nint v, float p, int n) where TL : IWeightLoad
     {
         int c = 0;
         if (SimdPolicy.Current == SimdPolicy.Isa.V512)
         {
             var pv = Vector512.Create(p);
-            for (; c + 16 <= n; c += 16) Vector512.FusedMultiplyAdd(Vector512.Load(v + c), pv, Vector512.Load(o + c)).Store(o + c);
+            for (; c + 16 <= n; c += 16) Vector512.FusedMultiplyAdd(TL.Load512(v, c), pv, Vector512.Load(o + c)).Store(o + c);
         }
         else if (SimdPolicy.Current == SimdPolicy.Isa.V256)
         {
             var pv = Vector256.Create(p);
-            for (; c + 8 <= n; c += 8) Vector256.FusedMultiplyAdd(Vector256.Load(v + c), pv, Vector256.Load(o + c)).Store(o + c);
+            for (; c + 8 <= n; c += 8) Vector256.FusedMultiplyAdd(TL.Load256(v, c), pv, Vector256.Load(o + c)).Store(o + c);
         }
-        for (; c < n; c++) o[c] = MathF.FusedMultiplyAdd(v[c], p, o[c]);
+        for (; c < n; c++) o[c] = MathF.FusedMultiplyAdd(TL.Load1(v, c), p, o[c]);
     }
 }

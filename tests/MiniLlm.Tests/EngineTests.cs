@@ -54,6 +54,23 @@ public class EngineTests
     }
 
     [Fact]
+    public void Bf16KvHoldsTwiceTheBlocksAndBatchesExactly()
+    {
+        using var m = Kjv();
+        var prompts = Prompts.Select(p => m.Tokenizer.Encode(p)).ToArray();
+        var opts = new EngineOptions { KvType = MiniLlm.Kernels.KvType.BF16, KvMemoryBytes = 8 << 20, MaxBatchedTokens = 128 };
+        using (var f32 = new LlmEngine(m, opts with { KvType = MiniLlm.Kernels.KvType.F32 }))
+        using (var bf16 = new LlmEngine(m, opts))
+            Assert.Equal(2 * f32.Pool.Blocks, bf16.Pool.Blocks);
+        var alone = prompts.Select(p => RunAll(m, opts, [p], 32).Values.Single()).ToArray();
+        var together = RunAll(m, opts with { MaxBatchedTokens = 7 }, prompts, 32);
+        for (int i = 0; i < prompts.Length; i++) Assert.Equal(alone[i], together[i]);
+        // bf16 keys and values change the numbers only slightly: the first greedy tokens are the fp32 ones
+        var fp32 = RunAll(m, opts with { KvType = MiniLlm.Kernels.KvType.F32 }, [prompts[0]], 32).Values.Single();
+        Assert.Equal(fp32.Take(8), alone[0].Take(8));
+    }
+
+    [Fact]
     public void PreemptionUnderATinyPoolStillGivesTheSameOutputs()
     {
         using var m = Kjv();

@@ -208,58 +208,65 @@ public unsafe class KernelTests
         int tiles = (ctx + B - 1) / B, poolTiles = tiles + 3;
         var table = Enumerable.Range(0, tiles).Select(i => poolTiles - 1 - 2 * i % poolTiles).ToArray();
         if (table.Distinct().Count() != tiles) table = Enumerable.Range(0, tiles).Reverse().ToArray();
-        var kPool = new float[poolTiles * B * kvd];
-        var vPool = new float[poolTiles * B * kvd];
+        var kPool = new byte[poolTiles * B * kvd * 4];
+        var vPool = new byte[poolTiles * B * kvd * 4];
 
-        foreach (var isa in new[] { SimdPolicy.Isa.V512, SimdPolicy.Isa.V256, SimdPolicy.Isa.Scalar })
+        foreach (var kvType in new[] { KvType.F32, KvType.BF16 })
         {
-            var output = new float[S * H * hd];
-            SimdPolicy.Force(isa);
-            try
+            // bf16 storage rounds keys and values: the reference uses the rounded values.
+            var kRef = kvType == KvType.F32 ? keys : keys.Select(v => TestSafetensors.RoundTo(v, "BF16")).ToArray();
+            var vRef = kvType == KvType.F32 ? vals : vals.Select(v => TestSafetensors.RoundTo(v, "BF16")).ToArray();
+            foreach (var isa in new[] { SimdPolicy.Isa.V512, SimdPolicy.Isa.V256, SimdPolicy.Isa.Scalar })
             {
-                using var pool = new WorkerPool(2);
-                var att = new Attention(pool, 128);
-                fixed (float* qp = q, kp = keys, vp = vals, op = output, kpp = kPool, vpp = vPool)
-                fixed (int* tp = table)
+                var output = new float[S * H * hd];
+                SimdPolicy.Force(isa);
+                try
                 {
-                    var view = new KvView(kpp, vpp, kvd, paged ? tp : null);
-                    // Rows in uneven batches (some spanning whole tiles), as prefill chunks and decode steps write them.
-                    for (int p = 0; p < ctx;)
+                    using var pool = new WorkerPool(2);
+                    var att = new Attention(pool, 128);
+                    fixed (float* qp = q, kp = keys, vp = vals, op = output)
+                    fixed (byte* kpp = kPool, vpp = vPool)
+                    fixed (int* tp = table)
                     {
-                        int n = Math.Min(ctx - p, 1 + p * 7 % 37);
-                        view.WriteRows(p, n, kp + p * kvd, vp + p * kvd);
-                        p += n;
-                    }
-                    for (int p = 0; p < ctx; p++)
-                        for (int e = 0; e < kvd; e++)
+                        var view = new KvView(kpp, vpp, kvd, kvType, paged ? tp : null);
+                        // Rows in uneven batches (some spanning whole tiles), as prefill chunks and decode steps write them.
+                        for (int p = 0; p < ctx;)
                         {
-                            Assert.Equal(keys[p * kvd + e], view.KeyAt(p, e));
-                            Assert.Equal(vals[p * kvd + e], view.ValueRow(p)[e]);
+                            int n = Math.Min(ctx - p, 1 + p * 7 % 37);
+                            view.WriteRows(p, n, kp + p * kvd, vp + p * kvd);
+                            p += n;
                         }
-                    att.Run(qp, S, start, H, G, hd, view, op);
+                        for (int p = 0; p < ctx; p++)
+                            for (int e = 0; e < kvd; e++)
+                            {
+                                Assert.Equal(kRef[p * kvd + e], view.KeyAt(p, e));
+                                Assert.Equal(vRef[p * kvd + e], view.ValueAt(p, e));
+                            }
+                        att.Run(qp, S, start, H, G, hd, view, op);
+                    }
                 }
-            }
-            finally { SimdPolicy.Reset(); }
+                finally { SimdPolicy.Reset(); }
 
-            for (int t = 0; t < S; t++)
-                for (int h = 0; h < H; h++)
-                {
-                    int g = h / (H / G), pos = start + t;
-                    var scores = new double[pos + 1];
-                    for (int j = 0; j <= pos; j++)
+                for (int t = 0; t < S; t++)
+                    for (int h = 0; h < H; h++)
                     {
-                        double s = 0;
-                        for (int i = 0; i < hd; i++) s += (double)q[(t * H + h) * hd + i] * keys[j * kvd + g * hd + i];
-                        scores[j] = s / Math.Sqrt(hd);
+                        int g = h / (H / G), pos = start + t;
+                        var scores = new double[pos + 1];
+                        for (int j = 0; j <= pos; j++)
+                        {
+                            double sc = 0;
+                            for (int i = 0; i < hd; i++) sc += (double)q[(t * H + h) * hd + i] * kRef[j * kvd + g * hd + i];
+                            scores[j] = sc / Math.Sqrt(hd);
+                        }
+                        double max = scores.Max(), sum = scores.Sum(v => Math.Exp(v - max));
+                        for (int i = 0; i < hd; i++)
+                        {
+                            double o = 0;
+                            for (int j = 0; j <= pos; j++) o += Math.Exp(scores[j] - max) / sum * vRef[j * kvd + g * hd + i];
+                            Assert.True(Math.Abs(o - output[(t * H + h) * hd + i]) < 1e-5, $"{kvType} {isa} t={t} h={h} i={i}: {output[(t * H + h) * hd + i]} vs {o}");
+                        }
                     }
-                    double max = scores.Max(), sum = scores.Sum(v => Math.Exp(v - max));
-                    for (int i = 0; i < hd; i++)
-                    {
-                        double o = 0;
-                        for (int j = 0; j <= pos; j++) o += Math.Exp(scores[j] - max) / sum * vals[j * kvd + g * hd + i];
-                        Assert.True(Math.Abs(o - output[(t * H + h) * hd + i]) < 1e-5, $"{isa} t={t} h={h} i={i}: {output[(t * H + h) * hd + i]} vs {o}");
-                    }
-                }
+            }
         }
     }
 
