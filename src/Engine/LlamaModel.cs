@@ -67,7 +67,7 @@ public sealed unsafe class LlamaModel : IDisposable
     public bool BatchInvariant
     {
         get => _matmul.BatchInvariant;
-        set => _matmul.BatchInvariant = value;
+        set => _matmul.BatchInvariant = _attention.BatchInvariant = value;
     }
 
     /// <summary>Q8 decode with int8 activations and VNNI dot products instead of fp32 activations (see <see cref="MatMul.Q8Int8Activations"/>).</summary>

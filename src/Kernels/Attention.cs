@@ -135,7 +135,9 @@ public readonly struct AttentionSegment(int row, int count, int start, KvView kv
 public sealed unsafe class Attention : ParallelJob
 {
     private readonly WorkerPool _pool;
-    private readonly float[][] _scores;   // per worker: [maxContext]
+    private const int RowsPerChunk = 4;   // query rows that share each key/value tile load
+    private readonly float[][] _scores;   // per worker: [RowsPerChunk × maxContext (padded to tiles)]
+    private readonly int _stride;         // floats between two rows' scores
     private AttentionSegment[] _segments = new AttentionSegment[1];
     private int[] _firstChunk = new int[2];   // prefix sums of Count·heads per segment
     private int _segmentCount;
@@ -145,13 +147,16 @@ public sealed unsafe class Attention : ParallelJob
 
     public int MaxContext { get; }
 
+    /// <summary>Every row takes the single-row path, so its result cannot depend on which rows share its work item.</summary>
+    public bool BatchInvariant { get; set; }
+
     public Attention(WorkerPool pool, int maxContext)
     {
         _pool = pool;
         MaxContext = maxContext;
         _scores = new float[pool.Threads][];
-        int padded = (maxContext + KvView.Tile - 1) / KvView.Tile * KvView.Tile;
-        for (int i = 0; i < _scores.Length; i++) _scores[i] = GC.AllocateUninitializedArray<float>(padded, pinned: true);
+        _stride = (maxContext + KvView.Tile - 1) / KvView.Tile * KvView.Tile;
+        for (int i = 0; i < _scores.Length; i++) _scores[i] = GC.AllocateUninitializedArray<float>(RowsPerChunk * _stride, pinned: true);
     }
 
     /// <summary>One sequence: rows 0..s−1 at positions start..start+s−1.</summary>
@@ -176,7 +181,7 @@ public sealed unsafe class Attention : ParallelJob
                 throw new ArgumentOutOfRangeException(nameof(segments), $"positions up to {g.Start + g.Count} exceed the attention scratch ({MaxContext})");
             _segments[i] = g;
             _firstChunk[i] = chunks;
-            chunks += g.Count * heads;
+            chunks += (g.Count + RowsPerChunk - 1) / RowsPerChunk * heads;
             work += (long)g.Count * heads * (g.Start + g.Count) * headDim;
         }
         _firstChunk[segments.Length] = chunks;
@@ -199,34 +204,111 @@ public sealed unsafe class Attention : ParallelJob
     {
         ref readonly var seg = ref _segments[si];
         int local = chunk - _firstChunk[si];
-        int t = local / _heads, h = local % _heads;
-        int row = seg.Row + t, pos = seg.Start + t, hd = _headDim;
-        int kvh = h / (_heads / _kvHeads);
+        int g = local / _heads, h = local % _heads;
+        int t0 = g * RowsPerChunk, rows = Math.Min(RowsPerChunk, seg.Count - t0);
+        int hd = _headDim, kvh = h / (_heads / _kvHeads);
         var kv = seg.Kv;
         int eb = kv.ElementBytes;
-        float* q = _q + ((long)row * _heads + h) * hd;
-        float* o = _out + ((long)row * _heads + h) * hd;
-        int keys = pos + 1, tiles = (keys + KvView.Tile - 1) / KvView.Tile;
-        fixed (float* scores = _scores[worker])
+        int lastKeys = seg.Start + t0 + rows;                 // the group's last row sees the most keys
+        int tiles = (lastKeys + KvView.Tile - 1) / KvView.Tile;
+        nint kHead = (nint)((long)kvh * hd * KvView.Tile * eb);
+        bool four = rows == RowsPerChunk && SimdPolicy.Current == SimdPolicy.Isa.V512 && !BatchInvariant;
+        fixed (float* scratch = _scores[worker])
         {
-            // scores[j] = q·k_j / √hd, 16 keys per tile
+            // scores[i][j] = q_i·k_j / √hd: with four rows, each key tile row is loaded once for all four queries.
+            float* q0 = Q(seg.Row + t0, h);
             for (int tile = 0; tile < tiles; tile++)
-                TileScores<TL>(q, kv.KeyTile(tile) + (nint)((long)kvh * hd * KvView.Tile * eb), hd, _scale, scores + tile * KvView.Tile);
-            var p = new Span<float>(scores, keys);
-            TensorPrimitives.SoftMax(p, p);
-            // o = Σ_j p_j · v_j
-            if (SimdPolicy.Current == SimdPolicy.Isa.V512 && hd % 32 == 0) WeightedSumV512<TL>(kv, kvh * hd, hd, scores, keys, o);
-            else
             {
-                new Span<float>(o, hd).Clear();
-                long rowBytes = (long)kv.KvDim * eb;
-                for (int tile = 0; tile < tiles; tile++)
+                nint kt = kv.KeyTile(tile) + kHead;
+                if (four) TileScores4<TL>(q0, _heads * hd, kt, hd, _scale, scratch + tile * KvView.Tile, _stride);
+                else
+                    for (int i = 0; i < rows; i++) TileScores<TL>(Q(seg.Row + t0 + i, h), kt, hd, _scale, scratch + i * _stride + tile * KvView.Tile);
+            }
+            // Causal softmax per row; probabilities past a row's own position are zero, so the rows can share ·V.
+            for (int i = 0; i < rows; i++)
+            {
+                int keys = seg.Start + t0 + i + 1;
+                var p = new Span<float>(scratch + i * _stride, keys);
+                TensorPrimitives.SoftMax(p, p);
+                new Span<float>(scratch + i * _stride + keys, lastKeys - keys).Clear();
+            }
+            // o_i = Σ_j p_i[j] · v_j
+            if (four && hd % 32 == 0) WeightedSum4<TL>(kv, kvh * hd, hd, scratch, _stride, lastKeys, O(seg.Row + t0, h), _heads * hd);
+            else
+                for (int i = 0; i < rows; i++)
                 {
-                    nint vt = kv.ValueTile(tile) + (nint)((long)kvh * hd * eb);
-                    int rows = Math.Min(KvView.Tile, keys - tile * KvView.Tile);
-                    for (int r = 0; r < rows; r++) Axpy<TL>(o, vt + (nint)(r * rowBytes), scores[tile * KvView.Tile + r], hd);
+                    int keys = seg.Start + t0 + i + 1;
+                    float* o = O(seg.Row + t0 + i, h);
+                    float* sp = scratch + i * _stride;
+                    if (SimdPolicy.Current == SimdPolicy.Isa.V512 && hd % 32 == 0) WeightedSumV512<TL>(kv, kvh * hd, hd, sp, keys, o);
+                    else
+                    {
+                        new Span<float>(o, hd).Clear();
+                        long rowBytes = (long)kv.KvDim * eb;
+                        for (int tile = 0; tile * KvView.Tile < keys; tile++)
+                        {
+                            nint vt = kv.ValueTile(tile) + (nint)((long)kvh * hd * eb);
+                            int n = Math.Min(KvView.Tile, keys - tile * KvView.Tile);
+                            for (int r = 0; r < n; r++) Axpy<TL>(o, vt + (nint)(r * rowBytes), sp[tile * KvView.Tile + r], hd);
+                        }
+                    }
+                }
+        }
+    }
+
+    private float* Q(int row, int h) => _q + ((long)row * _heads + h) * _headDim;
+    private float* O(int row, int h) => _out + ((long)row * _heads + h) * _headDim;
+
+    /// <summary>Scores of four consecutive query rows (q0, q0+qStride, …) against one key tile: four chains, one load per tile row.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void TileScores4<TL>(float* q0, int qStride, nint kt, int hd, float scale, float* dst, int dstStride) where TL : IWeightLoad
+    {
+        float* q1 = q0 + qStride, q2 = q1 + qStride, q3 = q2 + qStride;
+        Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default;
+        for (int i = 0; i < hd; i++)
+        {
+            var k = TL.Load512(kt, i * 16);
+            a0 = Vector512.FusedMultiplyAdd(Vector512.Create(q0[i]), k, a0);
+            a1 = Vector512.FusedMultiplyAdd(Vector512.Create(q1[i]), k, a1);
+            a2 = Vector512.FusedMultiplyAdd(Vector512.Create(q2[i]), k, a2);
+            a3 = Vector512.FusedMultiplyAdd(Vector512.Create(q3[i]), k, a3);
+        }
+        (a0 * scale).Store(dst);
+        (a1 * scale).Store(dst + dstStride);
+        (a2 * scale).Store(dst + 2 * dstStride);
+        (a3 * scale).Store(dst + 3 * dstStride);
+    }
+
+    /// <summary>Four rows' o = Σ_j p[j]·v_j over the same keys (p zero past each row's own position): each value vector loaded once.</summary>
+    private static void WeightedSum4<TL>(in KvView kv, int offset, int hd, float* p, int pStride, int keys, float* o, int oStride) where TL : IWeightLoad
+    {
+        long stride = (long)kv.KvDim * kv.ElementBytes;
+        float* p1 = p + pStride, p2 = p1 + pStride, p3 = p2 + pStride;
+        for (int c = 0; c < hd; c += 32)
+        {
+            Vector512<float> a0 = default, a1 = default, b0 = default, b1 = default, c0 = default, c1 = default, d0 = default, d1 = default;
+            for (int tile = 0, j = 0; j < keys; tile++)
+            {
+                nint v = kv.ValueTile(tile) + (nint)((long)offset * kv.ElementBytes);
+                int end = Math.Min(keys, j + KvView.Tile);
+                for (; j < end; j++, v += (nint)stride)
+                {
+                    var lo = TL.Load512(v, c);
+                    var hi = TL.Load512(v, c + 16);
+                    var w = Vector512.Create(p[j]);
+                    a0 = Vector512.FusedMultiplyAdd(lo, w, a0); a1 = Vector512.FusedMultiplyAdd(hi, w, a1);
+                    w = Vector512.Create(p1[j]);
+                    b0 = Vector512.FusedMultiplyAdd(lo, w, b0); b1 = Vector512.FusedMultiplyAdd(hi, w, b1);
+                    w = Vector512.Create(p2[j]);
+                    c0 = Vector512.FusedMultiplyAdd(lo, w, c0); c1 = Vector512.FusedMultiplyAdd(hi, w, c1);
+                    w = Vector512.Create(p3[j]);
+                    d0 = Vector512.FusedMultiplyAdd(lo, w, d0); d1 = Vector512.FusedMultiplyAdd(hi, w, d1);
                 }
             }
+            a0.Store(o + c); a1.Store(o + c + 16);
+            b0.Store(o + oStride + c); b1.Store(o + oStride + c + 16);
+            c0.Store(o + 2 * oStride + c); c1.Store(o + 2 * oStride + c + 16);
+            d0.Store(o + 3 * oStride + c); d1.Store(o + 3 * oStride + c + 16);
         }
     }
 
