@@ -38,6 +38,9 @@ public sealed unsafe class MatMul : ParallelJob
     /// <summary>From this many rows on, the packed outer-product GEMM beats the dot-product tiles.</summary>
     public static int PackedMinRows { get; set; } = 32;
 
+    /// <summary>While the 4×4 tiles work on one weight panel, prefetch the next panel's bytes at the same offsets.</summary>
+    public static bool PrefetchNextPanel { get; set; } = true;
+
     /// <summary>
     /// Every output element is summed in the same order whatever M is (the dot-product tiles for all sizes, no
     /// packed GEMM, no multi-accumulator GEMV), so a sequence's logits do not depend on what it is batched with.
@@ -329,8 +332,15 @@ public sealed unsafe class MatMul : ParallelJob
             for (; n + 4 <= n1; n += 4)
             {
                 nint w0 = w.Row(n), w1 = w.Row(n + 1), w2 = w.Row(n + 2), w3 = w.Row(n + 3);
+                // The next panel is contiguous after this one: its bytes start where row n+3's end.
+                nint next = PrefetchNextPanel && n + 8 <= n1 && Sse.IsSupported ? w.Row(n + 4) : 0;
+                long panelBytes = 4 * w.RowBytes;
                 int m = m0;
-                for (; m + 4 <= m1; m += 4) Tile4x4(x + (long)m * K, K, w0, w1, w2, w3, y + (long)m * N + n, N);
+                for (; m + 4 <= m1; m += 4)
+                {
+                    Tile4x4(x + (long)m * K, K, w0, w1, w2, w3, y + (long)m * N + n, N, next, panelBytes);
+                    next = 0;   // the first pass over the panel has asked for the next one
+                }
                 for (; m < m1; m++) Tile1x4(x + (long)m * K, K, w0, w1, w2, w3, y + (long)m * N + n);
             }
             for (; n < n1; n++)
@@ -354,8 +364,11 @@ public sealed unsafe class MatMul : ParallelJob
         }
 
         [MethodImpl(MethodImplOptions.AggressiveInlining | MethodImplOptions.AggressiveOptimization)]
-        private static void Tile4x4(float* x, int K, nint w0, nint w1, nint w2, nint w3, float* y, int ldy)
+        private static void Tile4x4(float* x, int K, nint w0, nint w1, nint w2, nint w3, float* y, int ldy, nint prefetch = 0, long prefetchBytes = 0)
         {
+            // Spread the next panel's prefetches over this panel's k-steps: one 64-byte line per step.
+            long pfStep = prefetch == 0 ? 0 : Math.Max(64, (prefetchBytes + (K / S.Width) - 1) / Math.Max(1, K / S.Width) + 63 & ~63L);
+            long pfAt = 0;
             TV c00 = S.Zero, c01 = S.Zero, c02 = S.Zero, c03 = S.Zero;
             TV c10 = S.Zero, c11 = S.Zero, c12 = S.Zero, c13 = S.Zero;
             TV c20 = S.Zero, c21 = S.Zero, c22 = S.Zero, c23 = S.Zero;
@@ -364,6 +377,11 @@ public sealed unsafe class MatMul : ParallelJob
             int W = S.Width, k = 0;
             for (; k + W <= K; k += W)
             {
+                if (prefetch != 0 && pfAt < prefetchBytes)
+                {
+                    for (long b = 0; b < pfStep; b += 64) Sse.Prefetch0((void*)(prefetch + (nint)(pfAt + b)));
+                    pfAt += pfStep;
+                }
                 TV b0 = S.LoadW<TL>(w0, k), b1 = S.LoadW<TL>(w1, k), b2 = S.LoadW<TL>(w2, k), b3 = S.LoadW<TL>(w3, k);
                 TV a = S.Load(x0 + k);
                 c00 = S.Fma(a, b0, c00); c01 = S.Fma(a, b1, c01); c02 = S.Fma(a, b2, c02); c03 = S.Fma(a, b3, c03);
