@@ -341,7 +341,11 @@ public sealed unsafe class MatMul : ParallelJob
                     Tile4x4(x + (long)m * K, K, w0, w1, w2, w3, y + (long)m * N + n, N, next, panelBytes);
                     next = 0;   // the first pass over the panel has asked for the next one
                 }
-                for (; m < m1; m++) Tile1x4(x + (long)m * K, K, w0, w1, w2, w3, y + (long)m * N + n);
+                for (; m < m1; m++)
+                {
+                    Tile1x4(x + (long)m * K, K, w0, w1, w2, w3, y + (long)m * N + n, next, panelBytes);
+                    next = 0;
+                }
             }
             for (; n < n1; n++)
                 for (int m = m0; m < m1; m++) y[(long)m * N + n] = Dot(x + (long)m * K, w.Row(n), K);
@@ -403,12 +407,19 @@ public sealed unsafe class MatMul : ParallelJob
 
         /// <summary>One X row against 4 W rows: the GEMV inner loop, 4 independent accumulator chains.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining | MethodImplOptions.AggressiveOptimization)]
-        private static void Tile1x4(float* x, int K, nint w0, nint w1, nint w2, nint w3, float* y)
+        private static void Tile1x4(float* x, int K, nint w0, nint w1, nint w2, nint w3, float* y, nint prefetch = 0, long prefetchBytes = 0)
         {
             TV c0 = S.Zero, c1 = S.Zero, c2 = S.Zero, c3 = S.Zero;
             int W = S.Width, k = 0;
+            long pfStep = prefetch == 0 ? 0 : Math.Max(64, (prefetchBytes + (K / W) - 1) / Math.Max(1, K / W) + 63 & ~63L);
+            long pfAt = 0;
             for (; k + W <= K; k += W)
             {
+                if (prefetch != 0 && pfAt < prefetchBytes)
+                {
+                    for (long b = 0; b < pfStep; b += 64) Sse.Prefetch0((void*)(prefetch + (nint)(pfAt + b)));
+                    pfAt += pfStep;
+                }
                 TV a = S.Load(x + k);
                 c0 = S.Fma(a, S.LoadW<TL>(w0, k), c0);
                 c1 = S.Fma(a, S.LoadW<TL>(w1, k), c1);
