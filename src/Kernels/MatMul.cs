@@ -205,14 +205,7 @@ public sealed unsafe class MatMul : ParallelJob
             _xqLength = k;
         }
         for (int b = 0; b < k / Q8Load.Block; b++)
-        {
-            float* xb = x + b * Q8Load.Block;
-            float amax = 0;
-            for (int i = 0; i < Q8Load.Block; i++) amax = Math.Max(amax, Math.Abs(xb[i]));
-            float d = amax / 127f, inv = d == 0 ? 0 : 1 / d;
-            _xScale[b] = d;
-            for (int i = 0; i < Q8Load.Block; i++) _xq[b * Q8Load.Block + i] = (sbyte)Math.Clamp((int)MathF.Round(xb[i] * inv), -127, 127);
-        }
+            _xScale[b] = Q8Load.QuantizeBlock(new ReadOnlySpan<float>(x + b * Q8Load.Block, Q8Load.Block), _xq + b * Q8Load.Block);
     }
 
     /// <summary>
@@ -317,6 +310,24 @@ public sealed unsafe class MatMul : ParallelJob
         }
     }
 
+    /// <summary>
+    /// Asks for the next weight panel's bytes a slice per k-step, spread over one pass of the current panel, so
+    /// they arrive while it is being computed. Inactive when the address is 0.
+    /// </summary>
+    private struct PanelPrefetch(nint address, long bytes, int steps)
+    {
+        private readonly long _slice = address == 0 ? 0 : Math.Max(64, (bytes + steps - 1) / Math.Max(1, steps) + 63 & ~63L);
+        private long _done;
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public void Step()
+        {
+            if (address == 0 || _done >= bytes) return;
+            for (long b = 0; b < _slice; b += 64) Sse.Prefetch0((void*)(address + (nint)(_done + b)));
+            _done += _slice;
+        }
+    }
+
     private static class Tiles<S, TV, TL> where S : ISimd<TV> where TV : struct where TL : IWeightLoad
     {
         public static void Run(float* x, WeightMatrix w, float* y, int m0, int m1, int n0, int n1, bool invariant)
@@ -371,8 +382,7 @@ public sealed unsafe class MatMul : ParallelJob
         private static void Tile4x4(float* x, int K, nint w0, nint w1, nint w2, nint w3, float* y, int ldy, nint prefetch = 0, long prefetchBytes = 0)
         {
             // Spread the next panel's prefetches over this panel's k-steps: one 64-byte line per step.
-            long pfStep = prefetch == 0 ? 0 : Math.Max(64, (prefetchBytes + (K / S.Width) - 1) / Math.Max(1, K / S.Width) + 63 & ~63L);
-            long pfAt = 0;
+            var pf = new PanelPrefetch(prefetch, prefetchBytes, K / S.Width);
             TV c00 = S.Zero, c01 = S.Zero, c02 = S.Zero, c03 = S.Zero;
             TV c10 = S.Zero, c11 = S.Zero, c12 = S.Zero, c13 = S.Zero;
             TV c20 = S.Zero, c21 = S.Zero, c22 = S.Zero, c23 = S.Zero;
@@ -381,11 +391,7 @@ public sealed unsafe class MatMul : ParallelJob
             int W = S.Width, k = 0;
             for (; k + W <= K; k += W)
             {
-                if (prefetch != 0 && pfAt < prefetchBytes)
-                {
-                    for (long b = 0; b < pfStep; b += 64) Sse.Prefetch0((void*)(prefetch + (nint)(pfAt + b)));
-                    pfAt += pfStep;
-                }
+                pf.Step();
                 TV b0 = S.LoadW<TL>(w0, k), b1 = S.LoadW<TL>(w1, k), b2 = S.LoadW<TL>(w2, k), b3 = S.LoadW<TL>(w3, k);
                 TV a = S.Load(x0 + k);
                 c00 = S.Fma(a, b0, c00); c01 = S.Fma(a, b1, c01); c02 = S.Fma(a, b2, c02); c03 = S.Fma(a, b3, c03);
@@ -411,15 +417,10 @@ public sealed unsafe class MatMul : ParallelJob
         {
             TV c0 = S.Zero, c1 = S.Zero, c2 = S.Zero, c3 = S.Zero;
             int W = S.Width, k = 0;
-            long pfStep = prefetch == 0 ? 0 : Math.Max(64, (prefetchBytes + (K / W) - 1) / Math.Max(1, K / W) + 63 & ~63L);
-            long pfAt = 0;
+            var pf = new PanelPrefetch(prefetch, prefetchBytes, K / W);
             for (; k + W <= K; k += W)
             {
-                if (prefetch != 0 && pfAt < prefetchBytes)
-                {
-                    for (long b = 0; b < pfStep; b += 64) Sse.Prefetch0((void*)(prefetch + (nint)(pfAt + b)));
-                    pfAt += pfStep;
-                }
+                pf.Step();
                 TV a = S.Load(x + k);
                 c0 = S.Fma(a, S.LoadW<TL>(w0, k), c0);
                 c1 = S.Fma(a, S.LoadW<TL>(w1, k), c1);

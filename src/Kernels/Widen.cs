@@ -153,20 +153,22 @@ public unsafe struct Q8Load : IWeightLoad
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static Vector256<float> Broadcast256(nint row, int k) => Vector256.Create(Load1(row, k));
 
-    /// <summary>Quantizes one row of K fp32 weights (K a multiple of 32) into <paramref name="dst"/> (K/32·34 bytes).</summary>
+    /// <summary>Quantizes one row of K fp32 weights (K a multiple of 32) into <paramref name="dst"/> (K/32·36 bytes).</summary>
     public static void QuantizeRow(ReadOnlySpan<float> w, byte* dst)
     {
         if (w.Length % Block != 0) throw new ArgumentException($"Q8 needs rows that are a multiple of {Block} long, got {w.Length}");
         for (int b = 0; b < w.Length / Block; b++, dst += BlockBytes)
-        {
-            var blk = w.Slice(b * Block, Block);
-            float amax = 0;
-            foreach (var v in blk) amax = Math.Max(amax, Math.Abs(v));
-            float d = amax / 127f;
-            *(float*)dst = d;
-            float inv = d == 0 ? 0 : 1f / d;
-            for (int i = 0; i < Block; i++) ((sbyte*)(dst + Q))[i] = (sbyte)Math.Clamp((int)MathF.Round(blk[i] * inv), -127, 127);
-        }
+            *(float*)dst = QuantizeBlock(w.Slice(b * Block, Block), (sbyte*)(dst + Q));
+    }
+
+    /// <summary>The one rounding rule for weights and activations alike: 32 values → int8 with scale max|v|/127 (returned).</summary>
+    public static float QuantizeBlock(ReadOnlySpan<float> v, sbyte* q)
+    {
+        float amax = 0;
+        foreach (var x in v) amax = Math.Max(amax, Math.Abs(x));
+        float d = amax / 127f, inv = d == 0 ? 0 : 1f / d;
+        for (int i = 0; i < v.Length; i++) q[i] = (sbyte)Math.Clamp((int)MathF.Round(v[i] * inv), -127, 127);
+        return d;
     }
 }
 
