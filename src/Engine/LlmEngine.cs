@@ -56,7 +56,7 @@ public sealed class LlmEngine : IDisposable
         if (o.MaxBatchedTokens > model.MaxTokens)
             throw new ArgumentException($"max-batched-tokens {o.MaxBatchedTokens} exceeds the model's batch buffers ({model.MaxTokens}); load the model with a larger maxTokens", "max-batched-tokens");
         long bytes = o.KvMemoryBytes > 0 ? o.KvMemoryBytes
-            : Math.Min(4L << 30, (long)o.MaxSeqs * model.Context * 2 * c.NumHiddenLayers * c.KvDim * KvBlockPool.ElementBytes(o.KvType));
+            : Math.Min(4L << 30, (long)o.MaxSeqs * model.Context * KvBlockPool.BlockBytes(c.NumHiddenLayers, c.KvDim, o.KvType) / KvBlockPool.BlockSize);
         int blocks = KvBlockPool.BlocksFor(bytes, c.NumHiddenLayers, c.KvDim, o.KvType);
         if (blocks < 1) throw new ArgumentException($"kv-memory {bytes} bytes holds not even one block of {KvBlockPool.BlockSize} positions", "kv-memory");
         _pool = new KvBlockPool(c.NumHiddenLayers, c.KvDim, blocks, o.KvType);

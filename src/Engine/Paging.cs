@@ -19,9 +19,9 @@ public sealed unsafe class KvBlockPool : IDisposable
     public int Layers { get; }
     public int KvDim { get; }
     public KvType Type { get; }
-    public static int ElementBytes(KvType t) => t == KvType.F32 ? 4 : 2;
     /// <summary>Bytes of K and V for one block across all layers.</summary>
-    public long BytesPerBlock => 2L * Layers * BlockSize * KvDim * ElementBytes(Type);
+    public static long BlockBytes(int layers, int kvDim, KvType type) => 2L * layers * BlockSize * kvDim * KvView.SizeOf(type);
+    public long BytesPerBlock => BlockBytes(Layers, KvDim, Type);
     public long Bytes => BytesPerBlock * Blocks;
 
     public KvBlockPool(int layers, int kvDim, int blocks, KvType type = KvType.F32)
@@ -30,7 +30,7 @@ public sealed unsafe class KvBlockPool : IDisposable
         Layers = layers; KvDim = kvDim; Blocks = blocks; Type = type;
         _k = new byte*[layers];
         _v = new byte*[layers];
-        nuint bytes = (nuint)((long)blocks * BlockSize * kvDim * ElementBytes(type));
+        nuint bytes = (nuint)((long)blocks * BlockSize * kvDim * KvView.SizeOf(type));
         for (int l = 0; l < layers; l++)
         {
             _k[l] = (byte*)NativeMemory.AlignedAlloc(bytes, 64);
@@ -40,7 +40,7 @@ public sealed unsafe class KvBlockPool : IDisposable
 
     /// <summary>How many blocks fit in <paramref name="bytes"/>.</summary>
     public static int BlocksFor(long bytes, int layers, int kvDim, KvType type = KvType.F32) =>
-        (int)Math.Min(int.MaxValue, bytes / (2L * layers * BlockSize * kvDim * ElementBytes(type)));
+        (int)Math.Min(int.MaxValue, bytes / BlockBytes(layers, kvDim, type));
 
     public KvView View(int layer, int* blockTable) => new(_k[layer], _v[layer], KvDim, Type, blockTable);
 

@@ -30,7 +30,8 @@ public readonly unsafe struct KvView
         K = k; V = v; KvDim = kvDim; Type = type; BlockTable = blockTable;
     }
 
-    public int ElementBytes => Type == KvType.F32 ? 4 : 2;
+    public static int SizeOf(KvType t) => t == KvType.F32 ? 4 : 2;
+    public int ElementBytes => SizeOf(Type);
     public long TileBytes => (long)Tile * KvDim * ElementBytes;
 
     private long Phys(int tile) => BlockTable == null ? tile : BlockTable[tile];

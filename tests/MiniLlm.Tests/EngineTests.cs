@@ -77,7 +77,7 @@ public class EngineTests
         var prompts = Prompts.Select(p => m.Tokenizer.Encode(p)).ToArray();
         var alone = prompts.Select(p => RunAll(m, new EngineOptions { MaxBatchedTokens = 128 }, [p], 40).Values.Single()).ToArray();
         var c = m.Config;
-        long blockBytes = 2L * c.NumHiddenLayers * KvBlockPool.BlockSize * c.KvDim * sizeof(float);
+        long blockBytes = KvBlockPool.BlockBytes(c.NumHiddenLayers, c.KvDim, MiniLlm.Kernels.KvType.F32);
         using var e = new LlmEngine(m, new EngineOptions { KvMemoryBytes = 6 * blockBytes, MaxBatchedTokens = 32 });  // 6 blocks: 96 positions in all
         var ids = prompts.Select(p => e.AddRequest(p, SamplingParams.Greedy, 40)).ToList();
         while (e.HasWork)
@@ -121,7 +121,7 @@ public class EngineTests
         var rm = new RandomModel(new RandomModelSpec { Hidden = 16, Intermediate = 24, Heads = 2, KvHeads = 1, HeadDim = 8, Vocab = 50, Layers = 1, Context = 96 }, TestPaths.NewTempDir("blocks"));
         using var m = LlamaModel.Load(rm.Dir, threads: 1, maxTokens: 64);
         var c = m.Config;
-        long blockBytes = 2L * c.NumHiddenLayers * KvBlockPool.BlockSize * c.KvDim * sizeof(float);
+        long blockBytes = KvBlockPool.BlockBytes(c.NumHiddenLayers, c.KvDim, MiniLlm.Kernels.KvType.F32);
         using var e = new LlmEngine(m, new EngineOptions { KvMemoryBytes = 12 * blockBytes, MaxBatchedTokens = 24, MaxSeqs = 6 });
         var rng = new Random(7);
         var live = new List<int>();
@@ -162,7 +162,7 @@ public class EngineTests
         var rm = new RandomModel(new RandomModelSpec { Hidden = 32, Intermediate = 48, Heads = 4, KvHeads = 2, HeadDim = 8, Vocab = 97, Layers = 2, Context = 128 }, TestPaths.NewTempDir("two-hundred"));
         using var m = LlamaModel.Load(rm.Dir, threads: 2, maxTokens: 64);
         var c = m.Config;
-        long blockBytes = 2L * c.NumHiddenLayers * KvBlockPool.BlockSize * c.KvDim * sizeof(float);
+        long blockBytes = KvBlockPool.BlockBytes(c.NumHiddenLayers, c.KvDim, MiniLlm.Kernels.KvType.F32);
         using var e = new LlmEngine(m, new EngineOptions { KvMemoryBytes = 20 * blockBytes, MaxBatchedTokens = 64, MaxSeqs = 16 });
         var rng = new Random(3);
         var ids = Enumerable.Range(0, 200).Select(i =>
@@ -184,7 +184,7 @@ public class EngineTests
     {
         using var m = Kjv();
         var c = m.Config;
-        long blockBytes = 2L * c.NumHiddenLayers * KvBlockPool.BlockSize * c.KvDim * sizeof(float);
+        long blockBytes = KvBlockPool.BlockBytes(c.NumHiddenLayers, c.KvDim, MiniLlm.Kernels.KvType.F32);
         using var e = new LlmEngine(m, new EngineOptions { KvMemoryBytes = 2 * blockBytes, MaxBatchedTokens = 128 });
         var ex = Assert.Throws<RequestRejectedException>(() => e.AddRequest(m.Tokenizer.Encode(Prompts[1]), SamplingParams.Greedy, 40));
         Assert.Contains("KV blocks", ex.Message);
