@@ -45,7 +45,7 @@ public static class BenchCommand
             string fmt = r.GetValue(output)!;
             if (r.GetValue(kernels))
             {
-                var kroof = LoadOrMeasure(r.GetValue(roofFile), t, fmt, io);
+                var kroof = RooflineCommand.LoadOrMeasure(r.GetValue(roofFile), t, 5, fmt == "text" ? io.Err : null);
                 var kr = KernelBenchmark.Run(t, Math.Max(rp, 3), fmt == "text" ? s => io.Err.WriteLine($"running {s}…") : null).ToList();
                 io.Out.Write(KernelTable(kr, kroof, t, fmt));
                 return ExitCodes.Ok;
@@ -54,7 +54,7 @@ public static class BenchCommand
             using var llm = LlamaModel.Load(dir, t, maxTokens: Math.Max(512, Math.Max(ps.DefaultIfEmpty(0).Max(), bs.Max())), format: CommonOptions.Format(r.GetValue(weightsOpt)!));
             llm.Q8Int8Activations = r.GetValue(q8Act) == "int8";
 
-            var roof = LoadOrMeasure(r.GetValue(roofFile), t, fmt, io);
+            var roof = RooflineCommand.LoadOrMeasure(r.GetValue(roofFile), t, 5, fmt == "text" ? io.Err : null);
 
             var results = new List<BenchResult>();
             foreach (int p in ps.Where(p => p > 0))
@@ -84,14 +84,6 @@ public static class BenchCommand
             return ExitCodes.Ok;
         });
         return cmd;
-    }
-
-    private static Roofline LoadOrMeasure(string? file, int threads, string fmt, CliIO io)
-    {
-        if (file != null)
-            return Roofline.TryLoad(file) ?? throw new ArgumentException($"{file}: not a roofline JSON (make one with `minillm roofline --out {file}`)", "roofline");
-        if (fmt == "text") io.Err.WriteLine("measuring ceilings (FMA peak, DRAM read bandwidth)…");
-        return Ceilings.Measure(threads, 5);
     }
 
     private static string KernelTable(List<KernelResult> rs, Roofline roof, int threads, string fmt)

@@ -40,8 +40,7 @@ public static class ProfileCommand
             if (ids.Length + n > llm.Context) throw new PromptTooLongException($"prompt ({ids.Length} tokens) + {n} decode steps exceed the context of {llm.Context}");
             if (b * ids.Length > llm.MaxTokens) throw new ArgumentException($"batch × prompt = {b * ids.Length} tokens exceeds one step's {llm.MaxTokens}", "batch");
             bool json = r.GetValue(output) == "json";
-            var roof = r.GetValue(roofFile) is { } rf ? Roofline.TryLoad(rf) ?? throw new ArgumentException($"{rf}: not a roofline JSON", "roofline")
-                : Measure(t, json ? null : io.Err);
+            var roof = RooflineCommand.LoadOrMeasure(r.GetValue(roofFile), t, 3, json ? null : io.Err);
             var (prefill, decode, decodeProfiler) = Run(llm, ids, n, b, roof);
             if (json) io.Out.WriteLine(Json(llm, dir, roof, prefill, decode));
             else Render(io.Out, llm, dir, roof, prefill, decode);
@@ -55,12 +54,6 @@ public static class ProfileCommand
             return ExitCodes.Ok;
         });
         return cmd;
-    }
-
-    private static Roofline Measure(int threads, TextWriter? progress)
-    {
-        progress?.WriteLine("measuring ceilings (FMA peak, DRAM and cache read bandwidth)…");
-        return Ceilings.Measure(threads, 3);
     }
 
     /// <summary>Prefill of b copies of the prompt in one pass, then n decode steps for all b; each phase profiled on its own.</summary>

@@ -28,6 +28,15 @@ public static class RooflineCommand
         return cmd;
     }
 
+    /// <summary>Ceilings from a saved file (--roofline), or measured now with <paramref name="reps"/> repetitions.</summary>
+    public static Roofline LoadOrMeasure(string? file, int threads, int reps, TextWriter? progress)
+    {
+        if (file != null)
+            return Roofline.TryLoad(file) ?? throw new ArgumentException($"{file}: not a roofline JSON (make one with `minillm roofline --out {file}`)", "roofline");
+        progress?.WriteLine("measuring ceilings (FMA peak, DRAM and cache read bandwidth)…");
+        return Ceilings.Measure(threads, reps);
+    }
+
     public static int ResolveThreads(int t) => t < 0
         ? throw new ArgumentException($"threads must be ≥ 0 (0 = one per core), got {t}", "threads")
         : t == 0 ? WorkerPool.DefaultThreads : t;
