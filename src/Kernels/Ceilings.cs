@@ -100,42 +100,30 @@ public static unsafe class Ceilings
 
     private static void FmaLoop(long n, int width)
     {
-        if (width == 16)
-        {
-            var m = Vector512.Create(0.9999999f); var a = Vector512.Create(1e-7f);
-            Vector512<float> c0 = a, c1 = a, c2 = a, c3 = a, c4 = a, c5 = a, c6 = a, c7 = a, c8 = a, c9 = a, c10 = a, c11 = a;
-            for (long i = 0; i < n; i++)
-            {
-                c0 = Vector512.FusedMultiplyAdd(c0, m, a); c1 = Vector512.FusedMultiplyAdd(c1, m, a);
-                c2 = Vector512.FusedMultiplyAdd(c2, m, a); c3 = Vector512.FusedMultiplyAdd(c3, m, a);
-                c4 = Vector512.FusedMultiplyAdd(c4, m, a); c5 = Vector512.FusedMultiplyAdd(c5, m, a);
-                c6 = Vector512.FusedMultiplyAdd(c6, m, a); c7 = Vector512.FusedMultiplyAdd(c7, m, a);
-                c8 = Vector512.FusedMultiplyAdd(c8, m, a); c9 = Vector512.FusedMultiplyAdd(c9, m, a);
-                c10 = Vector512.FusedMultiplyAdd(c10, m, a); c11 = Vector512.FusedMultiplyAdd(c11, m, a);
-            }
-            _sink = Vector512.Sum(c0 + c1 + c2 + c3 + c4 + c5 + c6 + c7 + c8 + c9 + c10 + c11);
-        }
-        else if (width == 8)
-        {
-            var m = Vector256.Create(0.9999999f); var a = Vector256.Create(1e-7f);
-            Vector256<float> c0 = a, c1 = a, c2 = a, c3 = a, c4 = a, c5 = a, c6 = a, c7 = a, c8 = a, c9 = a, c10 = a, c11 = a;
-            for (long i = 0; i < n; i++)
-            {
-                c0 = Vector256.FusedMultiplyAdd(c0, m, a); c1 = Vector256.FusedMultiplyAdd(c1, m, a);
-                c2 = Vector256.FusedMultiplyAdd(c2, m, a); c3 = Vector256.FusedMultiplyAdd(c3, m, a);
-                c4 = Vector256.FusedMultiplyAdd(c4, m, a); c5 = Vector256.FusedMultiplyAdd(c5, m, a);
-                c6 = Vector256.FusedMultiplyAdd(c6, m, a); c7 = Vector256.FusedMultiplyAdd(c7, m, a);
-                c8 = Vector256.FusedMultiplyAdd(c8, m, a); c9 = Vector256.FusedMultiplyAdd(c9, m, a);
-                c10 = Vector256.FusedMultiplyAdd(c10, m, a); c11 = Vector256.FusedMultiplyAdd(c11, m, a);
-            }
-            _sink = Vector256.Sum(c0 + c1 + c2 + c3 + c4 + c5 + c6 + c7 + c8 + c9 + c10 + c11);
-        }
+        if (width == 16) _sink = FmaChains<Simd512, Vector512<float>>(n);
+        else if (width == 8) _sink = FmaChains<Simd256, Vector256<float>>(n);
         else
         {
             float c = 1e-7f;
             for (long i = 0; i < n * 12; i++) c = MathF.FusedMultiplyAdd(c, 0.9999999f, 1e-7f);
             _sink = c;
         }
+    }
+
+    /// <summary>12 independent FMA chains in registers, n steps each (one width, specialised by the JIT).</summary>
+    private static float FmaChains<S, TV>(long n) where S : ISimd<TV> where TV : struct
+    {
+        var m = S.Broadcast(0.9999999f);
+        var a = S.Broadcast(1e-7f);
+        TV c0 = a, c1 = a, c2 = a, c3 = a, c4 = a, c5 = a, c6 = a, c7 = a, c8 = a, c9 = a, c10 = a, c11 = a;
+        for (long i = 0; i < n; i++)
+        {
+            c0 = S.Fma(c0, m, a); c1 = S.Fma(c1, m, a); c2 = S.Fma(c2, m, a); c3 = S.Fma(c3, m, a);
+            c4 = S.Fma(c4, m, a); c5 = S.Fma(c5, m, a); c6 = S.Fma(c6, m, a); c7 = S.Fma(c7, m, a);
+            c8 = S.Fma(c8, m, a); c9 = S.Fma(c9, m, a); c10 = S.Fma(c10, m, a); c11 = S.Fma(c11, m, a);
+        }
+        var sum = S.Add(S.Add(S.Add(c0, c1), S.Add(c2, c3)), S.Add(S.Add(c4, c5), S.Add(c6, c7)));
+        return S.Sum(S.Add(sum, S.Add(S.Add(c8, c9), S.Add(c10, c11))));
     }
 
     /// <summary>
@@ -161,34 +149,24 @@ public static unsafe class Ceilings
         finally { NativeMemory.AlignedFree(buf); }
     }
 
-    private static float ReadSlice(float* p, long n)
+    private static float ReadSlice(float* p, long n) => Vector512.IsHardwareAccelerated
+        ? ReadSlice<Simd512, Vector512<float>>(p, n)
+        : ReadSlice<Simd256, Vector256<float>>(p, n);
+
+    /// <summary>Sums n floats with four independent accumulators (the loads are the point, the sum is the sink).</summary>
+    private static float ReadSlice<S, TV>(float* p, long n) where S : ISimd<TV> where TV : struct
     {
-        if (Vector512.IsHardwareAccelerated)
+        int w = S.Width;
+        TV a0 = S.Zero, a1 = S.Zero, a2 = S.Zero, a3 = S.Zero;
+        long i = 0;
+        for (; i + 4 * w <= n; i += 4 * w)
         {
-            Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default;
-            long i = 0;
-            for (; i + 64 <= n; i += 64)
-            {
-                a0 += Vector512.LoadAligned(p + i); a1 += Vector512.LoadAligned(p + i + 16);
-                a2 += Vector512.LoadAligned(p + i + 32); a3 += Vector512.LoadAligned(p + i + 48);
-            }
-            float s = Vector512.Sum(a0 + a1 + a2 + a3);
-            for (; i < n; i++) s += p[i];
-            return s;
+            a0 = S.Add(a0, S.Load(p + i)); a1 = S.Add(a1, S.Load(p + i + w));
+            a2 = S.Add(a2, S.Load(p + i + 2 * w)); a3 = S.Add(a3, S.Load(p + i + 3 * w));
         }
-        else
-        {
-            Vector256<float> a0 = default, a1 = default, a2 = default, a3 = default;
-            long i = 0;
-            for (; i + 32 <= n; i += 32)
-            {
-                a0 += Vector256.Load(p + i); a1 += Vector256.Load(p + i + 8);
-                a2 += Vector256.Load(p + i + 16); a3 += Vector256.Load(p + i + 24);
-            }
-            float s = Vector256.Sum(a0 + a1 + a2 + a3);
-            for (; i < n; i++) s += p[i];
-            return s;
-        }
+        float s = S.Sum(S.Add(S.Add(a0, a1), S.Add(a2, a3)));
+        for (; i < n; i++) s += p[i];
+        return s;
     }
 
     /// <summary>Data cache sizes: sysfs first, then glibc's view of cpuid (getconf), each tagged with where it came from.</summary>
