@@ -13,7 +13,7 @@ namespace MiniLlm.Kernels;
 public sealed unsafe class MatMul : ParallelJob
 {
     private const int RowBlock = 64;            // X rows per tile: 64×K fp32 stays in L2 while a W panel streams
-    private const long SerialMacs = 1 << 15;    // below this much work, threads cost more than they save
+    internal const long SerialMacs = 1 << 15;    // below this much work, threads cost more than they save
 
     private readonly WorkerPool _pool;
     private float* _x, _y;
@@ -21,6 +21,7 @@ public sealed unsafe class MatMul : ParallelJob
     private int _m, _panel, _nPanels, _mBlocks;
 
     private readonly PackedGemm _packed;
+    private readonly SkinnyGemm _skinny;
     private bool _invariant;
     private bool _int8Dot;
     private sbyte* _xq;              // Q8 GEMV with int8 activations: x quantized per block of 32 …
@@ -38,6 +39,15 @@ public sealed unsafe class MatMul : ParallelJob
     /// <summary>From this many rows on, the packed outer-product GEMM beats the dot-product tiles.</summary>
     public static int PackedMinRows { get; set; } = 32;
 
+    /// <summary>Batched decode (2 ≤ M &lt; <see cref="PackedMinRows"/>) through <see cref="SkinnyGemm"/>; off = the 4×4 tiles.</summary>
+    public static bool UseSkinny { get; set; } = true;
+
+    private static void CheckQ8(ReadOnlySpan<Product> products)
+    {
+        foreach (var p in products)
+            if (p.W.Type == WeightType.Q8 && p.W.Cols % Q8Load.Block != 0) throw new ArgumentException($"Q8 weights need K a multiple of {Q8Load.Block}, got {p.W.Cols}", nameof(products));
+    }
+
     /// <summary>While the 4×4 tiles work on one weight panel, prefetch the next panel's bytes at the same offsets.</summary>
     public static bool PrefetchNextPanel { get; set; } = true;
 
@@ -52,6 +62,7 @@ public sealed unsafe class MatMul : ParallelJob
     {
         _pool = pool;
         _packed = new PackedGemm(pool);
+        _skinny = new SkinnyGemm(pool);
     }
 
     /// <summary>One weight and where its product goes: Y [m × W.Rows].</summary>
@@ -73,6 +84,7 @@ public sealed unsafe class MatMul : ParallelJob
             if (p.W.Cols != k) throw new ArgumentException($"weights of one group must share K (got {p.W.Cols} and {k})", nameof(products));
         var isa = SimdPolicy.Current;
         if (m >= PackedMinRows && isa != SimdPolicy.Isa.Scalar && !BatchInvariant) _packed.Run(x, m, k, products, isa);
+        else if (m >= 2 && UseSkinny && isa != SimdPolicy.Isa.Scalar && !BatchInvariant) { CheckQ8(products); _skinny.Run(x, m, k, products, isa); }
         else if (m == 1 && products.Length > 1 && !BatchInvariant) RunGroupedGemv(x, k, products);
         else foreach (var p in products) Run(x, m, p.W, p.Y);
     }
@@ -126,6 +138,11 @@ public sealed unsafe class MatMul : ParallelJob
         if (m >= PackedMinRows && isa != SimdPolicy.Isa.Scalar && !BatchInvariant)
         {
             _packed.Run(x, m, w.Cols, [new Product(w, y)], isa);
+            return;
+        }
+        if (m >= 2 && UseSkinny && isa != SimdPolicy.Isa.Scalar && !BatchInvariant)
+        {
+            _skinny.Run(x, m, w.Cols, [new Product(w, y)], isa);
             return;
         }
         _x = x; _y = y; _w = w; _m = m;

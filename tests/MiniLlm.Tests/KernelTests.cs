@@ -31,8 +31,23 @@ public unsafe class KernelTests
         return data;
     }
 
+    /// <summary>
+    /// Batched-decode sizes for the skinny kernel: every X row-group shape (4-row and 8-row tiles, partial groups,
+    /// several groups), weights whose row count is not a multiple of the 3-row tile (or below it), and K over one
+    /// K block (1024) with a tail that is not a multiple of the vector width.
+    /// </summary>
+    public static TheoryData<int, int, int> SkinnyShapes()
+    {
+        var data = new TheoryData<int, int, int>();
+        foreach (int m in new[] { 4, 5, 8, 9, 12, 16, 31 })
+            foreach (var (k, n) in new[] { (33, 2), (64, 13), (1030, 10), (2100, 4) })
+                data.Add(m, k, n);
+        return data;
+    }
+
     [Theory]
     [MemberData(nameof(MatMulShapes))]
+    [MemberData(nameof(SkinnyShapes))]
     public void MatMulMatchesNaive(int M, int K, int N)
     {
         var x = Random(M * K, M * 31 + K);

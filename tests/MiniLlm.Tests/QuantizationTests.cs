@@ -44,6 +44,8 @@ public unsafe class QuantizationTests
         foreach (int m in new[] { 1, 2, 3, 17, 64, 513 })
             foreach (var (k, n) in new[] { (32, 1), (96, 7), (160, 33), (256, 130) })
                 d.Add(m, k, n);
+        // batched-decode sizes with K over one K block of the skinny kernel
+        foreach (int m in new[] { 5, 8, 9, 31 }) d.Add(m, 2112, 5);
         return d;
     }
 
