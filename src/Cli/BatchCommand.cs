@@ -30,10 +30,11 @@ public static class BatchCommand
         var outFile = new Option<string?>("--out") { Description = "Write the per-request JSON lines here (default: stdout)" };
         var threads = CommonOptions.Threads();
         var weights = CommonOptions.Weights();
+        var mmap = CommonOptions.Mmap();
         var deterministic = new Option<bool>("--deterministic") { Description = "Batch-invariant kernels: each output independent of what it was batched with" };
         var cmd = new Command("batch", "Run many prompts through the continuous-batching engine")
         {
-            prompts, model, maxSeqs, maxBatched, kvMemory, kvDtype, noPrefix, rate, seed, maxTokens, sloTtft, sloTpot, outFile, threads, deterministic, weights,
+            prompts, model, maxSeqs, maxBatched, kvMemory, kvDtype, noPrefix, rate, seed, maxTokens, sloTtft, sloTpot, outFile, threads, deterministic, weights, mmap,
         };
         cmd.SetAction(r =>
         {
@@ -42,7 +43,7 @@ public static class BatchCommand
             var requests = ReadPrompts(r.GetValue(prompts)!, r.GetValue(maxTokens), r.GetValue(seed));
             var dir = ModelLocator.Resolve(r.GetValue(model));
             int budget = r.GetValue(maxBatched);
-            using var llm = LlamaModel.Load(dir, t, maxTokens: Math.Max(1, budget), format: CommonOptions.Format(r.GetValue(weights)!));
+            using var llm = LlamaModel.Load(dir, t, maxTokens: Math.Max(1, budget), format: CommonOptions.Format(r.GetValue(weights)!), mapWeights: r.GetValue(mmap));
             llm.BatchInvariant = r.GetValue(deterministic);
             var options = new EngineOptions
             {

@@ -23,12 +23,13 @@ public static class BenchCommand
         var output = new Option<string>("--output", "-o") { Description = "Output format", DefaultValueFactory = _ => "text" }.AcceptOnlyFromAmong("text", "json", "csv", "md");
         var sweep = new Option<string?>("--batch-sweep") { Description = "Decode throughput per batch size, e.g. 1,2,4,8,16,32,64 (skips prefill)" };
         var weightsOpt = CommonOptions.Weights();
+        var mmap = CommonOptions.Mmap();
         var q8Act = CommonOptions.Q8Activations();
         var plot = new Option<string?>("--plot") { Description = "With --batch-sweep: write batch-sweep.png/.svg into this directory" };
         var kernels = new Option<bool>("--kernels") { Description = "Benchmark the GEMM/GEMV kernels alone (no model) against the ceilings" };
         var cmd = new Command("bench", "Benchmark prefill (ppN) and decode (tgN, batch B) against this machine's measured roofs")
         {
-            model, prompts, gens, batches, reps, threads, roofFile, output, kernels, sweep, plot, weightsOpt, q8Act,
+            model, prompts, gens, batches, reps, threads, roofFile, output, kernels, sweep, plot, weightsOpt, mmap, q8Act,
         };
         cmd.SetAction(r =>
         {
@@ -51,7 +52,7 @@ public static class BenchCommand
                 return ExitCodes.Ok;
             }
             var dir = ModelLocator.Resolve(r.GetValue(model));
-            using var llm = LlamaModel.Load(dir, t, maxTokens: Math.Max(512, Math.Max(ps.DefaultIfEmpty(0).Max(), bs.Max())), format: CommonOptions.Format(r.GetValue(weightsOpt)!));
+            using var llm = LlamaModel.Load(dir, t, maxTokens: Math.Max(512, Math.Max(ps.DefaultIfEmpty(0).Max(), bs.Max())), format: CommonOptions.Format(r.GetValue(weightsOpt)!), mapWeights: r.GetValue(mmap));
             llm.Q8Int8Activations = r.GetValue(q8Act) == "int8";
 
             var roof = RooflineCommand.LoadOrMeasure(r.GetValue(roofFile), t, 5, fmt == "text" ? io.Err : null);

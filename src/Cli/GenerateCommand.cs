@@ -21,13 +21,14 @@ public static class GenerateCommand
         var threads = CommonOptions.Threads();
         var output = CommonOptions.Output();
         var weights = CommonOptions.Weights();
+        var mmap = CommonOptions.Mmap();
         var q8Act = CommonOptions.Q8Activations();
         var profile = new Option<bool>("--profile") { Description = "Time every op per layer, prefill and decode separately, and print where the time went" };
         var noWarmup = new Option<bool>("--no-warmup") { Description = "Skip the untimed warm-up pass (then TTFT includes JIT compilation)" };
 
         var cmd = new Command("generate", "Generate text from a prompt, streaming it, then print the speed")
         {
-            prompt, model, maxTokens, temperature, topK, topP, minP, seed, threads, output, weights, q8Act, noWarmup, profile,
+            prompt, model, maxTokens, temperature, topK, topP, minP, seed, threads, output, weights, mmap, q8Act, noWarmup, profile,
         };
         cmd.SetAction(r =>
         {
@@ -50,7 +51,7 @@ public static class GenerateCommand
             string text = r.GetValue(prompt)!;
 
             var dir = ModelLocator.Resolve(r.GetValue(model));
-            using var llm = LlamaModel.Load(dir, t, format: CommonOptions.Format(r.GetValue(weights)!));
+            using var llm = LlamaModel.Load(dir, t, format: CommonOptions.Format(r.GetValue(weights)!), mapWeights: r.GetValue(mmap));
             llm.Q8Int8Activations = r.GetValue(q8Act) == "int8";
             if (!r.GetValue(noWarmup)) llm.Warmup();
             var gen = new Generator(llm);

@@ -28,6 +28,11 @@ public static class CommonOptions
         DefaultValueFactory = _ => "fp32",
     }.AcceptOnlyFromAmong("fp32", "int8");
 
+    public static Option<bool> Mmap() => new("--mmap")
+    {
+        Description = "Read the weights in place from the memory-mapped checkpoint (4 KiB pages) instead of copying them onto 2 MiB pages at load (less memory, slower decode)",
+    };
+
     public static MiniLlm.Engine.WeightFormat Format(string s) => s == "q8" ? MiniLlm.Engine.WeightFormat.Q8 : MiniLlm.Engine.WeightFormat.Stored;
 
     public static Option<string> Output() => new Option<string>("--output", "-o")

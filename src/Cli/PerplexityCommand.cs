@@ -15,13 +15,14 @@ public static class PerplexityCommand
         var model = CommonOptions.Model();
         var context = new Option<int>("--context", "-c") { Description = "Window length in tokens (default: the model's context, at most 512)", DefaultValueFactory = _ => 0 };
         var weights = CommonOptions.Weights();
+        var mmap = CommonOptions.Mmap();
         var q8Act = CommonOptions.Q8Activations();
         var threads = CommonOptions.Threads();
         var chunks = new Option<int>("--chunks") { Description = "Score only the first N windows (0 = all)", DefaultValueFactory = _ => 0 };
         var output = CommonOptions.Output();
         var cmd = new Command("perplexity", "Perplexity over a text file (llama.cpp convention: non-overlapping windows, second half of each scored)")
         {
-            file, model, context, weights, q8Act, threads, chunks, output,
+            file, model, context, weights, mmap, q8Act, threads, chunks, output,
         };
         cmd.SetAction(r =>
         {
@@ -31,7 +32,7 @@ public static class PerplexityCommand
             var dir = ModelLocator.Resolve(r.GetValue(model));
             var files = ModelFiles.Open(dir);
             int ctx = r.GetValue(context) is > 0 and var c ? c : Math.Min(512, files.Config.MaxPositionEmbeddings);
-            using var llm = new LlamaModel(files, t, maxTokens: ctx, ownsFiles: true, format: CommonOptions.Format(r.GetValue(weights)!));
+            using var llm = new LlamaModel(files, t, maxTokens: ctx, ownsFiles: true, format: CommonOptions.Format(r.GetValue(weights)!), mapWeights: r.GetValue(mmap));
             llm.Q8Int8Activations = r.GetValue(q8Act) == "int8";
             var tokens = llm.Tokenizer.Encode(File.ReadAllText(path));
             int limit = r.GetValue(chunks);

@@ -22,10 +22,11 @@ public static class ProfileCommand
         var output = CommonOptions.Output();
         var plot = new Option<string?>("--plot") { Description = "Write roofline.png/.svg and layers.png/.svg into this directory" };
         var weights = CommonOptions.Weights();
+        var mmap = CommonOptions.Mmap();
         var q8Act = CommonOptions.Q8Activations();
         var cmd = new Command("profile", "Time every op of prefill and decode and set it against the measured roofline")
         {
-            prompt, tokens, batch, model, threads, roofFile, output, plot, weights, q8Act,
+            prompt, tokens, batch, model, threads, roofFile, output, plot, weights, mmap, q8Act,
         };
         cmd.SetAction(r =>
         {
@@ -34,7 +35,7 @@ public static class ProfileCommand
             if (n < 1) throw new ArgumentException($"tokens must be ≥ 1, got {n}", "tokens");
             if (b < 1) throw new ArgumentException($"batch must be ≥ 1, got {b}", "batch");
             var dir = ModelLocator.Resolve(r.GetValue(model));
-            using var llm = LlamaModel.Load(dir, t, maxTokens: 512, format: CommonOptions.Format(r.GetValue(weights)!));
+            using var llm = LlamaModel.Load(dir, t, maxTokens: 512, format: CommonOptions.Format(r.GetValue(weights)!), mapWeights: r.GetValue(mmap));
             llm.Q8Int8Activations = r.GetValue(q8Act) == "int8";
             var ids = llm.Tokenizer.Encode(r.GetValue(prompt)!);
             if (ids.Length + n > llm.Context) throw new PromptTooLongException($"prompt ({ids.Length} tokens) + {n} decode steps exceed the context of {llm.Context}");

@@ -50,7 +50,7 @@ public static unsafe class KernelBenchmark
             var rng = new Random(1);
             for (int c = 0; c < copies; c++)
             {
-                ws[c] = (nint)NativeMemory.AlignedAlloc((nuint)wBytes, 64);
+                ws[c] = (nint)LargePages.Alloc((nuint)wBytes);   // as the model holds its weights
                 var u = new Span<ushort>((void*)ws[c], (int)(wBytes / 2));
                 for (int i = 0; i < u.Length; i++) u[i] = (ushort)(0x3c00 + rng.Next(512));  // small finite values in every dtype
             }
@@ -68,7 +68,7 @@ public static unsafe class KernelBenchmark
         }
         finally
         {
-            foreach (var w in ws) if (w != 0) NativeMemory.AlignedFree((void*)w);
+            foreach (var w in ws) LargePages.Free((void*)w);
             NativeMemory.AlignedFree(x);
             NativeMemory.AlignedFree(y);
         }

@@ -84,7 +84,17 @@ public sealed unsafe class LlamaModel : IDisposable
     /// <summary>Longest sequence: the model's max_position_embeddings.</summary>
     public int Context => Config.MaxPositionEmbeddings;
 
-    private readonly List<nint> _quantized = new();
+    // Every matrix the model holds itself (copied onto 2 MiB pages, or quantized) lives in one arena.
+    private byte* _arena;
+    private long _arenaUsed, _arenaBytes;
+    private readonly bool _copyWeights;
+
+    /// <summary>
+    /// True when the stored matrices are read in place from the memory-mapped checkpoint (4 KiB pages); false when
+    /// they were copied into memory on 2 MiB pages at load, which streams faster (see <see cref="LargePages"/>).
+    /// Matrices quantized at load are in that memory either way.
+    /// </summary>
+    public bool WeightsMapped => !_copyWeights;
 
     /// <summary>How the matrices are held (Q8 halves bf16's bytes and quarters fp32's).</summary>
     public WeightFormat Format { get; }
@@ -136,9 +146,14 @@ public sealed unsafe class LlamaModel : IDisposable
         }, new Dictionary<string, string> { ["format"] = "pt", [ModelWeights.QuantKey] = ModelWeights.QuantQ8, ["minillm_quant_block"] = "32 weights: fp32 scale + 32 int8" });
     }
 
-    public LlamaModel(ModelFiles files, int threads = 0, int maxTokens = 512, bool ownsFiles = false, WeightFormat format = WeightFormat.Stored)
+    /// <param name="mapWeights">
+    /// Read the matrices in place from the memory-mapped file instead of copying them onto 2 MiB pages at load
+    /// (no second copy in memory, slower streaming).
+    /// </param>
+    public LlamaModel(ModelFiles files, int threads = 0, int maxTokens = 512, bool ownsFiles = false, WeightFormat format = WeightFormat.Stored, bool mapWeights = false)
     {
         Format = files.Weights.Quantized ? WeightFormat.Q8 : format;
+        _copyWeights = !mapWeights;
         Files = files;
         Config = files.Config;
         if (ownsFiles) _owned = files;
@@ -152,6 +167,11 @@ public sealed unsafe class LlamaModel : IDisposable
             c.RopeScaling is { } s ? new Llama3Scaling(s.Factor, s.LowFreqFactor, s.HighFreqFactor, s.OriginalMaxPositionEmbeddings) : null);
 
         var w = files.Weights;
+        var matrices = new List<TensorView> { w.Embed };
+        if (w.LmHead.Pointer != w.Embed.Pointer) matrices.Add(w.LmHead);
+        foreach (var l in w.Layers) matrices.AddRange([l.Wq, l.Wk, l.Wv, l.Wo, l.Wgate, l.Wup, l.Wdown]);
+        _arenaBytes = matrices.Sum(t => Aligned(HeldBytes(t)));
+        if (_arenaBytes > 0) _arena = (byte*)LargePages.Alloc((nuint)_arenaBytes);
         _embed = Matrix(w.Embed);
         _lmHead = w.LmHead.Pointer == w.Embed.Pointer ? _embed : Matrix(w.LmHead);
         _finalNorm = Vector(w.FinalNorm);
@@ -178,8 +198,8 @@ public sealed unsafe class LlamaModel : IDisposable
     }
 
     /// <summary>Opens the model directory and builds the model (which then owns the files).</summary>
-    public static LlamaModel Load(string dir, int threads = 0, int maxTokens = 512, WeightFormat format = WeightFormat.Stored) =>
-        new(ModelFiles.Open(dir, requireTokenizer: false), threads, maxTokens, ownsFiles: true, format);
+    public static LlamaModel Load(string dir, int threads = 0, int maxTokens = 512, WeightFormat format = WeightFormat.Stored, bool mapWeights = false) =>
+        new(ModelFiles.Open(dir, requireTokenizer: false), threads, maxTokens, ownsFiles: true, format, mapWeights);
 
     /// <summary>A KV cache for one sequence of up to <paramref name="capacity"/> positions (default: the full context).</summary>
     public ContiguousKvCache NewKvCache(int capacity = 0) =>
@@ -346,20 +366,47 @@ public sealed unsafe class LlamaModel : IDisposable
         if (logits.Length < need) throw new ArgumentException($"logits buffer holds {logits.Length} floats, needs {need}", nameof(logits));
     }
 
-    private WeightMatrix Matrix(TensorView t)
+    private static long Aligned(long bytes) => (bytes + 4095) & ~4095L;
+
+    /// <summary>Whether a matrix is quantized at load: Q8 requested and rows a whole number of blocks.</summary>
+    private bool Quantizes(TensorView t) => Format == WeightFormat.Q8 && t.DType != DType.U8 && t.Shape[1] % Q8Load.Block == 0;
+
+    /// <summary>Bytes this matrix takes in the arena: its Q8 form, a copy, or nothing when read in place.</summary>
+    private long HeldBytes(TensorView t) =>
+        Quantizes(t) ? t.Shape[0] * (t.Shape[1] / Q8Load.Block) * Q8Load.BlockBytes
+        : _copyWeights ? t.ByteLength : 0;
+
+    private nint Place(long bytes)
     {
-        if (t.DType == DType.U8)   // already Q8_0 (MiniLlm's export): rows of 36-byte blocks of 32 weights
-            return new WeightMatrix(t.Pointer, WeightType.Q8, checked((int)t.Shape[0]), checked((int)(t.Shape[1] / Q8Load.BlockBytes * Q8Load.Block)));
-        var m = new WeightMatrix(t.Pointer, Kind(t.DType), checked((int)t.Shape[0]), checked((int)t.Shape[1]));
-        return Format == WeightFormat.Q8 && m.Cols % Q8Load.Block == 0 ? Quantize(m) : m;
+        if (_arenaUsed + Aligned(bytes) > _arenaBytes) throw new InvalidOperationException("weight arena overflow");
+        var p = (nint)(_arena + _arenaUsed);
+        _arenaUsed += Aligned(bytes);
+        return p;
     }
 
-    /// <summary>Q8_0 copy of a matrix in native memory the model owns: rows quantized in parallel.</summary>
-    private WeightMatrix Quantize(WeightMatrix src)
+    /// <summary>The matrix as the kernels will read it: quantized, copied into the arena, or in place.</summary>
+    private WeightMatrix Matrix(TensorView t)
+    {
+        if (Quantizes(t))
+        {
+            var stored = new WeightMatrix(t.Pointer, Kind(t.DType), checked((int)t.Shape[0]), checked((int)t.Shape[1]));
+            return Quantize(stored, Place(HeldBytes(t)));
+        }
+        nint data = t.Pointer;
+        if (_copyWeights)
+        {
+            data = Place(t.ByteLength);
+            Buffer.MemoryCopy((void*)t.Pointer, (void*)data, t.ByteLength, t.ByteLength);
+        }
+        if (t.DType == DType.U8)   // already Q8_0 (MiniLlm's export): rows of 36-byte blocks of 32 weights
+            return new WeightMatrix(data, WeightType.Q8, checked((int)t.Shape[0]), checked((int)(t.Shape[1] / Q8Load.BlockBytes * Q8Load.Block)));
+        return new WeightMatrix(data, Kind(t.DType), checked((int)t.Shape[0]), checked((int)t.Shape[1]));
+    }
+
+    /// <summary>Q8_0 copy of a matrix into <paramref name="dst"/>: rows quantized in parallel.</summary>
+    private static WeightMatrix Quantize(WeightMatrix src, nint dst)
     {
         long rowBytes = (long)src.Cols / Q8Load.Block * Q8Load.BlockBytes;
-        nint dst = (nint)System.Runtime.InteropServices.NativeMemory.AlignedAlloc((nuint)(rowBytes * src.Rows), 64);
-        _quantized.Add(dst);
         Parallel.For(0, src.Rows, () => new float[src.Cols], (r, _, row) =>
         {
             src.WidenRow(r, row);
@@ -388,8 +435,8 @@ public sealed unsafe class LlamaModel : IDisposable
     {
         _pool.Dispose();
         foreach (var b in new[] { _x, _xb, _xb2, _q, _k, _v, _att, _hb, _hb2, _scratch }) b.Dispose();
-        foreach (var q in _quantized) System.Runtime.InteropServices.NativeMemory.AlignedFree((void*)q);
-        _quantized.Clear();
+        LargePages.Free(_arena);
+        _arena = null;
         _owned?.Dispose();
     }
 }

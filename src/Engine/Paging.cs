@@ -33,8 +33,8 @@ public sealed unsafe class KvBlockPool : IDisposable
         nuint bytes = (nuint)((long)blocks * BlockSize * kvDim * KvView.SizeOf(type));
         for (int l = 0; l < layers; l++)
         {
-            _k[l] = (byte*)NativeMemory.AlignedAlloc(bytes, 64);
-            _v[l] = (byte*)NativeMemory.AlignedAlloc(bytes, 64);
+            _k[l] = (byte*)LargePages.Alloc(bytes);
+            _v[l] = (byte*)LargePages.Alloc(bytes);
         }
     }
 
@@ -48,8 +48,8 @@ public sealed unsafe class KvBlockPool : IDisposable
     {
         for (int l = 0; l < Layers; l++)
         {
-            if (_k[l] != null) NativeMemory.AlignedFree(_k[l]);
-            if (_v[l] != null) NativeMemory.AlignedFree(_v[l]);
+            LargePages.Free(_k[l]);
+            LargePages.Free(_v[l]);
             _k[l] = _v[l] = null;
         }
     }

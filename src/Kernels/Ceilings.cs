@@ -133,7 +133,7 @@ public static unsafe class Ceilings
     public static double MeasureReadBandwidth(int threads, long bytes, int reps = 5, int passes = 1)
     {
         long floats = bytes / 4 / (64 * threads) * (64 * threads);
-        var buf = (float*)NativeMemory.AlignedAlloc((nuint)floats * 4, 4096);
+        var buf = (float*)LargePages.Alloc((nuint)floats * 4);   // the pages the weights live on
         try
         {
             // Touch every page from the thread that will read it (first-touch placement), with non-zero data.
@@ -146,7 +146,7 @@ public static unsafe class Ceilings
                 times.Add(Together(threads, t => { for (int p = 0; p < passes; p++) _sink = ReadSlice(buf + t * per, per); }));
             return (double)floats * 4 * passes / Median(times) / 1e9;
         }
-        finally { NativeMemory.AlignedFree(buf); }
+        finally { LargePages.Free(buf); }
     }
 
     private static float ReadSlice(float* p, long n) => Vector512.IsHardwareAccelerated
