@@ -130,8 +130,11 @@ public readonly struct AttentionSegment(int row, int count, int start, KvView kv
 
 /// <summary>
 /// Causal grouped-query attention for the new tokens of one or more sequences, each token over keys 0..its own
-/// position of its own sequence. One chunk = one (token, query head); the scores of one row live in per-worker
-/// scratch of context length, so no S×S matrix is ever built.
+/// position of its own sequence. One chunk = up to four rows of one sequence × a run of consecutive query heads;
+/// the scores of one row live in per-worker scratch of context length, so no S×S matrix is ever built. Runs of
+/// heads rather than single heads because a decode step's KV is cold (the weights streamed through the caches
+/// since it was written): consecutive heads' key tiles and value slices are adjacent in memory, so a run reads
+/// one long stream the hardware prefetcher can follow instead of many 256-byte pieces.
 /// </summary>
 public sealed unsafe class Attention : ParallelJob
 {
@@ -140,8 +143,9 @@ public sealed unsafe class Attention : ParallelJob
     private readonly float[][] _scores;   // per worker: [RowsPerChunk × maxContext (padded to tiles)]
     private readonly int _stride;         // floats between two rows' scores
     private AttentionSegment[] _segments = new AttentionSegment[1];
-    private int[] _firstChunk = new int[2];   // prefix sums of Count·heads per segment
-    private int _segmentCount;
+    private int[] _firstChunk = new int[2];   // prefix sums of row groups · head runs per segment
+    private int _segmentCount, _headRun, _runs;
+    private int _scoreRows = RowsPerChunk;    // rows of scores each worker's scratch holds
     private float* _q, _out;
     private int _heads, _kvHeads, _headDim;
     private float _scale;
@@ -173,7 +177,16 @@ public sealed unsafe class Attention : ParallelJob
             _segments = new AttentionSegment[segments.Length];
             _firstChunk = new int[segments.Length + 1];
         }
-        long work = 0;
+        if (_scoreRows < heads)   // a decode chunk keeps every head's scores of its run
+        {
+            _scoreRows = Math.Max(RowsPerChunk, heads);
+            for (int i = 0; i < _scores.Length; i++) _scores[i] = GC.AllocateUninitializedArray<float>(_scoreRows * _stride, pinned: true);
+        }
+        long work = 0, groups = 0;
+        foreach (var g in segments) groups += (g.Count + RowsPerChunk - 1) / RowsPerChunk;
+        // Heads per chunk: as many as still leave about four chunks per worker.
+        _headRun = (int)Math.Clamp(groups * heads / (4 * _pool.Threads), 1, heads);
+        _runs = (heads + _headRun - 1) / _headRun;
         int chunks = 0;
         for (int i = 0; i < segments.Length; i++)
         {
@@ -182,7 +195,7 @@ public sealed unsafe class Attention : ParallelJob
                 throw new ArgumentOutOfRangeException(nameof(segments), $"positions up to {g.Start + g.Count} exceed the attention scratch ({MaxContext})");
             _segments[i] = g;
             _firstChunk[i] = chunks;
-            chunks += (g.Count + RowsPerChunk - 1) / RowsPerChunk * heads;
+            chunks += (g.Count + RowsPerChunk - 1) / RowsPerChunk * _runs;
             work += (long)g.Count * heads * (g.Start + g.Count) * headDim;
         }
         _firstChunk[segments.Length] = chunks;
@@ -197,15 +210,28 @@ public sealed unsafe class Attention : ParallelJob
     {
         int si = 0;
         while (_firstChunk[si + 1] <= chunk) si++;   // few segments: a linear walk is cheapest
-        if (_segments[si].Kv.Type == KvType.F32) Execute<F32Load>(si, chunk, worker);
-        else Execute<Bf16Load>(si, chunk, worker);
+        int local = chunk - _firstChunk[si];
+        int g = local / _runs, h0 = local % _runs * _headRun, h1 = Math.Min(_heads, h0 + _headRun);
+        if (_segments[si].Count == 1 && !BatchInvariant && SimdPolicy.Current == SimdPolicy.Isa.V512 && _headDim % 16 == 0)
+        {
+            fixed (float* scratch = _scores[worker])
+            {
+                if (_segments[si].Kv.Type == KvType.F32) DecodeRow<F32Load>(_segments[si], h0, h1, scratch);
+                else DecodeRow<Bf16Load>(_segments[si], h0, h1, scratch);
+            }
+            return;
+        }
+        for (int h = h0; h < h1; h++)
+        {
+            if (_segments[si].Kv.Type == KvType.F32) Head<F32Load>(si, g, h, worker);
+            else Head<Bf16Load>(si, g, h, worker);
+        }
     }
 
-    private void Execute<TL>(int si, int chunk, int worker) where TL : IWeightLoad
+    /// <summary>Rows of row group <paramref name="g"/> of segment <paramref name="si"/>, query head <paramref name="h"/>.</summary>
+    private void Head<TL>(int si, int g, int h, int worker) where TL : IWeightLoad
     {
         ref readonly var seg = ref _segments[si];
-        int local = chunk - _firstChunk[si];
-        int g = local / _heads, h = local % _heads;
         int t0 = g * RowsPerChunk, rows = Math.Min(RowsPerChunk, seg.Count - t0);
         int hd = _headDim, kvh = h / (_heads / _kvHeads);
         var kv = seg.Kv;
@@ -254,6 +280,44 @@ public sealed unsafe class Attention : ParallelJob
                         }
                     }
                 }
+        }
+    }
+
+    /// <summary>
+    /// A decode row (a segment of one token) × query heads h0..h1 over a KV that is cold in cache: keys tile by tile
+    /// with the run's heads inner, values position by position with the heads inner, so each is read as one forward
+    /// stream through memory (per head, they would be many short strided pieces). The run's outputs are adjacent
+    /// in the row and accumulate in place (L1).
+    /// </summary>
+    private void DecodeRow<TL>(in AttentionSegment seg, int h0, int h1, float* scratch) where TL : IWeightLoad
+    {
+        int hd = _headDim, group = _heads / _kvHeads, keys = seg.Start + 1;
+        int tiles = (keys + KvView.Tile - 1) / KvView.Tile;
+        var kv = seg.Kv;
+        long headBytes = (long)hd * kv.ElementBytes;
+        for (int tile = 0; tile < tiles; tile++)
+        {
+            nint kt = kv.KeyTile(tile);
+            for (int h = h0; h < h1; h++)
+                TileScores<TL>(Q(seg.Row, h), kt + (nint)(h / group * headBytes * KvView.Tile), hd, _scale, scratch + (h - h0) * _stride + tile * KvView.Tile);
+        }
+        for (int h = h0; h < h1; h++)
+        {
+            var p = new Span<float>(scratch + (h - h0) * _stride, keys);
+            TensorPrimitives.SoftMax(p, p);
+        }
+        float* o = O(seg.Row, h0);
+        new Span<float>(o, (h1 - h0) * hd).Clear();
+        for (int j = 0; j < keys; j++)
+        {
+            nint v = kv.ValueRow(j);
+            for (int h = h0; h < h1; h++)
+            {
+                var pj = Vector512.Create(scratch[(h - h0) * _stride + j]);
+                nint vh = v + (nint)(h / group * headBytes);
+                float* oh = o + (h - h0) * hd;
+                for (int c = 0; c < hd; c += 16) Vector512.FusedMultiplyAdd(TL.Load512(vh, c), pj, Vector512.Load(oh + c)).Store(oh + c);
+            }
         }
     }
 
