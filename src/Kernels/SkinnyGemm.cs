@@ -5,7 +5,7 @@ using System.Runtime.Intrinsics.X86;
 namespace MiniLlm.Kernels;
 
 /// <summary>
-/// Y[M×N] = X[M×K] · Wᵀ for a few rows (batched decode, 2 ≤ M &lt; <see cref="MatMul.PackedMinRows"/>), where the
+/// Y[M×N] = X[M×K] · Wᵀ for a few rows (batched decode and short prefill chunks, 2 ≤ M &lt; <see cref="MatMul.PackedMinRows"/>), where the
 /// weights must still stream from DRAM at close to GEMV speed while each byte is used M times.
 /// <para>
 /// A register tile holds 8 X rows × 3 W rows (24 accumulators; 11 loads per 24 FMAs), so for M ≤ 8 every weight

@@ -39,7 +39,7 @@ public unsafe class KernelTests
     public static TheoryData<int, int, int> SkinnyShapes()
     {
         var data = new TheoryData<int, int, int>();
-        foreach (int m in new[] { 4, 5, 8, 9, 12, 16, 31 })
+        foreach (int m in new[] { 4, 5, 8, 9, 12, 16, 31, 40, 63 })
             foreach (var (k, n) in new[] { (33, 2), (64, 13), (1030, 10), (2100, 4) })
                 data.Add(m, k, n);
         return data;
@@ -282,6 +282,88 @@ public unsafe class KernelTests
                         }
                     }
             }
+        }
+    }
+
+    /// <summary>
+    /// A decode step of several sequences at once (one row each, at positions on and off tile edges) next to a
+    /// prefill chunk, each over its own KV: the one-row streaming path and the general path against the naive sums,
+    /// with few and many workers (runs of one head up to all heads per chunk).
+    /// </summary>
+    [Theory]
+    [InlineData(8, 2, 32)]
+    [InlineData(4, 4, 64)]
+    [InlineData(6, 3, 16)]
+    public void AttentionOverManySequencesMatchesNaive(int H, int G, int hd)
+    {
+        int kvd = G * hd;
+        (int Start, int Count)[] seqs = [(0, 1), (15, 1), (16, 1), (40, 1), (7, 3), (33, 1)];
+        int T = seqs.Sum(x => x.Count);
+        var q = Random(T * H * hd, H + hd);
+        var keys = seqs.Select((x, i) => Random((x.Start + x.Count) * kvd, 100 + i)).ToArray();
+        var vals = seqs.Select((x, i) => Random((x.Start + x.Count) * kvd, 200 + i)).ToArray();
+        foreach (bool invariant in new[] { false, true })
+            foreach (int threads in new[] { 1, 2, 7 })
+            {
+                var output = new float[T * H * hd];
+                var kBufs = seqs.Select(x => new float[((x.Start + x.Count + KvView.Tile - 1) / KvView.Tile) * KvView.Tile * kvd]).ToArray();
+                var vBufs = seqs.Select(x => new float[((x.Start + x.Count + KvView.Tile - 1) / KvView.Tile) * KvView.Tile * kvd]).ToArray();
+                var handles = kBufs.Concat(vBufs).Select(b => GCHandle.Alloc(b, GCHandleType.Pinned)).ToList();
+                try
+                {
+                    using var pool = new WorkerPool(threads);
+                    var att = new Attention(pool, 64) { BatchInvariant = invariant };
+                    var segments = new AttentionSegment[seqs.Length];
+                    int row = 0;
+                    for (int i = 0; i < seqs.Length; i++)
+                    {
+                        var view = new KvView((float*)handles[i].AddrOfPinnedObject(), (float*)handles[seqs.Length + i].AddrOfPinnedObject(), kvd);
+                        fixed (float* kp = keys[i], vp = vals[i]) view.WriteRows(0, seqs[i].Start + seqs[i].Count, kp, vp);
+                        segments[i] = new AttentionSegment(row, seqs[i].Count, seqs[i].Start, view);
+                        row += seqs[i].Count;
+                    }
+                    fixed (float* qp = q, op = output) att.Run(qp, H, G, hd, segments, op);
+                }
+                finally { foreach (var h in handles) h.Free(); }
+
+                int r0 = 0;
+                for (int i = 0; i < seqs.Length; r0 += seqs[i].Count, i++)
+                    for (int t = 0; t < seqs[i].Count; t++)
+                        for (int h = 0; h < H; h++)
+                        {
+                            int g = h / (H / G), pos = seqs[i].Start + t, r = r0 + t;
+                            var sc = new double[pos + 1];
+                            for (int j = 0; j <= pos; j++)
+                            {
+                                for (int e = 0; e < hd; e++) sc[j] += (double)q[(r * H + h) * hd + e] * keys[i][j * kvd + g * hd + e];
+                                sc[j] /= Math.Sqrt(hd);
+                            }
+                            double max = sc.Max(), sum = sc.Sum(v => Math.Exp(v - max));
+                            for (int e = 0; e < hd; e++)
+                            {
+                                double o = 0;
+                                for (int j = 0; j <= pos; j++) o += Math.Exp(sc[j] - max) / sum * vals[i][j * kvd + g * hd + e];
+                                Assert.True(Math.Abs(o - output[(r * H + h) * hd + e]) < 1e-5,
+                                    $"invariant={invariant} threads={threads} seq {i} row {t} head {h} dim {e}: {output[(r * H + h) * hd + e]} vs {o}");
+                            }
+                        }
+            }
+    }
+
+    [Fact]
+    public void LargePagesGiveAlignedWritableMemoryOfEverySize()
+    {
+        foreach (nuint bytes in new nuint[] { 1, 4095, (1 << 20) - 1, 1 << 20, (3 << 20) + 5 })
+        {
+            byte* p = (byte*)LargePages.Alloc(bytes);
+            try
+            {
+                Assert.True((nuint)p % (bytes < (1 << 20) ? 64u : (uint)LargePages.PageBytes) == 0, $"{bytes} bytes at {(nuint)p:x}");
+                for (nuint i = 0; i < bytes; i += 4096) p[i] = (byte)i;
+                p[bytes - 1] = 7;
+                Assert.Equal(7, p[bytes - 1]);
+            }
+            finally { LargePages.Free(p); }
         }
     }
 

@@ -50,6 +50,24 @@ public class NaiveReferenceTests
     }
 
     [Theory]
+    [InlineData(WeightFormat.Stored)]
+    [InlineData(WeightFormat.Q8)]
+    public void WeightsReadInPlaceOrCopiedGiveIdenticalLogits(WeightFormat format)
+    {
+        var rm = Make("mapped-vs-copied", 8, 2, false, "BF16");
+        float[] Run(bool mapped)
+        {
+            using var model = LlamaModel.Load(rm.Dir, threads: 2, format: format, mapWeights: mapped);
+            Assert.Equal(mapped, model.WeightsMapped);
+            using var cache = model.NewKvCache();
+            var logits = new float[Prompt.Length * rm.Spec.Vocab];
+            model.Forward(Prompt, 0, cache, logits, LogitsFor.AllTokens);
+            return logits;
+        }
+        Assert.Equal(Run(true), Run(false));
+    }
+
+    [Theory]
     [MemberData(nameof(Shapes))]
     public void ChunkedPrefillAndDecodeMatchReference(string name, int heads, int kv, bool tied, string dtype)
     {
