@@ -128,8 +128,7 @@ public static class BenchCommand
         sb.AppendLine($"model {i.Model} ({i.DType}, {i.WeightBytes / 1048576.0:F1} MiB of weights), {i.Threads} threads, {roof.Cpu}");
         sb.AppendLine($"ceilings measured {(roof.MeasuredUtc > DateTime.UtcNow.AddMinutes(-10) ? "in this run" : "at " + roof.MeasuredUtc.ToString("u"))}: " +
                       $"FMA peak {F(roof.PeakGflops)} GFLOP/s, DRAM read {F(roof.BandwidthGBps)} GB/s, ridge {F(roof.Ridge, "F2")} FLOP/byte");
-        var llc = roof.Caches.Where(c => c.Name == "L3").Select(c => c.Bytes).DefaultIfEmpty(32L << 20).Max();
-        if (i.WeightBytes < Math.Min(llc, 64L << 20))
+        if (i.WeightBytes < roof.LastLevelCacheBytes)
             sb.AppendLine($"note: the weights ({i.WeightBytes / 1048576.0:F1} MiB) fit in the last-level cache, so decode reads them from cache, not DRAM: %BW can exceed 100 %.");
         string[] head = ["test", "tok/s", "±sd", "ms/step", "FLOP/byte", "GFLOP/s", "% FMA peak", "GB/s", "% DRAM BW", "roof tok/s", "% of roof"];
         var rows = rs.Select(r => new[]

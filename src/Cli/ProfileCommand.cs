@@ -71,8 +71,7 @@ public static class ProfileCommand
             var cost = CostModel.For(llm);
             long weightBytes = llm.WeightBytes;
             double llcBw = roof.CacheBandwidth.Where(p => p.Level == "L3").Select(p => p.GBps).DefaultIfEmpty(roof.BandwidthGBps).First();
-            long llc = Math.Min(32L << 20, roof.Caches.Where(c => c.Name == "L3").Select(c => c.Bytes).DefaultIfEmpty(32L << 20).Max());
-            bool fits = weightBytes < llc;
+            bool fits = weightBytes < roof.LastLevelCacheBytes;
 
             var pre = new OpProfiler(L);
             llm.Profiler = pre;
