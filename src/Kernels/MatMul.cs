@@ -93,9 +93,7 @@ public sealed unsafe class MatMul : ParallelJob
         else foreach (var p in products) Run(x, m, p.W, p.Y);
     }
 
-    private Product[] _group = new Product[4];
-    private int[] _groupFirst = new int[5];
-    private int _groupCount, _groupRows;
+    private readonly ProductChunks _group = new();
 
     /// <summary>
     /// Several GEMVs on one x in a single dispatch: the rows of all the weights are cut into one list of chunks,
@@ -103,23 +101,16 @@ public sealed unsafe class MatMul : ParallelJob
     /// </summary>
     private void RunGroupedGemv(float* x, int k, ReadOnlySpan<Product> products)
     {
-        if (_group.Length < products.Length) { _group = new Product[products.Length]; _groupFirst = new int[products.Length + 1]; }
         long rows = 0, macs = 0;
         foreach (var p in products) { rows += p.W.Rows; macs += (long)p.W.Rows * k; }
-        _groupRows = (int)Math.Max(4, (rows / (4 * _pool.Threads) + 3) & ~3);
-        int chunks = 0;
+        CheckQ8(products);
         bool bf16 = false, q8 = false;
-        for (int i = 0; i < products.Length; i++)
+        foreach (var p in products)
         {
-            _group[i] = products[i];
-            _groupFirst[i] = chunks;
-            chunks += (products[i].W.Rows + _groupRows - 1) / _groupRows;
-            bf16 |= products[i].W.Type == WeightType.BF16;
-            q8 |= products[i].W.Type == WeightType.Q8;
-            if (products[i].W.Type == WeightType.Q8 && k % Q8Load.Block != 0) throw new ArgumentException($"Q8 weights need K a multiple of {Q8Load.Block}, got {k}", nameof(products));
+            bf16 |= p.W.Type == WeightType.BF16;
+            q8 |= p.W.Type == WeightType.Q8;
         }
-        _groupFirst[products.Length] = chunks;
-        _groupCount = products.Length;
+        int chunks = _group.Set(products, (int)Math.Max(4, (rows / (4 * _pool.Threads) + 3) & ~3));
         var isa = SimdPolicy.Current;
         _x = x; _m = 1; _invariant = false;
         if (bf16 && isa == SimdPolicy.Isa.V512) PairX(x, k);
@@ -130,7 +121,7 @@ public sealed unsafe class MatMul : ParallelJob
             if (macs < SerialMacs) for (int c = 0; c < chunks; c++) Execute(c, 0);
             else _pool.Run(this, chunks);
         }
-        finally { _groupCount = 0; }
+        finally { _group.Clear(); }
     }
 
     /// <summary>Y = X·Wᵀ. x: [m × w.Cols] row-major, y: [m × w.Rows] row-major.</summary>
@@ -285,13 +276,11 @@ public sealed unsafe class MatMul : ParallelJob
 
     public override void Execute(int chunk, int worker)
     {
-        if (_groupCount > 0)
+        if (_group.Count > 0)
         {
-            int pi = 0;
-            while (_groupFirst[pi + 1] <= chunk) pi++;
-            var p = _group[pi];
-            int r0 = (chunk - _groupFirst[pi]) * _groupRows;
-            Rows(p.W, p.Y, 0, 1, r0, Math.Min(p.W.Rows, r0 + _groupRows));
+            var p = _group.Find(chunk, out int local);
+            int r0 = local * _group.RowsPerChunk;
+            Rows(p.W, p.Y, 0, 1, r0, Math.Min(p.W.Rows, r0 + _group.RowsPerChunk));
             return;
         }
         int mb = chunk % _mBlocks, nb = chunk / _mBlocks;

@@ -28,9 +28,7 @@ internal sealed unsafe class PackedGemm : ParallelJob
     private long _tileFloats;
     private float* _x;
     private int _m, _k, _panels, _nr, _phase;
-    private MatMul.Product[] _products = new MatMul.Product[4];
-    private int[] _firstChunk = new int[5];
-    private int _productCount;
+    private readonly ProductChunks _chunks = new();
 
     public PackedGemm(WorkerPool pool)
     {
@@ -63,20 +61,7 @@ internal sealed unsafe class PackedGemm : ParallelJob
             }
             _tileFloats = tileNeed;
         }
-        if (_products.Length < products.Length)
-        {
-            _products = new MatMul.Product[products.Length];
-            _firstChunk = new int[products.Length + 1];
-        }
-        int chunks = 0;
-        for (int i = 0; i < products.Length; i++)
-        {
-            _products[i] = products[i];
-            _firstChunk[i] = chunks;
-            chunks += (products[i].W.Rows + RowsPerChunk - 1) / RowsPerChunk;
-        }
-        _firstChunk[products.Length] = chunks;
-        _productCount = products.Length;
+        int chunks = _chunks.Set(products, RowsPerChunk);
 
         _phase = 0;
         _pool.Run(this, _panels);
@@ -87,10 +72,7 @@ internal sealed unsafe class PackedGemm : ParallelJob
     public override void Execute(int chunk, int worker)
     {
         if (_phase == 0) { PackX(chunk); return; }
-        int pi = 0;
-        while (_firstChunk[pi + 1] <= chunk) pi++;
-        ref readonly var prod = ref _products[pi];
-        int local = chunk - _firstChunk[pi];
+        ref readonly var prod = ref _chunks.Find(chunk, out int local);
         switch (prod.W.Type)
         {
             case WeightType.F32: Rows<F32Load>(prod, local, worker); break;

@@ -26,9 +26,8 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
     private const long ReuseBytes = 256 << 10;      // for M > 8: a chunk's W slice of one K block stays in L2
 
     private readonly WorkerPool _pool;
-    private MatMul.Product[] _products = new MatMul.Product[4];
-    private int[] _firstChunk = new int[5];
-    private int _productCount, _chunkRows, _kBlock;
+    private readonly ProductChunks _chunks = new();
+    private int _kBlock;
     private float* _x;
     private float* _xPack;                          // X regrouped for the tiles (see Pack)
     private long _xPackFloats;
@@ -52,41 +51,25 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
         else Tiles<Simd256, Vector256<float>, F32Load>.Pack(x, m, k, _xPack);
         int blocks = (k + KBlock - 1) / KBlock;
         _kBlock = ((k + blocks - 1) / blocks + 63) & ~63;
-        if (_products.Length < products.Length)
-        {
-            _products = new MatMul.Product[products.Length];
-            _firstChunk = new int[products.Length + 1];
-        }
         long rows = 0, macs = 0, maxRowBytes = 0;
         foreach (var p in products) { rows += p.W.Rows; macs += (long)p.W.Rows * k * m; maxRowBytes = Math.Max(maxRowBytes, p.W.RowBytes); }
         // Several chunks per thread for balance, each a whole number of tiles; with several X row groups, small
         // enough that a chunk's slice of one K block is still in L2 when the next group comes round.
         long perChunk = Math.Max(TileCols, rows / (4 * _pool.Threads));
         if (m > 8) perChunk = Math.Min(perChunk, Math.Max(TileCols, ReuseBytes * k / (maxRowBytes * _kBlock)));
-        _chunkRows = (int)((perChunk + TileCols - 1) / TileCols * TileCols);
-        int chunks = 0;
-        for (int i = 0; i < products.Length; i++)
-        {
-            _products[i] = products[i];
-            _firstChunk[i] = chunks;
-            chunks += (products[i].W.Rows + _chunkRows - 1) / _chunkRows;
-        }
-        _firstChunk[products.Length] = chunks;
-        _productCount = products.Length;
+        int chunks = _chunks.Set(products, (int)((perChunk + TileCols - 1) / TileCols * TileCols));
         try
         {
             if (macs < MatMul.SerialMacs) for (int c = 0; c < chunks; c++) Execute(c, 0);
             else _pool.Run(this, chunks);
         }
-        finally { _productCount = 0; }
+        finally { _chunks.Clear(); }
     }
 
     public override void Execute(int chunk, int worker)
     {
-        int pi = 0;
-        while (_firstChunk[pi + 1] <= chunk) pi++;
-        var p = _products[pi];
-        int n0 = (chunk - _firstChunk[pi]) * _chunkRows, n1 = Math.Min(p.W.Rows, n0 + _chunkRows);
+        var p = _chunks.Find(chunk, out int local);
+        int n0 = local * _chunks.RowsPerChunk, n1 = Math.Min(p.W.Rows, n0 + _chunks.RowsPerChunk);
         switch (p.W.Type)
         {
             case WeightType.F32: Rows<F32Load>(p.W, p.Y, n0, n1); break;
