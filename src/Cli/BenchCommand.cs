@@ -97,16 +97,21 @@ public static class BenchCommand
                 {
                     kernel = r.Kernel, type = r.Type, m = r.M, k = r.K, n = r.N, seconds = r.MedianSeconds, gflops = r.Gflops, gbps = r.GBps,
                     pct_fma_peak = 100 * r.Gflops / roof.PeakGflops, pct_bandwidth = 100 * r.GBps / roof.BandwidthGBps,
+                    probe_gbps = r.ProbeGBps > 0 ? r.ProbeGBps : (double?)null,
+                    pct_probe = r.ProbeGBps > 0 ? 100 * r.GBps / r.ProbeGBps : (double?)null,
                 }),
             }, new JsonSerializerOptions { WriteIndented = true }) + "\n";
         var sb = new StringBuilder();
         sb.AppendLine($"kernels alone, {threads} threads; ceilings: FMA peak {F(roof.PeakGflops)} GFLOP/s, DRAM read {F(roof.BandwidthGBps)} GB/s");
+        sb.AppendLine("streaming kernels also time the read probe (256 MiB, 2 MiB pages) before each repetition: 'probe GB/s' is its median, '% probe' the kernel against it");
         bool md = fmt == "md";
-        if (md) sb.AppendLine().AppendLine("| kernel | type | M×K×N | GFLOP/s | % FMA peak | weight GB/s | % DRAM BW |").AppendLine("|---|---|---|---:|---:|---:|---:|");
+        if (md) sb.AppendLine().AppendLine("| kernel | type | M×K×N | GFLOP/s | % FMA peak | weight GB/s | % DRAM BW | probe GB/s | % probe |").AppendLine("|---|---|---|---:|---:|---:|---:|---:|---:|");
         foreach (var r in rs)
         {
-            string[] c = [r.Kernel, r.Type, $"{r.M}×{r.K}×{r.N}", F(r.Gflops), F(100 * r.Gflops / roof.PeakGflops), F(r.GBps), F(100 * r.GBps / roof.BandwidthGBps)];
-            sb.AppendLine(md ? "| " + string.Join(" | ", c) + " |" : $"{c[0],-12} {c[1],-5} {c[2],-16} {c[3],9} GFLOP/s {c[4],6} % peak {c[5],8} GB/s {c[6],6} % BW");
+            string probe = r.ProbeGBps > 0 ? F(r.ProbeGBps) : "-", pct = r.ProbeGBps > 0 ? F(100 * r.GBps / r.ProbeGBps) : "-";
+            string[] c = [r.Kernel, r.Type, $"{r.M}×{r.K}×{r.N}", F(r.Gflops), F(100 * r.Gflops / roof.PeakGflops), F(r.GBps), F(100 * r.GBps / roof.BandwidthGBps), probe, pct];
+            sb.AppendLine(md ? "| " + string.Join(" | ", c) + " |"
+                : $"{c[0],-12} {c[1],-5} {c[2],-16} {c[3],9} GFLOP/s {c[4],6} % peak {c[5],8} GB/s {c[6],6} % BW {c[7],7} probe {c[8],6} % probe");
         }
         return sb.ToString();
     }

@@ -5,7 +5,9 @@ using MiniLlm.Kernels;
 namespace MiniLlm.Engine;
 
 /// <summary>One kernel measurement: the median over repetitions, as FLOP/s and weight bytes/s.</summary>
-public sealed record KernelResult(string Kernel, string Type, int M, int K, int N, double MedianSeconds, double Flops, double WeightBytes)
+/// <param name="ProbeGBps">For the streaming kernels: the read-bandwidth probe timed between the kernel's own
+/// repetitions (median), the ceiling of the same minute on a host whose bandwidth drifts; 0 where not taken.</param>
+public sealed record KernelResult(string Kernel, string Type, int M, int K, int N, double MedianSeconds, double Flops, double WeightBytes, double ProbeGBps = 0)
 {
     public double Gflops => Flops / MedianSeconds / 1e9;
     public double GBps => WeightBytes / MedianSeconds / 1e9;
@@ -25,8 +27,10 @@ public static unsafe class KernelBenchmark
             foreach (var t in new[] { WeightType.F32, WeightType.BF16 })
             {
                 progress?.Invoke($"GEMM {t} 512×{k}×{n}");
-                yield return Measure(mm, "gemm", t, 512, k, n, copies: 1, reps);
+                yield return Measure(pool, mm, "gemm", t, 512, k, n, copies: 1, reps, probe: null);
             }
+        // The probe reads as many bytes as the kernels do, on the same kind of pages, once before every repetition.
+        using var probe = new Ceilings.ReadProbe(threads, 256L << 20);
         foreach (var t in new[] { WeightType.F32, WeightType.BF16 })
             foreach (int m in new[] { 1, 8 })
             {
@@ -34,11 +38,11 @@ public static unsafe class KernelBenchmark
                 int es = t == WeightType.F32 ? 4 : 2;
                 int copies = (int)((256L << 20) / (4096L * 4096 * es));
                 progress?.Invoke($"{(m == 1 ? "GEMV" : "skinny GEMM")} {t} M={m}, {copies} × 4096×4096");
-                yield return Measure(mm, m == 1 ? "gemv" : "gemm-skinny", t, m, 4096, 4096, copies, reps);
+                yield return Measure(pool, mm, m == 1 ? "gemv" : "gemm-skinny", t, m, 4096, 4096, copies, reps, probe);
             }
     }
 
-    private static KernelResult Measure(MatMul mm, string name, WeightType t, int M, int K, int N, int copies, int reps)
+    private static KernelResult Measure(WorkerPool pool, MatMul mm, string name, WeightType t, int M, int K, int N, int copies, int reps, Ceilings.ReadProbe? probe)
     {
         int es = t == WeightType.F32 ? 4 : 2;
         long wBytes = (long)N * K * es;
@@ -56,15 +60,19 @@ public static unsafe class KernelBenchmark
             }
             for (long i = 0; i < (long)M * K; i++) x[i] = (float)rng.NextDouble();
             var times = new List<double>();
+            var probes = new List<double>();
             for (int r = -1; r < reps; r++)
             {
+                if (probe != null && r >= 0) probes.Add(probe.Measure(pool));
                 var sw = Stopwatch.StartNew();
                 for (int c = 0; c < copies; c++) mm.Run(x, M, new WeightMatrix(ws[c], t, N, K), y);
                 if (r >= 0) times.Add(sw.Elapsed.TotalSeconds);
             }
             times.Sort();
+            probes.Sort();
             double median = times[times.Count / 2];
-            return new KernelResult(name, t.ToString(), M, K, N, median, 2.0 * M * N * K * copies, (double)wBytes * copies);
+            double probeMedian = probes.Count > 0 ? probes[probes.Count / 2] : 0;
+            return new KernelResult(name, t.ToString(), M, K, N, median, 2.0 * M * N * K * copies, (double)wBytes * copies, probeMedian);
         }
         finally
         {

@@ -65,23 +65,33 @@ public static unsafe class Ceilings
 {
     private static volatile float _sink;
 
-    /// <summary>Runs <paramref name="body"/>(thread index) on <paramref name="threads"/> threads at once; returns the wall seconds.</summary>
+    /// <summary>
+    /// Runs <paramref name="body"/>(thread index) on <paramref name="threads"/> threads at once — the caller is
+    /// thread 0 — and returns the wall seconds from the start signal to the last finish. Helpers spin on the
+    /// start and finish flags instead of blocking: with as many threads as cores, a waiting caller or a sleeping
+    /// helper's wake-up would otherwise be timed (milliseconds against a 256 MiB pass of 4 ms).
+    /// </summary>
     private static double Together(int threads, Action<int> body)
     {
-        using var ready = new CountdownEvent(threads);
-        using var go = new ManualResetEventSlim(false);
-        using var done = new CountdownEvent(threads);
-        var ts = new Thread[threads];
-        for (int i = 0; i < threads; i++)
+        int ready = 0, go = 0, done = 0;
+        var ts = new Thread[threads - 1];
+        for (int i = 0; i < ts.Length; i++)
         {
-            int id = i;
-            ts[i] = new Thread(() => { ready.Signal(); go.Wait(); body(id); done.Signal(); }) { IsBackground = true };
+            int id = i + 1;
+            ts[i] = new Thread(() =>
+            {
+                Interlocked.Increment(ref ready);
+                while (Volatile.Read(ref go) == 0) Thread.SpinWait(16);
+                body(id);
+                Interlocked.Increment(ref done);
+            }) { IsBackground = true };
             ts[i].Start();
         }
-        ready.Wait();
+        while (Volatile.Read(ref ready) != ts.Length) Thread.Yield();
         var sw = Stopwatch.StartNew();
-        go.Set();
-        done.Wait();
+        Volatile.Write(ref go, 1);
+        body(0);
+        while (Volatile.Read(ref done) != ts.Length) Thread.SpinWait(16);
         double s = sw.Elapsed.TotalSeconds;
         foreach (var t in ts) t.Join();
         return s;
@@ -139,21 +149,72 @@ public static unsafe class Ceilings
     /// </summary>
     public static double MeasureReadBandwidth(int threads, long bytes, int reps = 5, int passes = 1)
     {
-        long floats = bytes / 4 / (64 * threads) * (64 * threads);
-        var buf = (float*)LargePages.Alloc((nuint)floats * 4);   // the pages the weights live on
-        try
+        using var probe = new ReadProbe(threads, bytes);
+        var rates = new List<double>();
+        for (int r = 0; r < reps; r++) rates.Add(probe.Measure(passes));
+        return Median(rates);
+    }
+
+    /// <summary>
+    /// The read-bandwidth probe as an object: the buffer is allocated and placed once, so a benchmark can time the
+    /// probe between its own repetitions (same minute, same pages) instead of trusting one taken earlier.
+    /// </summary>
+    public sealed class ReadProbe : IDisposable
+    {
+        private readonly int _threads;
+        private readonly long _floats, _per;
+        private float* _buf;
+
+        public ReadProbe(int threads, long bytes)
         {
+            if (threads < 1) throw new ArgumentOutOfRangeException(nameof(threads), "threads must be at least 1");
+            _threads = threads;
+            _floats = Math.Max(64L * threads, bytes / 4 / (64 * threads) * (64 * threads));
+            _buf = (float*)LargePages.Alloc((nuint)_floats * 4);   // the pages the weights live on
+            _per = _floats / threads;
+            float* buf = _buf;
+            long per = _per;
             // Touch every page from the thread that will read it (first-touch placement), with non-zero data.
-            long per = floats / threads;
-            Together(threads, t => new Span<float>(buf + t * per, (int)Math.Min(per, int.MaxValue)).Fill(1f));
-            if (per > int.MaxValue) for (long i = 0; i < floats; i++) buf[i] = 1f;
+            Together(threads, t => { for (long i = 0; i < per; i += int.MaxValue) new Span<float>(buf + t * per + i, (int)Math.Min(per - i, int.MaxValue)).Fill(1f); });
             ReadSlice(buf, Math.Min(per, 4096)); // JIT
-            var times = new List<double>();
-            for (int r = 0; r < reps; r++)
-                times.Add(Together(threads, t => { for (int p = 0; p < passes; p++) _sink = ReadSlice(buf + t * per, per); }));
-            return (double)floats * 4 * passes / Median(times) / 1e9;
         }
-        finally { LargePages.Free(buf); }
+
+        public long Bytes => _floats * 4;
+
+        /// <summary>One timed run: every thread streams its slice <paramref name="passes"/> times. GB/s.</summary>
+        public double Measure(int passes = 1)
+        {
+            ObjectDisposedException.ThrowIf(_buf == null, this);
+            float* buf = _buf;
+            long per = _per;
+            double s = Together(_threads, t => { for (int p = 0; p < passes; p++) _sink = ReadSlice(buf + t * per, per); });
+            return (double)_floats * 4 * passes / s / 1e9;
+        }
+
+        /// <summary>
+        /// One pass on a kernel pool's own threads (one slice per chunk), for timing between kernel repetitions:
+        /// fresh probe threads would share the cores with the pool's still-spinning workers.
+        /// </summary>
+        public double Measure(WorkerPool pool)
+        {
+            ObjectDisposedException.ThrowIf(_buf == null, this);
+            var job = new SliceJob(_buf, _floats / pool.Threads);
+            var sw = Stopwatch.StartNew();
+            pool.Run(job, pool.Threads);
+            return (double)job.Per * pool.Threads * 4 / sw.Elapsed.TotalSeconds / 1e9;
+        }
+
+        private sealed class SliceJob(float* buf, long per) : ParallelJob
+        {
+            public long Per => per;
+            public override void Execute(int chunk, int worker) => _sink = ReadSlice(buf + chunk * per, per);
+        }
+
+        public void Dispose()
+        {
+            if (_buf != null) LargePages.Free(_buf);
+            _buf = null;
+        }
     }
 
     private static float ReadSlice(float* p, long n) => Vector512.IsHardwareAccelerated
