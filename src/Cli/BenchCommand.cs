@@ -58,6 +58,8 @@ public static class BenchCommand
             var roof = RooflineCommand.LoadOrMeasure(r.GetValue(roofFile), t, 5, fmt == "text" ? io.Err : null);
 
             var results = new List<BenchResult>();
+            // Beside every decode repetition, the read probe on the model's threads: the bandwidth of that minute.
+            using var probe = ns.Any(n => n > 0) ? new Ceilings.ReadProbe(t, 256L << 20) : null;
             foreach (int p in ps.Where(p => p > 0))
             {
                 if (fmt == "text") io.Err.WriteLine($"running pp{p}…");
@@ -67,7 +69,7 @@ public static class BenchCommand
                 foreach (int b in bs)
                 {
                     if (fmt == "text") io.Err.WriteLine($"running tg{n} batch {b}…");
-                    results.Add(Benchmark.Generate(llm, n, b, rp));
+                    results.Add(Benchmark.Generate(llm, n, b, rp, probe));
                 }
             var info = new BenchInfo(Path.GetFileName(dir.TrimEnd('/')), llm.WeightLabel, llm.WeightBytes, t, roof);
             if (r.GetValue(plot) is { } plotDir)
@@ -135,12 +137,15 @@ public static class BenchCommand
                       $"FMA peak {F(roof.PeakGflops)} GFLOP/s, DRAM read {F(roof.BandwidthGBps)} GB/s, ridge {F(roof.Ridge, "F2")} FLOP/byte");
         if (i.WeightBytes < roof.LastLevelCacheBytes)
             sb.AppendLine($"note: the weights ({i.WeightBytes / 1048576.0:F1} MiB) fit in the last-level cache, so decode reads them from cache, not DRAM: %BW can exceed 100 %.");
-        string[] head = ["test", "tok/s", "±sd", "ms/step", "FLOP/byte", "GFLOP/s", "% FMA peak", "GB/s", "% DRAM BW", "roof tok/s", "% of roof"];
+        if (rs.Any(r => r.ProbeMedianGBps > 0))
+            sb.AppendLine("decode rows also time the read probe (256 MiB) on the model's threads before each repetition: 'probe GB/s' (median) and the roof it gives, 'probe roof'");
+        string[] head = ["test", "tok/s", "±sd", "ms/step", "FLOP/byte", "GFLOP/s", "% FMA peak", "GB/s", "% DRAM BW", "roof tok/s", "% of roof", "probe GB/s", "% of probe roof"];
         var rows = rs.Select(r => new[]
         {
             r.Test, F(r.MeanTokensPerSecond), F(r.SdTokensPerSecond), F(1000 * r.Batch / r.MeanTokensPerSecond, "F2"), F(r.Flops / r.Bytes, "F2"),
             F(r.Gflops), F(100 * r.Gflops / roof.PeakGflops),
             F(r.GBps), F(100 * r.GBps / roof.BandwidthGBps), F(r.BoundTokensPerSecond(roof)), F(100 * r.MeanTokensPerSecond / r.BoundTokensPerSecond(roof)),
+            r.ProbeMedianGBps > 0 ? F(r.ProbeMedianGBps) : "-", r.ProbeMedianGBps > 0 ? F(100 * r.MeanTokensPerSecond / r.ProbeBoundTokensPerSecond(roof)) : "-",
         }).ToList();
         var widths = head.Select((h, c) => Math.Max(h.Length, rows.Select(x => x[c].Length).DefaultIfEmpty(0).Max())).ToArray();
         string Line(string[] cells) => markdown
@@ -155,11 +160,13 @@ public static class BenchCommand
 
     private static string Csv(BenchInfo i, List<BenchResult> rs)
     {
-        var sb = new StringBuilder("model,dtype,threads,test,batch,tok_s,sd,gflops,pct_fma_peak,gbps,pct_bw,roof_tok_s,pct_roof,peak_gflops,bw_gbps\n");
+        var sb = new StringBuilder("model,dtype,threads,test,batch,tok_s,sd,gflops,pct_fma_peak,gbps,pct_bw,roof_tok_s,pct_roof,peak_gflops,bw_gbps,probe_gbps,probe_roof_tok_s,pct_probe_roof\n");
         foreach (var r in rs)
             sb.AppendLine(string.Join(",", i.Model, i.DType, i.Threads, r.Test, r.Batch, F(r.MeanTokensPerSecond, "F2"), F(r.SdTokensPerSecond, "F2"),
                 F(r.Gflops, "F2"), F(100 * r.Gflops / i.Roof.PeakGflops, "F2"), F(r.GBps, "F2"), F(100 * r.GBps / i.Roof.BandwidthGBps, "F2"),
-                F(r.BoundTokensPerSecond(i.Roof), "F2"), F(100 * r.MeanTokensPerSecond / r.BoundTokensPerSecond(i.Roof), "F2"), F(i.Roof.PeakGflops, "F2"), F(i.Roof.BandwidthGBps, "F2")));
+                F(r.BoundTokensPerSecond(i.Roof), "F2"), F(100 * r.MeanTokensPerSecond / r.BoundTokensPerSecond(i.Roof), "F2"), F(i.Roof.PeakGflops, "F2"), F(i.Roof.BandwidthGBps, "F2"),
+                r.ProbeMedianGBps > 0 ? F(r.ProbeMedianGBps, "F2") : "", r.ProbeMedianGBps > 0 ? F(r.ProbeBoundTokensPerSecond(i.Roof), "F2") : "",
+                r.ProbeMedianGBps > 0 ? F(100 * r.MeanTokensPerSecond / r.ProbeBoundTokensPerSecond(i.Roof), "F2") : ""));
         return sb.ToString();
     }
 
@@ -175,6 +182,7 @@ public static class BenchCommand
                 flops = r.Flops, bytes = r.Bytes, weight_bytes = r.WeightBytes, gflops = r.Gflops, gbps = r.GBps,
                 pct_fma_peak = 100 * r.Gflops / i.Roof.PeakGflops, pct_bandwidth = 100 * r.GBps / i.Roof.BandwidthGBps,
                 roof_tok_s = r.BoundTokensPerSecond(i.Roof),
+                probe_gbps = r.ProbeGBps, probe_roof_tok_s = r.ProbeMedianGBps > 0 ? r.ProbeBoundTokensPerSecond(i.Roof) : (double?)null,
             }),
         };
         return JsonSerializer.Serialize(o, new JsonSerializerOptions { WriteIndented = true }) + "\n";

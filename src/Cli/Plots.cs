@@ -113,6 +113,14 @@ public static class Plots
         bound.LegendText = "roofline bound min(B·BW/bytes, peak/FLOPs)";
         bound.Color = Colors.Gray;
         bound.LineWidth = 2;
+        if (results.All(r => r.ProbeMedianGBps > 0))
+        {
+            var probed = plt.Add.Scatter(xs, results.Select(r => r.ProbeBoundTokensPerSecond(roof)).ToArray());
+            probed.LegendText = "same bound, bandwidth probed beside each batch size";
+            probed.Color = Colors.Gray;
+            probed.LinePattern = LinePattern.Dashed;
+            probed.LineWidth = 1.5f;
+        }
         plt.Axes.Bottom.TickGenerator = new ScottPlot.TickGenerators.NumericManual(xs, results.Select(r => r.Batch.ToString()).ToArray());
         plt.Title($"Decode throughput vs batch: {model}");
         plt.XLabel("batch size (sequences decoded together)");

@@ -4,7 +4,9 @@ using MiniLlm.Kernels;
 namespace MiniLlm.Engine;
 
 /// <summary>One benchmark row: a test repeated, with the work it did (from <see cref="CostModel"/>).</summary>
-public sealed record BenchResult(string Test, int Batch, int TokensPerRep, double[] Seconds, double Flops, double Bytes, double WeightBytes)
+/// <param name="ProbeGBps">Decode tests: the read-bandwidth probe timed on the model's own threads just before each
+/// repetition — the bandwidth of the same minute, on a host where it drifts 2× between minutes. Empty for prefill.</param>
+public sealed record BenchResult(string Test, int Batch, int TokensPerRep, double[] Seconds, double Flops, double Bytes, double WeightBytes, double[]? ProbeGBps = null)
 {
     public double[] TokensPerSecond => Seconds.Select(s => TokensPerRep / s).ToArray();
     public double MeanTokensPerSecond => TokensPerSecond.Average();
@@ -30,7 +32,15 @@ public sealed record BenchResult(string Test, int Batch, int TokensPerRep, doubl
     public double GBps => Bytes / MedianSeconds / 1e9;
 
     /// <summary>Tokens/s the roofline allows for this work: tokens / max(FLOPs / peak, bytes / bandwidth).</summary>
-    public double BoundTokensPerSecond(Roofline r) => TokensPerRep / Math.Max(Flops / (r.PeakGflops * 1e9), Bytes / (r.BandwidthGBps * 1e9));
+    public double BoundTokensPerSecond(Roofline r) => Bound(r.PeakGflops, r.BandwidthGBps);
+
+    /// <summary>Median of <see cref="ProbeGBps"/>, or 0 when no probe ran.</summary>
+    public double ProbeMedianGBps => ProbeGBps is { Length: > 0 } p ? p.Order().ElementAt(p.Length / 2) : 0;
+
+    /// <summary>The same bound with the bandwidth probed between repetitions (the run's FMA peak); 0 when no probe ran.</summary>
+    public double ProbeBoundTokensPerSecond(Roofline r) => ProbeMedianGBps > 0 ? Bound(r.PeakGflops, ProbeMedianGBps) : 0;
+
+    private double Bound(double gflops, double gbps) => TokensPerRep / Math.Max(Flops / (gflops * 1e9), Bytes / (gbps * 1e9));
 }
 
 /// <summary>
@@ -68,7 +78,8 @@ public static class Benchmark
         return new BenchResult($"pp{tokens}", 1, tokens, times, fl, by, wb);
     }
 
-    public static BenchResult Generate(LlamaModel m, int steps, int batch, int reps)
+    /// <param name="probe">When given, timed on the model's threads before every repetition (<see cref="BenchResult.ProbeGBps"/>).</param>
+    public static BenchResult Generate(LlamaModel m, int steps, int batch, int reps, Ceilings.ReadProbe? probe = null)
     {
         if (steps < 1 || steps + 1 > m.Context) throw new ArgumentException($"generation length {steps} must be in [1, {m.Context - 1}]", "n");
         if (batch < 1 || batch > m.MaxTokens) throw new ArgumentException($"batch {batch} must be in [1, {m.MaxTokens}]", "b");
@@ -80,9 +91,11 @@ public static class Benchmark
             var tokens = new int[batch];
             var slices = new SequenceSlice[batch];
             var times = new double[reps];
+            var probes = new List<double>();
             var start = Tokens(m, batch, 2);
             for (int r = -1; r < reps; r++)
             {
+                if (probe != null && r >= 0) probes.Add(m.MeasureReadBandwidth(probe));
                 // Position 0 for everyone (untimed), then `steps` timed decode steps.
                 for (int b = 0; b < batch; b++) { tokens[b] = start[b]; slices[b] = new SequenceSlice(0, 1, caches[b]); }
                 m.Forward(tokens, slices, logits);
@@ -105,7 +118,7 @@ public static class Benchmark
                 var (f, bb, w) = cost.Decode(batch, s + 1);
                 fl += f; by += bb; wb += w;
             }
-            return new BenchResult(batch == 1 ? $"tg{steps}" : $"tg{steps} b{batch}", batch, steps * batch, times, fl, by, wb);
+            return new BenchResult(batch == 1 ? $"tg{steps}" : $"tg{steps} b{batch}", batch, steps * batch, times, fl, by, wb, probes.ToArray());
         }
         finally { foreach (var c in caches) c.Dispose(); }
     }

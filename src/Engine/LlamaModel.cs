@@ -63,6 +63,9 @@ public sealed unsafe class LlamaModel : IDisposable
     public ModelFiles Files { get; }
     public TextTokenizer Tokenizer => Files.Tokenizer ?? throw new InvalidOperationException($"{Files.Directory}: model has no tokenizer.model");
     public int Threads => _pool.Threads;
+
+    /// <summary>One pass of <paramref name="probe"/> on this model's worker threads, GB/s (the ceiling beside a decode run).</summary>
+    public double MeasureReadBandwidth(Ceilings.ReadProbe probe) => probe.Measure(_pool);
     /// <summary>Logits of a sequence independent of what it is batched with (see <see cref="MatMul.BatchInvariant"/>).</summary>
     public bool BatchInvariant
     {

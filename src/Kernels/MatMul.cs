@@ -59,6 +59,21 @@ public sealed unsafe class MatMul : ParallelJob
     public static int GemvChunksPerThread { get; set; } = 4;
 
     /// <summary>
+    /// Smallest GEMV chunk: every chunk starts two new streams whose first lines arrive at full latency, so a
+    /// chunk must be long enough to pay that back (16 KiB chunks of a cache-resident 128×256 matrix took 1.5× the
+    /// time of 64 KiB ones).
+    /// </summary>
+    public const int GemvMinChunkBytes = 64 << 10;
+
+    /// <summary>Rows per GEMV chunk (a multiple of 4): about <see cref="GemvChunksPerThread"/> chunks per thread, none under <see cref="GemvMinChunkBytes"/>.</summary>
+    private int GemvRowsPerChunk(long rows, long rowBytes)
+    {
+        long byCount = rows / (GemvChunksPerThread * _pool.Threads);
+        long byBytes = (GemvMinChunkBytes + rowBytes - 1) / Math.Max(1, rowBytes);
+        return (int)Math.Min(int.MaxValue & ~3, Math.Max(4, Math.Max(byCount, byBytes) + 3 & ~3));
+    }
+
+    /// <summary>
     /// Every output element is summed in the same order whatever M is (the dot-product tiles for all sizes, no
     /// packed GEMM, no multi-accumulator GEMV), so a sequence's logits do not depend on what it is batched with.
     /// Slower for prefill; for checks and reproducible serving.
@@ -113,7 +128,7 @@ public sealed unsafe class MatMul : ParallelJob
             bf16 |= p.W.Type == WeightType.BF16;
             q8 |= p.W.Type == WeightType.Q8;
         }
-        int chunks = _group.Set(products, (int)Math.Max(4, (rows / (GemvChunksPerThread * _pool.Threads) + 3) & ~3));
+        int chunks = _group.Set(products, GemvRowsPerChunk(rows, products[0].W.RowBytes));
         var isa = SimdPolicy.Current;
         _x = x; _m = 1; _invariant = false;
         if (bf16 && isa == SimdPolicy.Isa.V512) PairX(x, k);
@@ -152,8 +167,8 @@ public sealed unsafe class MatMul : ParallelJob
         long macs = (long)m * w.Rows * w.Cols;
         _mBlocks = (m + RowBlock - 1) / RowBlock;
         // Enough W panels that every thread gets several chunks (load balance), each a multiple of 4 rows.
-        int wanted = macs < SerialMacs ? 1 : Math.Max(1, (m == 1 ? GemvChunksPerThread : 4) * threads / _mBlocks);
-        _panel = Math.Max(4, (w.Rows + wanted - 1) / wanted + 3 & ~3);
+        int wanted = macs < SerialMacs ? 1 : Math.Max(1, 4 * threads / _mBlocks);
+        _panel = m == 1 && macs >= SerialMacs ? GemvRowsPerChunk(w.Rows, w.RowBytes) : Math.Max(4, (w.Rows + wanted - 1) / wanted + 3 & ~3);
         _nPanels = (w.Rows + _panel - 1) / _panel;
         if (macs < SerialMacs) { for (int c = 0; c < _mBlocks * _nPanels; c++) Execute(c, 0); }
         else _pool.Run(this, _mBlocks * _nPanels);
