@@ -73,11 +73,15 @@ public static class ProfileCommand
             double llcBw = roof.CacheBandwidth.Where(p => p.Level == "L3").Select(p => p.GBps).DefaultIfEmpty(roof.BandwidthGBps).First();
             bool fits = weightBytes < roof.LastLevelCacheBytes;
 
+            // Compute roofs the kernels can reach at this prompt's rows and at the decode batch (same run). Not for
+            // one row: a GEMV's FLOP rate is its bandwidth, and decode at batch 1 is judged by bytes alone.
+            int preRows = Math.Min(llm.MaxTokens, b * ids.Length);
+            double gemmPrefill = preRows >= 2 ? llm.MeasureGemmGflops(preRows) : 0, gemmDecode = b >= 2 ? llm.MeasureGemmGflops(b) : 0;
             var pre = new OpProfiler(L);
             llm.Profiler = pre;
             llm.Forward(tokens, slices, logits);
             llm.Profiler = null;
-            var prefill = ProfileReport.Build("prefill", b * ids.Length, pre, cost.Step(Enumerable.Repeat(new StepSequence(ids.Length, ids.Length), b).ToList(), b), L, roof, llcBw, fits);
+            var prefill = ProfileReport.Build("prefill", b * ids.Length, pre, cost.Step(Enumerable.Repeat(new StepSequence(ids.Length, ids.Length), b).ToList(), b), L, roof, llcBw, fits, gemmPrefill);
 
             var dec = new OpProfiler(L);
             var next = new int[b];
@@ -94,7 +98,7 @@ public static class ProfileCommand
                 llm.Profiler = null;
                 costs.AddRange(cost.Step(Enumerable.Repeat(new StepSequence(1, ids.Length + s + 1), b).ToList(), b));
             }
-            var decode = ProfileReport.Build("decode", b * n, dec, costs, L, roof, llcBw, fits);
+            var decode = ProfileReport.Build("decode", b * n, dec, costs, L, roof, llcBw, fits, gemmDecode);
             return (prefill, decode, dec);
         }
         finally { foreach (var c in caches) c.Dispose(); }
@@ -121,7 +125,15 @@ public static class ProfileCommand
         foreach (var p in new[] { pre, dec })
             console.WriteLine($"{p.Phase,-8} measured {F(p.TokensPerSecond),9} tok/s | predicted ceiling {F(p.PredictedTokensPerSecond(roof)),9} tok/s " +
                               $"({F(100 * p.TokensPerSecond / p.PredictedTokensPerSecond(roof), "F0")} % of it) | MFU {F(100 * p.Mfu(roof))} % | MBU {F(100 * p.Mbu)} % | {F(p.Flops / p.Bytes, "F2")} FLOP/byte");
-        console.WriteLine($"decode ceiling = bandwidth ÷ bytes per token = {F(dec.BandwidthUsedGBps)} GB/s ÷ {F(dec.Bytes / dec.Tokens / 1e6, "F2")} MB = {F(dec.PredictedTokensPerSecond(roof))} tok/s");
+        foreach (var p in new[] { pre, dec })
+        {
+            string roofText = p.GemmGflops > 0
+                ? $"{F(p.ComputeRoofGflops(roof))} GFLOP/s (own GEMM at these rows, in cache, now; {F(100 * p.ComputeRoofGflops(roof) / roof.PeakGflops, "F0")} % of FMA peak)"
+                : $"{F(roof.PeakGflops)} GFLOP/s (FMA peak)";
+            console.WriteLine(p.ComputeBound(roof)
+                ? $"{p.Phase} ceiling = compute roof ÷ FLOPs per token = {roofText} ÷ {F(p.Flops / p.Tokens / 1e9, "F3")} GFLOP = {F(p.PredictedTokensPerSecond(roof))} tok/s"
+                : $"{p.Phase} ceiling = bandwidth ÷ bytes per token = {F(p.BandwidthUsedGBps)} GB/s ÷ {F(p.Bytes / p.Tokens / 1e6, "F2")} MB = {F(p.PredictedTokensPerSecond(roof))} tok/s");
+        }
         console.WriteLine($"prefill : decode per-token speed = {F(pre.TokensPerSecond / dec.TokensPerSecond)} : 1");
     }
 
@@ -142,6 +154,7 @@ public static class ProfileCommand
         object Phase(PhaseProfile p) => new
         {
             tokens = p.Tokens, seconds = p.Seconds, tok_s = p.TokensPerSecond, predicted_tok_s = p.PredictedTokensPerSecond(roof),
+            compute_roof_gflops = p.ComputeRoofGflops(roof), gemm_gflops = p.GemmGflops, predicted_bound = p.ComputeBound(roof) ? "compute" : "memory",
             flops = p.Flops, bytes = p.Bytes, weight_bytes = p.WeightBytes, mfu = p.Mfu(roof), mbu = p.Mbu, bandwidth_gbps = p.BandwidthUsedGBps,
             bandwidth_source = p.BandwidthSource,
             ops = p.Ops.Select(r => Row(r, roof, p.BandwidthUsedGBps)), layers = p.Layers.Select(r => Row(r, roof, p.BandwidthUsedGBps)),

@@ -212,6 +212,33 @@ public sealed unsafe class LlamaModel : IDisposable
     /// Runs a short prefill and a decode step on a scratch cache so the JIT has compiled every kernel path
     /// before anything is timed (otherwise TTFT measures the compiler).
     /// </summary>
+    /// <summary>
+    /// The compute roof prefill can actually reach: this model's own GEMM kernel on layer 0's gate weights
+    /// ([f × d], in this model's dtype) for <paramref name="m"/> rows of X, repeated so the weights come from
+    /// cache; the median of <paramref name="reps"/> timings, GFLOP/s. The FMA peak counts only FMAs in registers;
+    /// a GEMM also packs, loads and stores, and at small M it is a different kernel altogether.
+    /// </summary>
+    public double MeasureGemmGflops(int m, int reps = 5)
+    {
+        if (m < 1 || m > MaxTokens) throw new ArgumentOutOfRangeException(nameof(m), $"rows must be in [1, {MaxTokens}], got {m}");
+        var w = _layers[0].Wgate;
+        int d = Config.HiddenSize, f = Config.IntermediateSize;
+        var rng = new Random(5);
+        for (long i = 0; i < (long)m * d; i++) _xb.Pointer[i] = (float)(rng.NextDouble() - 0.5);
+        double flops = 2.0 * m * d * f;
+        int iters = (int)Math.Clamp(2e9 / flops, 1, 1000);   // about 10 ms per timing at 200 GFLOP/s
+        _matmul.Run(_xb.Pointer, m, w, _hb.Pointer);          // warm: weights into cache, code jitted
+        var rates = new List<double>();
+        for (int r = 0; r < reps; r++)
+        {
+            var sw = Stopwatch.StartNew();
+            for (int i = 0; i < iters; i++) _matmul.Run(_xb.Pointer, m, w, _hb.Pointer);
+            rates.Add(flops * iters / sw.Elapsed.TotalSeconds / 1e9);
+        }
+        rates.Sort();
+        return rates[rates.Count / 2];
+    }
+
     public void Warmup()
     {
         int n = Math.Min(8, Math.Min(MaxTokens, Context - 1));

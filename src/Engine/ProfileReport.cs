@@ -11,14 +11,20 @@ public sealed record ProfileRow(string Name, double Seconds, double Share, doubl
 }
 
 /// <summary>A phase (prefill or decode) measured per op and per layer, with its roofline verdict.</summary>
+/// <param name="GemmGflops">The compute roof of the prediction: the model's GEMM kernel measured in this run at this
+/// phase's rows per step (<see cref="LlamaModel.MeasureGemmGflops"/>); 0 means the FMA peak.</param>
 public sealed record PhaseProfile(string Phase, int Tokens, double Seconds, double Flops, double Bytes, double WeightBytes,
-    IReadOnlyList<ProfileRow> Ops, IReadOnlyList<ProfileRow> Layers, double BandwidthUsedGBps, string BandwidthSource)
+    IReadOnlyList<ProfileRow> Ops, IReadOnlyList<ProfileRow> Layers, double BandwidthUsedGBps, string BandwidthSource, double GemmGflops = 0)
 {
     public double TokensPerSecond => Tokens / Seconds;
     public double Gflops => Flops / Seconds / 1e9;
     public double GBps => Bytes / Seconds / 1e9;
-    /// <summary>Tokens/s the roofline allows: tokens ÷ max(FLOPs ÷ peak, bytes ÷ bandwidth).</summary>
-    public double PredictedTokensPerSecond(Roofline r) => Tokens / Math.Max(Flops / (r.PeakGflops * 1e9), Bytes / (BandwidthUsedGBps * 1e9));
+    /// <summary>The FLOP/s the prediction divides by: the measured GEMM when there is one, else the FMA peak.</summary>
+    public double ComputeRoofGflops(Roofline r) => GemmGflops > 0 ? Math.Min(GemmGflops, r.PeakGflops) : r.PeakGflops;
+    /// <summary>Tokens/s the roofline allows: tokens ÷ max(FLOPs ÷ compute roof, bytes ÷ bandwidth).</summary>
+    public double PredictedTokensPerSecond(Roofline r) => Tokens / Math.Max(Flops / (ComputeRoofGflops(r) * 1e9), Bytes / (BandwidthUsedGBps * 1e9));
+    /// <summary>Whether the prediction is set by FLOPs (true) or by bytes.</summary>
+    public bool ComputeBound(Roofline r) => Flops / ComputeRoofGflops(r) > Bytes / BandwidthUsedGBps;
     public double Mfu(Roofline r) => Gflops / r.PeakGflops;
     public double Mbu => GBps / BandwidthUsedGBps;
 }
@@ -29,7 +35,7 @@ public static class ProfileReport
     /// <summary>Ops whose time the forward pass records under one entry: attention scores, softmax and ·V run fused.</summary>
     private static OpKind Timed(OpKind k) => k is OpKind.Softmax or OpKind.AttnValues ? OpKind.AttnScores : k;
 
-    public static PhaseProfile Build(string phase, int tokens, OpProfiler prof, IEnumerable<OpCost> costs, int layers, Roofline roof, double cacheBandwidth, bool fitsInCache)
+    public static PhaseProfile Build(string phase, int tokens, OpProfiler prof, IEnumerable<OpCost> costs, int layers, Roofline roof, double cacheBandwidth, bool fitsInCache, double gemmGflops = 0)
     {
         var all = costs.ToList();
         double total = prof.TotalSeconds;
@@ -52,7 +58,7 @@ public static class ProfileReport
         var (fl, by, wb) = CostModel.Sum(all);
         double bw = fitsInCache ? cacheBandwidth : roof.BandwidthGBps;
         return new PhaseProfile(phase, tokens, total, fl, by, wb, ops, rows, bw,
-            fitsInCache ? $"last-level cache ({bw:F1} GB/s measured): the weights fit in it" : $"DRAM ({bw:F1} GB/s measured)");
+            fitsInCache ? $"last-level cache ({bw:F1} GB/s measured): the weights fit in it" : $"DRAM ({bw:F1} GB/s measured)", gemmGflops);
     }
 
     /// <summary>"compute" or "memory" by the ridge, and the fraction of the roof at this row's intensity.</summary>

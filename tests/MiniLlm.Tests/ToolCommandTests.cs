@@ -95,6 +95,30 @@ public class ToolCommandTests
     }
 
     [Fact]
+    public void PredictionDividesByTheMeasuredGemmRoofWhenThereIsOne()
+    {
+        var roof = new Roofline
+        {
+            Cpu = "test", Threads = 2, Isa = "V512", PeakGflops = 100, BandwidthGBps = 10, CacheBandwidth = [], Caches = [],
+            DramBufferBytes = 0, Reps = 1, MeasuredUtc = DateTime.UtcNow,
+        };
+        // 10 tokens, 1e10 FLOPs, 1e9 bytes: FLOPs at 100 GFLOP/s take 0.1 s, bytes at 10 GB/s 0.1 s.
+        PhaseProfile P(double gemm) => new("prefill", 10, 1, 1e10, 1e9, 1e9, [], [], 10, "DRAM", gemm);
+        Assert.Equal(100, P(0).PredictedTokensPerSecond(roof), 9);                // FMA peak
+        Assert.Equal(50, P(50).PredictedTokensPerSecond(roof), 9);                // measured GEMM: 0.2 s of FLOPs
+        Assert.True(P(50).ComputeBound(roof));
+        Assert.Equal(100, P(400).PredictedTokensPerSecond(roof), 9);              // never above the FMA peak
+
+        var dir = TestPaths.NewTempDir("gemm-roof");
+        Assert.Equal(0, Run("synth", "--hidden", "64", "--layers", "1", "--ffn", "96", "--heads", "4", "--kv-heads", "2", "--vocab", "4096", "--context", "64", "--out", dir).Code);
+        using var model = LlamaModel.Load(dir, threads: 2, maxTokens: 32);
+        double g = model.MeasureGemmGflops(17, reps: 1);
+        Assert.True(g > 0 && double.IsFinite(g), $"{g} GFLOP/s");
+        Assert.Throws<ArgumentOutOfRangeException>(() => model.MeasureGemmGflops(0));
+        Assert.Throws<ArgumentOutOfRangeException>(() => model.MeasureGemmGflops(33));
+    }
+
+    [Fact]
     public void CostModelCountsAHandCheckedStep()
     {
         // d=4, f=6, h=2, g=1, hd=2, V=10, one layer; a 3-token prefill: T=3, causal pairs = 3·3 − 3 = 6.
