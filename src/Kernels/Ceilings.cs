@@ -60,7 +60,10 @@ public sealed record Roofline
     }
 }
 
-/// <summary>Measures the roofs. Everything here runs on dedicated threads started per measurement, never the kernel pool.</summary>
+/// <summary>
+/// Measures the roofs, on dedicated threads started per measurement — except <see cref="ReadProbe.Measure(WorkerPool)"/>,
+/// which benchmarks time on their kernel pool between repetitions.
+/// </summary>
 public static unsafe class Ceilings
 {
     private static volatile float _sink;

@@ -54,6 +54,14 @@ public class ToolCommandTests
         double peak = Ceilings.MeasureFmaPeak(1, reps: 1, iterations: 200_000);
         double bw = Ceilings.MeasureReadBandwidth(1, 8 << 20, reps: 1);
         Assert.True(peak > 1 && bw > 0.1, $"peak {peak} GFLOP/s, bandwidth {bw} GB/s");
+        using (var pool = new WorkerPool(2))
+        {
+            var probe = new Ceilings.ReadProbe(2, 8 << 20);
+            Assert.Equal(8 << 20, probe.Bytes);
+            Assert.True(probe.Measure(pool) > 0.1 && probe.Measure(passes: 2) > 0.1);
+            probe.Dispose();
+            Assert.Throws<ObjectDisposedException>(() => probe.Measure(pool));
+        }
         var roof = new Roofline
         {
             Cpu = "test", Threads = 1, Isa = "V512", PeakGflops = peak, BandwidthGBps = bw, CacheBandwidth = [],
