@@ -88,7 +88,7 @@ public static class Plots
         }
         plt.Add.Bars(bars);
         for (int i = 0; i < kinds.Count; i++)
-            plt.Legend.ManualItems.Add(new LegendItem { LabelText = kinds[i].ToString(), FillColor = palette.GetColor(i) });
+            plt.Legend.ManualItems.Add(new LegendItem { LabelText = ProfileReport.TimedName(kinds[i]), FillColor = palette.GetColor(i) });
         plt.Axes.Bottom.TickGenerator = new ScottPlot.TickGenerators.NumericManual(
             Enumerable.Range(0, prof.Layers + 1).Select(i => (double)i).ToArray(),
             Enumerable.Range(0, prof.Layers + 1).Select(i => i == 0 ? "emb+head" : $"L{i - 1}").ToArray());

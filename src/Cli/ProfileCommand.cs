@@ -57,6 +57,9 @@ public static class ProfileCommand
         return cmd;
     }
 
+    /// <summary>Timed prefill passes (after one untimed pass over the same prompt).</summary>
+    public const int PrefillPasses = 3;
+
     /// <summary>Prefill of b copies of the prompt in one pass, then n decode steps for all b; each phase profiled on its own.</summary>
     public static (PhaseProfile Prefill, PhaseProfile Decode, OpProfiler DecodeProfiler) Run(LlamaModel llm, int[] ids, int n, int b, Roofline roof)
     {
@@ -70,18 +73,55 @@ public static class ProfileCommand
             var slices = caches.Select(c => new SequenceSlice(0, ids.Length, c)).ToArray();
             var cost = CostModel.For(llm);
             long weightBytes = llm.WeightBytes;
-            double llcBw = roof.CacheBandwidth.Where(p => p.Level == "L3").Select(p => p.GBps).DefaultIfEmpty(roof.BandwidthGBps).First();
             bool fits = weightBytes < roof.LastLevelCacheBytes;
+
+            // The bandwidth a step's bytes are judged against, measured beside each phase on the model's own threads:
+            // its weights read op by op in the forward pass's order, dispatches and chunks, with no arithmetic
+            // (LlamaModel.MeasureWeightStreamGBps). For a model in DRAM that is DRAM's rate; for one that fits in
+            // the last-level cache it is that cache's rate with the fork-join and ramp-up of ~30 short ops a step,
+            // which one long probe stream (reported beside it) does not pay. Measured now, not minutes ago: this
+            // host's bandwidth moves 2× between minutes.
+            using var probe = new Ceilings.ReadProbe(llm.Threads, fits ? weightBytes : 256L << 20);
+            var streamSamples = new List<double>();
+            var probeSamples = new List<double>();
+            void SampleBandwidth()
+            {
+                llm.MeasureReadBandwidth(probe);   // warm: brings a cache-sized probe into the cache
+                for (int i = 0; i < (fits ? 9 : 3); i++) probeSamples.Add(llm.MeasureReadBandwidth(probe));
+                streamSamples.Add(llm.MeasureWeightStreamGBps(fits ? 9 : 3));
+            }
+            static double Median(List<double> v)
+            {
+                var o = v.Order().ToList();
+                return o.Count % 2 == 1 ? o[o.Count / 2] : (o[o.Count / 2 - 1] + o[o.Count / 2]) / 2;
+            }
+            string Source()
+            {
+                string where = fits ? $"last-level cache (the {weightBytes / 1048576.0:F1} MiB of weights fit in it)" : "DRAM";
+                return $"{where} at {Median(streamSamples):F1} GB/s:\n  the weights read op by op with the engine's own dispatches and no arithmetic " +
+                       $"(one long probe stream over {probe.Bytes / 1048576.0:F0} MiB: {Median(probeSamples):F1} GB/s)";
+            }
 
             // Compute roofs the kernels can reach at this prompt's rows and at the decode batch (same run). Not for
             // one row: a GEMV's FLOP rate is its bandwidth, and decode at batch 1 is judged by bytes alone.
             int preRows = Math.Min(llm.MaxTokens, b * ids.Length);
             double gemmPrefill = preRows >= 2 ? llm.MeasureGemmGflops(preRows) : 0, gemmDecode = b >= 2 ? llm.MeasureGemmGflops(b) : 0;
-            var pre = new OpProfiler(L);
-            llm.Profiler = pre;
+
+            // Prefill: one untimed pass over this very prompt (first calls of its code paths, first touch of its
+            // KV pages), then PrefillPasses timed ones; the rows are their mean.
             llm.Forward(tokens, slices, logits);
+            var pre = new OpProfiler(L);
+            SampleBandwidth();
+            llm.Profiler = pre;
+            for (int p = 0; p < PrefillPasses; p++) llm.Forward(tokens, slices, logits);
             llm.Profiler = null;
-            var prefill = ProfileReport.Build("prefill", b * ids.Length, pre, cost.Step(Enumerable.Repeat(new StepSequence(ids.Length, ids.Length), b).ToList(), b), L, roof, llcBw, fits, gemmPrefill);
+            var preCost = cost.Step(Enumerable.Repeat(new StepSequence(ids.Length, ids.Length), b).ToList(), b);
+            var prefillCosts = Enumerable.Repeat(preCost, PrefillPasses).SelectMany(c => c).ToList();
+            SampleBandwidth();
+            var prefill = ProfileReport.Build("prefill", PrefillPasses * b * ids.Length, pre, prefillCosts, L, roof, Median(streamSamples), Source(), gemmPrefill);
+            streamSamples.Clear();
+            probeSamples.Clear();
+            SampleBandwidth();
 
             var dec = new OpProfiler(L);
             var next = new int[b];
@@ -96,9 +136,11 @@ public static class ProfileCommand
                 llm.Profiler = dec;
                 llm.Forward(next, slices, logits);
                 llm.Profiler = null;
-                costs.AddRange(cost.Step(Enumerable.Repeat(new StepSequence(1, ids.Length + s + 1), b).ToList(), b));
             }
-            var decode = ProfileReport.Build("decode", b * n, dec, costs, L, roof, llcBw, fits, gemmDecode);
+            for (int s = 0; s < n; s++)   // counted after the timed steps so the pool never idles between them
+                costs.AddRange(cost.Step(Enumerable.Repeat(new StepSequence(1, ids.Length + s + 1), b).ToList(), b));
+            SampleBandwidth();
+            var decode = ProfileReport.Build("decode", b * n, dec, costs, L, roof, Median(streamSamples), Source(), gemmDecode);
             return (prefill, decode, dec);
         }
         finally { foreach (var c in caches) c.Dispose(); }
@@ -115,7 +157,8 @@ public static class ProfileCommand
         foreach (var p in new[] { pre, dec })
         {
             console.WriteLine();
-            console.WriteLine($"{p.Phase}: {p.Tokens} tokens in {F(p.Seconds * 1000, "F2")} ms — bytes counted against {p.BandwidthSource}");
+            console.WriteLine($"{p.Phase}: {p.Tokens} tokens in {F(p.Seconds * 1000, "F2")} ms");
+            console.WriteLine($"  bytes counted against {p.BandwidthSource}");
             console.Write(Table(p.Ops, roof, p.BandwidthUsedGBps, "op"));
         }
         console.WriteLine();

@@ -239,6 +239,47 @@ public sealed unsafe class LlamaModel : IDisposable
         return rates[rates.Count / 2];
     }
 
+    /// <summary>
+    /// GB/s of one decode step's weight reads with no arithmetic: every matrix of every layer, then the LM head, in
+    /// the forward pass's order, dispatches, chunks and threads (<see cref="MatMul.StreamOnly"/>); median of
+    /// <paramref name="reps"/> after one warm pass. For a model that fits in the last-level cache this is the
+    /// bandwidth its decode can see, fork-join and per-op ramp-up included, which one long probe stream is not.
+    /// </summary>
+    public double MeasureWeightStreamGBps(int reps = 9)
+    {
+        if (reps < 1) throw new ArgumentOutOfRangeException(nameof(reps), "reps must be ≥ 1");
+        var logits = GC.AllocateUninitializedArray<float>(Config.VocabSize, pinned: true);
+        long bytes = _lmHead.ByteLength;
+        foreach (var L in _layers)
+            foreach (var w in new[] { L.Wq, L.Wk, L.Wv, L.Wo, L.Wgate, L.Wup, L.Wdown }) bytes += w.ByteLength;
+        void Pass()
+        {
+            foreach (var L in _layers)
+            {
+                _matmul.Run(_xb.Pointer, 1, [new(L.Wq, _q.Pointer), new(L.Wk, _k.Pointer), new(L.Wv, _v.Pointer)]);
+                _matmul.Run(_att.Pointer, 1, L.Wo, _xb2.Pointer);
+                _matmul.Run(_xb.Pointer, 1, [new(L.Wgate, _hb.Pointer), new(L.Wup, _hb2.Pointer)]);
+                _matmul.Run(_hb.Pointer, 1, L.Wdown, _xb2.Pointer);
+            }
+            fixed (float* y = logits) _matmul.Run(_xb.Pointer, 1, _lmHead, y);
+        }
+        var rates = new double[reps];
+        _matmul.StreamOnly = true;
+        try
+        {
+            Pass();
+            for (int r = 0; r < reps; r++)
+            {
+                long t0 = Stopwatch.GetTimestamp();
+                Pass();
+                rates[r] = bytes / Stopwatch.GetElapsedTime(t0).TotalSeconds / 1e9;
+            }
+        }
+        finally { _matmul.StreamOnly = false; }
+        Array.Sort(rates);
+        return rates[reps / 2];
+    }
+
     public void Warmup()
     {
         int n = Math.Min(8, Math.Min(MaxTokens, Context - 1));
@@ -290,17 +331,9 @@ public sealed unsafe class LlamaModel : IDisposable
             // ── attention ──
             fixed (float* wn = L.AttnNorm) Ops.RmsNorm(_x.Pointer, wn, _xb.Pointer, T, d, (float)c.RmsNormEps);  // xb[T × d]
             prof?.Record(OpKind.AttnNorm, l, ref t0);
-            if (prof == null)  // q[T × h·hd], k[T × g·hd], v[T × g·hd]: one pass, X packed once
-                _matmul.Run(_xb.Pointer, T, [new(L.Wq, _q.Pointer), new(L.Wk, _k.Pointer), new(L.Wv, _v.Pointer)]);
-            else
-            {   // profiling times each projection on its own
-                _matmul.Run(_xb.Pointer, T, L.Wq, _q.Pointer);
-                prof.Record(OpKind.QProj, l, ref t0);
-                _matmul.Run(_xb.Pointer, T, L.Wk, _k.Pointer);
-                prof.Record(OpKind.KProj, l, ref t0);
-                _matmul.Run(_xb.Pointer, T, L.Wv, _v.Pointer);
-                prof.Record(OpKind.VProj, l, ref t0);
-            }
+            // q[T × h·hd], k[T × g·hd], v[T × g·hd]: one pass, X packed once (profiled as one op: what runs)
+            _matmul.Run(_xb.Pointer, T, [new(L.Wq, _q.Pointer), new(L.Wk, _k.Pointer), new(L.Wv, _v.Pointer)]);
+            prof?.Record(OpKind.QProj, l, ref t0);
             int row = 0;
             for (int i = 0; i < sequences.Length; i++)
             {
@@ -327,15 +360,8 @@ public sealed unsafe class LlamaModel : IDisposable
             // ── MLP ──
             fixed (float* wn = L.FfnNorm) Ops.RmsNorm(_x.Pointer, wn, _xb.Pointer, T, d, (float)c.RmsNormEps);
             prof?.Record(OpKind.FfnNorm, l, ref t0);
-            if (prof == null)  // hb[T × f] = gate, hb2[T × f] = up
-                _matmul.Run(_xb.Pointer, T, [new(L.Wgate, _hb.Pointer), new(L.Wup, _hb2.Pointer)]);
-            else
-            {
-                _matmul.Run(_xb.Pointer, T, L.Wgate, _hb.Pointer);
-                prof.Record(OpKind.Gate, l, ref t0);
-                _matmul.Run(_xb.Pointer, T, L.Wup, _hb2.Pointer);
-                prof.Record(OpKind.Up, l, ref t0);
-            }
+            _matmul.Run(_xb.Pointer, T, [new(L.Wgate, _hb.Pointer), new(L.Wup, _hb2.Pointer)]);  // hb[T × f] = gate, hb2[T × f] = up
+            prof?.Record(OpKind.Gate, l, ref t0);   // gate and up run as one dispatch: timed as one
             Ops.SwiGlu(_hb.Pointer, _hb2.Pointer, (long)T * f, _scratch.Span);  // hb = silu(hb)·hb2
             prof?.Record(OpKind.SwiGlu, l, ref t0);
             _matmul.Run(_hb.Pointer, T, L.Wdown, _xb2.Pointer);  // xb2[T × d]

@@ -32,10 +32,30 @@ public sealed record PhaseProfile(string Phase, int Tokens, double Seconds, doub
 /// <summary>Builds profiles from an <see cref="OpProfiler"/> and the matching <see cref="CostModel"/> steps.</summary>
 public static class ProfileReport
 {
-    /// <summary>Ops whose time the forward pass records under one entry: attention scores, softmax and ·V run fused.</summary>
-    private static OpKind Timed(OpKind k) => k is OpKind.Softmax or OpKind.AttnValues ? OpKind.AttnScores : k;
+    /// <summary>
+    /// The entry an op's time is recorded under. Ops that run as one kernel or one dispatch are timed together:
+    /// attention scores, softmax and ·V (fused); q, k and v (one grouped GEMM/GEMV over the same X); gate and up.
+    /// Timing them apart would mean running them apart, which is slower and not what an unprofiled pass does.
+    /// </summary>
+    public static OpKind Timed(OpKind k) => k switch
+    {
+        OpKind.Softmax or OpKind.AttnValues => OpKind.AttnScores,
+        OpKind.KProj or OpKind.VProj => OpKind.QProj,
+        OpKind.Up => OpKind.Gate,
+        _ => k,
+    };
 
-    public static PhaseProfile Build(string phase, int tokens, OpProfiler prof, IEnumerable<OpCost> costs, int layers, Roofline roof, double cacheBandwidth, bool fitsInCache, double gemmGflops = 0)
+    /// <summary>The row name of a timed entry.</summary>
+    public static string TimedName(OpKind k) => k switch
+    {
+        OpKind.AttnScores => "Attention (QKᵀ, softmax, ·V)",
+        OpKind.QProj => "QKV projections",
+        OpKind.Gate => "Gate + Up",
+        _ => k.ToString(),
+    };
+
+    /// <param name="bandwidth">GB/s the phase's bytes are judged against (measured beside it), and where it came from.</param>
+    public static PhaseProfile Build(string phase, int tokens, OpProfiler prof, IEnumerable<OpCost> costs, int layers, Roofline roof, double bandwidth, string bandwidthSource, double gemmGflops = 0)
     {
         var all = costs.ToList();
         double total = prof.TotalSeconds;
@@ -46,7 +66,7 @@ public static class ProfileReport
             var mine = all.Where(c => Timed(c.Op) == kind).ToList();
             double s = prof.Seconds(kind);
             if (s == 0 && mine.Count == 0) continue;
-            ops.Add(new ProfileRow(kind == OpKind.AttnScores ? "Attention (QKᵀ, softmax, ·V)" : kind.ToString(), s, s / total, mine.Sum(c => c.Flops), mine.Sum(c => c.Bytes)));
+            ops.Add(new ProfileRow(TimedName(kind), s, s / total, mine.Sum(c => c.Flops), mine.Sum(c => c.Bytes)));
         }
         var rows = new List<ProfileRow>();
         for (int l = -1; l < layers; l++)
@@ -56,9 +76,7 @@ public static class ProfileReport
             rows.Add(new ProfileRow(l < 0 ? "embedding + head" : $"layer {l}", s, s / total, mine.Sum(c => c.Flops), mine.Sum(c => c.Bytes)));
         }
         var (fl, by, wb) = CostModel.Sum(all);
-        double bw = fitsInCache ? cacheBandwidth : roof.BandwidthGBps;
-        return new PhaseProfile(phase, tokens, total, fl, by, wb, ops, rows, bw,
-            fitsInCache ? $"last-level cache ({bw:F1} GB/s measured): the weights fit in it" : $"DRAM ({bw:F1} GB/s measured)", gemmGflops);
+        return new PhaseProfile(phase, tokens, total, fl, by, wb, ops, rows, bandwidth, bandwidthSource, gemmGflops);
     }
 
     /// <summary>"compute" or "memory" by the ridge, and the fraction of the roof at this row's intensity.</summary>

@@ -152,6 +152,12 @@ public sealed unsafe class Attention : ParallelJob
 
     public int MaxContext { get; }
 
+    /// <summary>Multiply-adds (rows × heads × keys × hd) below which a call runs on the calling thread alone.</summary>
+    /// <summary>Chunks each worker should get (load balance), before rounding runs of heads up to whole KV groups.</summary>
+    public static int ChunksPerWorker { get; set; } = 4;
+
+    public static long SerialWork { get; set; } = 1 << 14;
+
     /// <summary>Every row takes the single-row path, so its result cannot depend on which rows share its work item.</summary>
     public bool BatchInvariant { get; set; }
 
@@ -185,7 +191,10 @@ public sealed unsafe class Attention : ParallelJob
         long work = 0, groups = 0;
         foreach (var g in segments) groups += (g.Count + RowsPerChunk - 1) / RowsPerChunk;
         // Heads per chunk: as many as still leave about four chunks per worker.
-        _headRun = (int)Math.Clamp(groups * heads / (4 * _pool.Threads), 1, heads);
+        _headRun = (int)Math.Clamp(groups * heads / (ChunksPerWorker * _pool.Threads), 1, heads);
+        // Whole KV groups per chunk: the query heads of one KV head read the same keys and values.
+        int group = heads / Math.Max(1, kvHeads);
+        if (_headRun < group && heads % kvHeads == 0) _headRun = group;
         _runs = (heads + _headRun - 1) / _headRun;
         int chunks = 0;
         for (int i = 0; i < segments.Length; i++)
@@ -202,7 +211,7 @@ public sealed unsafe class Attention : ParallelJob
         _segmentCount = segments.Length;
         _q = q; _out = output; _heads = heads; _kvHeads = kvHeads; _headDim = headDim;
         _scale = 1f / MathF.Sqrt(headDim);
-        if (work < 1 << 14) { for (int c = 0; c < chunks; c++) Execute(c, 0); }
+        if (work < SerialWork) { for (int c = 0; c < chunks; c++) Execute(c, 0); }
         else _pool.Run(this, chunks);
     }
 

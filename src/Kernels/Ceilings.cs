@@ -220,7 +220,7 @@ public static unsafe class Ceilings
         }
     }
 
-    private static float ReadSlice(float* p, long n) => Vector512.IsHardwareAccelerated
+    internal static float ReadSlice(float* p, long n) => Vector512.IsHardwareAccelerated
         ? ReadSlice<Simd512, Vector512<float>>(p, n)
         : ReadSlice<Simd256, Vector256<float>>(p, n);
 
@@ -238,6 +238,24 @@ public static unsafe class Ceilings
         float s = S.Sum(S.Add(S.Add(a0, a1), S.Add(a2, a3)));
         for (; i < n; i++) s += p[i];
         return s;
+    }
+
+    /// <summary>
+    /// Loads floats [0, n) of a region as two interleaved streams (its halves side by side), the way the GEMV reads a
+    /// chunk's rows i and h + i; the return value is only a sink.
+    /// </summary>
+    internal static float ReadTwoStreams(float* p, long n)
+    {
+        long half = n / 2 / 64 * 64;
+        if (!Vector512.IsHardwareAccelerated || half == 0) return ReadSlice(p, n);
+        float* q = p + half;
+        Vector512<float> a0 = default, a1 = default, b0 = default, b1 = default;
+        for (long i = 0; i < half; i += 32)
+        {
+            a0 += Vector512.Load(p + i); b0 += Vector512.Load(q + i);
+            a1 += Vector512.Load(p + i + 16); b1 += Vector512.Load(q + i + 16);
+        }
+        return Vector512.Sum(a0 + a1 + (b0 + b1)) + ReadSlice(q + half, n - 2 * half);
     }
 
     /// <summary>Data cache sizes: sysfs first, then glibc's view of cpuid (getconf), each tagged with where it came from.</summary>

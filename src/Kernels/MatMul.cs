@@ -24,6 +24,7 @@ public sealed unsafe class MatMul : ParallelJob
     private readonly SkinnyGemm _skinny;
     private bool _invariant;
     private bool _int8Dot;
+    private float _streamSink;
     private sbyte* _xq;              // Q8 GEMV with int8 activations: x quantized per block of 32 …
     private float* _xScale;          // … and each block's scale
     private int _xqLength;
@@ -35,6 +36,13 @@ public sealed unsafe class MatMul : ParallelJob
     public bool Q8Int8Activations { get; set; }
     private float* _xPairs;          // GEMV over bf16: x regrouped per 32 as [16 even | 16 odd]
     private int _xPairsLength;
+
+    /// <summary>
+    /// GEMVs (M = 1) only load their weight rows, with no arithmetic and nothing written to Y: every chunk, thread
+    /// and dispatch exactly as a real call. Measures the memory ceiling of the engine's own access pattern (a
+    /// decode step's weights cut into its ops and chunks) beside the one long stream of a bandwidth probe.
+    /// </summary>
+    public bool StreamOnly { get; set; }
 
     /// <summary>From this many rows on, the packed outer-product GEMM beats the dot-product tiles.</summary>
     /// <remarks>
@@ -369,6 +377,11 @@ public sealed unsafe class MatMul : ParallelJob
     /// <summary>Y rows m0..m1 × columns n0..n1 of X·Wᵀ, by the kernel for W's type and this call's shape.</summary>
     private void Rows(in WeightMatrix w, float* y, int m0, int m1, int n0, int n1)
     {
+        if (StreamOnly && _m == 1)
+        {
+            _streamSink += Ceilings.ReadTwoStreams((float*)w.Row(n0), (long)(n1 - n0) * w.RowBytes / sizeof(float));
+            return;
+        }
         switch (w.Type)
         {
             case WeightType.F32 when _m == 1 && SimdPolicy.Current == SimdPolicy.Isa.V512 && !_invariant:

@@ -88,6 +88,34 @@ public unsafe class KernelTests
     }
 
     [Theory]
+    [InlineData(257, 130)]    // above the serial threshold: chunks on the pool
+    [InlineData(15, 7)]       // below it: on the caller
+    [InlineData(1031, 67)]    // row bytes not a multiple of the vector width
+    public void StreamOnlyGemvLoadsButNeitherComputesNorWrites(int K, int N)
+    {
+        var x = Random(K, K);
+        var wRaw = Random(N * K, N);
+        foreach (var type in new[] { WeightType.F32, WeightType.BF16, WeightType.F16 })
+        {
+            var bytes = Store(wRaw, type, out _);
+            using var pool = new WorkerPool(2);
+            var mm = new MatMul(pool) { StreamOnly = true };
+            var y = Enumerable.Repeat(float.NaN, N + 1).ToArray();
+            var real = new float[N];
+            fixed (float* xp = x, yp = y, rp = real)
+            fixed (byte* wp = bytes)
+            {
+                var w = new WeightMatrix((nint)wp, type, N, K);
+                mm.Run(xp, 1, w, yp);
+                Assert.All(y, v => Assert.True(float.IsNaN(v), $"{type}: stream-only wrote to Y"));
+                mm.StreamOnly = false;
+                mm.Run(xp, 1, w, rp);
+            }
+            Assert.All(real, v => Assert.False(float.IsNaN(v)));
+        }
+    }
+
+    [Theory]
     [InlineData(1)]
     [InlineData(9)]
     [InlineData(40)]

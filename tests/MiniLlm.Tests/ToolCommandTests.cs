@@ -127,6 +127,63 @@ public class ToolCommandTests
     }
 
     [Fact]
+    public void ProfileTimesEveryOpAsItRunsAndJudgesDecodeByTheWeightStream()
+    {
+        var dir = TestPaths.NewTempDir("profile");
+        Assert.Equal(0, Run("synth", "--hidden", "64", "--layers", "2", "--ffn", "96", "--heads", "4", "--kv-heads", "2", "--vocab", "4096", "--context", "64", "--out", dir).Code);
+        var roofPath = Path.Combine(TestPaths.NewTempDir("profile-roof"), "roof.json");
+        new Roofline
+        {
+            Cpu = "test", Threads = 2, Isa = "V512", PeakGflops = 100, BandwidthGBps = 10, CacheBandwidth = [], Caches = [],
+            DramBufferBytes = 0, Reps = 1, MeasuredUtc = DateTime.UtcNow,
+        }.Save(roofPath);
+        var (code, stdout, stderr) = Run("profile", "-m", dir, "-n", "5", "-p", "In the beginning", "-t", "2", "--roofline", roofPath, "--output", "json");
+        Assert.True(code == 0, stderr);
+        using var doc = JsonDocument.Parse(stdout);
+        var pre = doc.RootElement.GetProperty("prefill");
+        var dec = doc.RootElement.GetProperty("decode");
+        Assert.Equal(5, dec.GetProperty("tokens").GetInt32());
+        Assert.Equal(0, pre.GetProperty("tokens").GetInt32() % ProfileCommand.PrefillPasses);   // timed passes after a warm one
+        foreach (var phase in new[] { pre, dec })
+        {
+            var names = phase.GetProperty("ops").EnumerateArray().Select(o => o.GetProperty("name").GetString()).ToList();
+            // Grouped dispatches are timed as they run, never split into calls an unprofiled pass does not make.
+            Assert.Contains("QKV projections", names);
+            Assert.Contains("Gate + Up", names);
+            Assert.DoesNotContain("KProj", names);
+            Assert.DoesNotContain("Up", names);
+            double opSeconds = phase.GetProperty("ops").EnumerateArray().Sum(o => o.GetProperty("seconds").GetDouble());
+            Assert.Equal(phase.GetProperty("seconds").GetDouble(), opSeconds, 9);
+            // Every FLOP of the cost model lands in some row, grouped or not.
+            double opFlops = phase.GetProperty("ops").EnumerateArray().Sum(o => o.GetProperty("flops").GetDouble());
+            Assert.Equal(phase.GetProperty("flops").GetDouble(), opFlops, 3);
+            // The bandwidth is measured now, on the model's threads, not the saved 10 GB/s.
+            double bw = phase.GetProperty("bandwidth_gbps").GetDouble();
+            Assert.True(bw > 0 && double.IsFinite(bw) && bw != 10, $"{bw} GB/s");
+            Assert.Contains("dispatches", phase.GetProperty("bandwidth_source").GetString());
+        }
+        double predicted = dec.GetProperty("predicted_tok_s").GetDouble();
+        Assert.Equal(dec.GetProperty("tokens").GetInt32() / (dec.GetProperty("bytes").GetDouble() / (dec.GetProperty("bandwidth_gbps").GetDouble() * 1e9)), predicted, 6);
+    }
+
+    [Fact]
+    public void WeightStreamLoadsWithoutComputingAndLeavesTheModelIntact()
+    {
+        var dir = TestPaths.NewTempDir("stream");
+        Assert.Equal(0, Run("synth", "--hidden", "64", "--layers", "2", "--ffn", "96", "--heads", "4", "--kv-heads", "2", "--vocab", "4096", "--context", "64", "--out", dir).Code);
+        using var model = LlamaModel.Load(dir, threads: 2, maxTokens: 16);
+        int[] ids = [1, 5, 9, 200];
+        var before = new float[model.Config.VocabSize];
+        using (var c = model.NewKvCache(8)) model.Forward(ids, 0, c, before);
+        double g = model.MeasureWeightStreamGBps(reps: 3);
+        Assert.True(g > 0 && double.IsFinite(g), $"{g} GB/s");
+        Assert.Throws<ArgumentOutOfRangeException>(() => model.MeasureWeightStreamGBps(0));
+        var after = new float[model.Config.VocabSize];
+        using (var c = model.NewKvCache(8)) model.Forward(ids, 0, c, after);
+        Assert.Equal(before, after);   // stream-only mode switched off again: real products
+    }
+
+    [Fact]
     public void CostModelCountsAHandCheckedStep()
     {
         // d=4, f=6, h=2, g=1, hd=2, V=10, one layer; a 3-token prefill: T=3, causal pairs = 3·3 − 3 = 6.
