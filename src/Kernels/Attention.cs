@@ -293,10 +293,9 @@ public sealed unsafe class Attention : ParallelJob
     }
 
     /// <summary>
-    /// A decode row (a segment of one token) × query heads h0..h1 over a KV that is cold in cache: keys tile by tile
-    /// with the run's heads inner, values position by position with the heads inner, so each is read as one forward
-    /// stream through memory (per head, they would be many short strided pieces). The run's outputs are adjacent
-    /// in the row and accumulate in place (L1).
+    /// A decode row (a segment of one token) × query heads h0..h1: keys tile by tile with the run's heads inner (one
+    /// forward stream through the tiles), then per head a softmax and its weighted sum of values with the output
+    /// held in registers.
     /// </summary>
     private void DecodeRow<TL>(in AttentionSegment seg, int h0, int h1, float* scratch) where TL : IWeightLoad
     {
@@ -315,17 +314,23 @@ public sealed unsafe class Attention : ParallelJob
             var p = new Span<float>(scratch + (h - h0) * _stride, keys);
             TensorPrimitives.SoftMax(p, p);
         }
-        float* o = O(seg.Row, h0);
-        new Span<float>(o, (h1 - h0) * hd).Clear();
-        for (int j = 0; j < keys; j++)
+        // o_h = Σ_j p_h[j]·v_j per head, its output in registers (decode runs need hd % 16 == 0; the ·V kernel
+        // wants 32). Measured: 40–55 % faster than accumulating all heads through memory position by position,
+        // both with the KV in cache (tiny-kjv) and cold in DRAM (stories110m shapes at 600 positions).
+        for (int h = h0; h < h1; h++)
         {
-            nint v = kv.ValueRow(j);
-            for (int h = h0; h < h1; h++)
+            float* p = scratch + (h - h0) * _stride, o = O(seg.Row, h);
+            if (hd % 32 == 0) WeightedSumV512<TL>(kv, h / group * hd, hd, p, keys, o);
+            else
             {
-                var pj = Vector512.Create(scratch[(h - h0) * _stride + j]);
-                nint vh = v + (nint)(h / group * headBytes);
-                float* oh = o + (h - h0) * hd;
-                for (int c = 0; c < hd; c += 16) Vector512.FusedMultiplyAdd(TL.Load512(vh, c), pj, Vector512.Load(oh + c)).Store(oh + c);
+                nint vh = (nint)(h / group * headBytes);
+                new Span<float>(o, hd).Clear();
+                for (int j = 0; j < keys; j++)
+                {
+                    var pj = Vector512.Create(p[j]);
+                    nint v = kv.ValueRow(j) + vh;
+                    for (int c = 0; c < hd; c += 16) Vector512.FusedMultiplyAdd(TL.Load512(v, c), pj, Vector512.Load(o + c)).Store(o + c);
+                }
             }
         }
     }
