@@ -213,26 +213,40 @@ public sealed unsafe class LlamaModel : IDisposable
     /// before anything is timed (otherwise TTFT measures the compiler).
     /// </summary>
     /// <summary>
-    /// The compute roof prefill can actually reach: this model's own GEMM kernel on layer 0's gate weights
-    /// ([f × d], in this model's dtype) for <paramref name="m"/> rows of X, repeated so the weights come from
-    /// cache; the median of <paramref name="reps"/> timings, GFLOP/s. The FMA peak counts only FMAs in registers;
-    /// a GEMM also packs, loads and stores, and at small M it is a different kernel altogether.
+    /// The compute roof prefill can actually reach: this model's own GEMMs for <paramref name="m"/> rows of X, every
+    /// layer's projections in the forward pass's grouping and order (q/k/v, o, gate/up, down), so each matrix
+    /// shape counts as often as a prefill runs it; the median of <paramref name="reps"/> timings, GFLOP/s. The FMA
+    /// peak counts only FMAs in registers; a GEMM also packs, loads and stores, its small shapes (o, k, v) run
+    /// less efficiently than its large ones, and at small M it is a different kernel altogether.
     /// </summary>
     public double MeasureGemmGflops(int m, int reps = 5)
     {
         if (m < 1 || m > MaxTokens) throw new ArgumentOutOfRangeException(nameof(m), $"rows must be in [1, {MaxTokens}], got {m}");
-        var w = _layers[0].Wgate;
-        int d = Config.HiddenSize, f = Config.IntermediateSize;
+        int d = Config.HiddenSize;
         var rng = new Random(5);
         for (long i = 0; i < (long)m * d; i++) _xb.Pointer[i] = (float)(rng.NextDouble() - 0.5);
-        double flops = 2.0 * m * d * f;
+        for (long i = 0; i < (long)m * Config.QDim; i++) _att.Pointer[i] = (float)(rng.NextDouble() - 0.5);
+        double macs = 0;
+        foreach (var L in _layers)
+            foreach (var w in new[] { L.Wq, L.Wk, L.Wv, L.Wo, L.Wgate, L.Wup, L.Wdown }) macs += (double)w.Rows * w.Cols;
+        double flops = 2.0 * m * macs;
+        void Pass()
+        {
+            foreach (var L in _layers)
+            {
+                _matmul.Run(_xb.Pointer, m, [new(L.Wq, _q.Pointer), new(L.Wk, _k.Pointer), new(L.Wv, _v.Pointer)]);
+                _matmul.Run(_att.Pointer, m, L.Wo, _xb2.Pointer);
+                _matmul.Run(_xb.Pointer, m, [new(L.Wgate, _hb.Pointer), new(L.Wup, _hb2.Pointer)]);
+                _matmul.Run(_hb.Pointer, m, L.Wdown, _xb2.Pointer);
+            }
+        }
         int iters = (int)Math.Clamp(2e9 / flops, 1, 1000);   // about 10 ms per timing at 200 GFLOP/s
-        _matmul.Run(_xb.Pointer, m, w, _hb.Pointer);          // warm: weights into cache, code jitted
+        Pass();                                               // warm: weights into cache where they fit, code jitted
         var rates = new List<double>();
         for (int r = 0; r < reps; r++)
         {
             var sw = Stopwatch.StartNew();
-            for (int i = 0; i < iters; i++) _matmul.Run(_xb.Pointer, m, w, _hb.Pointer);
+            for (int i = 0; i < iters; i++) Pass();
             rates.Add(flops * iters / sw.Elapsed.TotalSeconds / 1e9);
         }
         rates.Sort();
@@ -242,10 +256,11 @@ public sealed unsafe class LlamaModel : IDisposable
     /// <summary>
     /// GB/s of one decode step's weight reads with no arithmetic: every matrix of every layer, then the LM head, in
     /// the forward pass's order, dispatches, chunks and threads (<see cref="MatMul.StreamOnly"/>); median of
-    /// <paramref name="reps"/> after one warm pass. For a model that fits in the last-level cache this is the
+    /// <paramref name="reps"/>. For a model that fits in the last-level cache this is the
     /// bandwidth its decode can see, fork-join and per-op ramp-up included, which one long probe stream is not.
     /// </summary>
-    public double MeasureWeightStreamGBps(int reps = 9)
+    /// <param name="warm">One untimed pass first (false between decode steps, whose weights were just read).</param>
+    public double MeasureWeightStreamGBps(int reps = 9, bool warm = true)
     {
         if (reps < 1) throw new ArgumentOutOfRangeException(nameof(reps), "reps must be ≥ 1");
         var logits = GC.AllocateUninitializedArray<float>(Config.VocabSize, pinned: true);
@@ -267,7 +282,7 @@ public sealed unsafe class LlamaModel : IDisposable
         _matmul.StreamOnly = true;
         try
         {
-            Pass();
+            if (warm) Pass();
             for (int r = 0; r < reps; r++)
             {
                 long t0 = Stopwatch.GetTimestamp();
