@@ -155,7 +155,7 @@ public static class ProfileCommand
     {
         var console = AnsiConsole.Create(new AnsiConsoleSettings { Out = new AnsiConsoleOutput(w), Ansi = AnsiSupport.No, ColorSystem = ColorSystemSupport.NoColors, Interactive = InteractionSupport.No });
         console.Profile.Width = 160;
-        console.WriteLine($"model {Path.GetFileName(dir.TrimEnd('/'))} ({llm.WeightLabel}): {pre.WeightBytes / 1048576.0:F1} MiB of weights read per step, {llm.Threads} threads, {roof.Cpu}");
+        console.WriteLine($"model {Path.GetFileName(dir.TrimEnd('/'))} ({llm.WeightLabel}): {pre.WeightBytes / PrefillPasses / 1048576.0:F1} MiB of weights read per step, {llm.Threads} threads, {roof.Cpu}");
         console.WriteLine($"roofline (measured {(roof.MeasuredUtc > DateTime.UtcNow.AddMinutes(-10) ? "in this run" : roof.MeasuredUtc.ToString("u"))}): FMA peak {F(roof.PeakGflops)} GFLOP/s, DRAM {F(roof.BandwidthGBps)} GB/s, ridge {F(roof.Ridge, "F2")} FLOP/byte");
         foreach (var p in new[] { pre, dec })
         {
