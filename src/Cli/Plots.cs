@@ -29,7 +29,7 @@ public static class Plots
             };
     }
 
-    /// <summary>Roofline (log–log): the compute roof, the DRAM roof (and the cache roof used, if different), every op as a point.</summary>
+    /// <summary>Roofline (log–log): the compute roof, the DRAM roof (and decode's measured weight-stream roof, if different), every op as a point.</summary>
     public static void Roofline(string dir, string name, Roofline roof, PhaseProfile prefill, PhaseProfile decode)
     {
         var plt = new Plot();
@@ -44,7 +44,8 @@ public static class Plots
         }
         Roof(roof.BandwidthGBps, $"roof: {roof.PeakGflops:F0} GFLOP/s, DRAM {roof.BandwidthGBps:F1} GB/s (ridge {roof.Ridge:F1})", Colors.Black);
         if (Math.Abs(decode.BandwidthUsedGBps - roof.BandwidthGBps) > 1)
-            Roof(decode.BandwidthUsedGBps, $"cache roof: {decode.BandwidthUsedGBps:F0} GB/s (weights fit in the LLC)", Colors.Gray);
+            Roof(decode.BandwidthUsedGBps, $"decode's roof: {decode.BandwidthUsedGBps:F0} GB/s, its weights read op by op beside it " +
+                 (decode.BandwidthSource.StartsWith("last-level", StringComparison.Ordinal) ? "(they fit in the LLC)" : "(from DRAM)"), Colors.Gray);
         foreach (var (p, color) in new[] { (prefill, PrefillColor), (decode, DecodeColor) })
         {
             var pts = p.Ops.Where(o => o.Flops > 0 && o.Seconds > 0).ToList();
