@@ -212,6 +212,25 @@ public sealed unsafe class LlamaModel : IDisposable
     /// Runs a short prefill and a decode step on a scratch cache so the JIT has compiled every kernel path
     /// before anything is timed (otherwise TTFT measures the compiler).
     /// </summary>
+    /// <summary>Every projection matrix of every layer.</summary>
+    private IEnumerable<WeightMatrix> ProjectionMatrices() =>
+        _layers.SelectMany(L => new[] { L.Wq, L.Wk, L.Wv, L.Wo, L.Wgate, L.Wup, L.Wdown });
+
+    /// <summary>
+    /// Every layer's products for <paramref name="m"/> rows, grouped and ordered as the forward pass runs them, on
+    /// whatever the activation buffers hold (for the ceilings measured beside a run: no norms, attention or adds).
+    /// </summary>
+    private void LayerProducts(int m)
+    {
+        foreach (var L in _layers)
+        {
+            _matmul.Run(_xb.Pointer, m, [new(L.Wq, _q.Pointer), new(L.Wk, _k.Pointer), new(L.Wv, _v.Pointer)]);
+            _matmul.Run(_att.Pointer, m, L.Wo, _xb2.Pointer);
+            _matmul.Run(_xb.Pointer, m, [new(L.Wgate, _hb.Pointer), new(L.Wup, _hb2.Pointer)]);
+            _matmul.Run(_hb.Pointer, m, L.Wdown, _xb2.Pointer);
+        }
+    }
+
     /// <summary>
     /// The compute roof prefill can actually reach: this model's own GEMMs for <paramref name="m"/> rows of X, every
     /// layer's projections in the forward pass's grouping and order (q/k/v, o, gate/up, down), so each matrix
@@ -226,20 +245,8 @@ public sealed unsafe class LlamaModel : IDisposable
         var rng = new Random(5);
         for (long i = 0; i < (long)m * d; i++) _xb.Pointer[i] = (float)(rng.NextDouble() - 0.5);
         for (long i = 0; i < (long)m * Config.QDim; i++) _att.Pointer[i] = (float)(rng.NextDouble() - 0.5);
-        double macs = 0;
-        foreach (var L in _layers)
-            foreach (var w in new[] { L.Wq, L.Wk, L.Wv, L.Wo, L.Wgate, L.Wup, L.Wdown }) macs += (double)w.Rows * w.Cols;
-        double flops = 2.0 * m * macs;
-        void Pass()
-        {
-            foreach (var L in _layers)
-            {
-                _matmul.Run(_xb.Pointer, m, [new(L.Wq, _q.Pointer), new(L.Wk, _k.Pointer), new(L.Wv, _v.Pointer)]);
-                _matmul.Run(_att.Pointer, m, L.Wo, _xb2.Pointer);
-                _matmul.Run(_xb.Pointer, m, [new(L.Wgate, _hb.Pointer), new(L.Wup, _hb2.Pointer)]);
-                _matmul.Run(_hb.Pointer, m, L.Wdown, _xb2.Pointer);
-            }
-        }
+        double flops = 2.0 * m * ProjectionMatrices().Sum(w => (double)w.Rows * w.Cols);
+        void Pass() => LayerProducts(m);
         int iters = (int)Math.Clamp(2e9 / flops, 1, 1000);   // about 10 ms per timing at 200 GFLOP/s
         Pass();                                               // warm: weights into cache where they fit, code jitted
         var rates = new List<double>();
@@ -264,18 +271,10 @@ public sealed unsafe class LlamaModel : IDisposable
     {
         if (reps < 1) throw new ArgumentOutOfRangeException(nameof(reps), "reps must be ≥ 1");
         var logits = GC.AllocateUninitializedArray<float>(Config.VocabSize, pinned: true);
-        long bytes = _lmHead.ByteLength;
-        foreach (var L in _layers)
-            foreach (var w in new[] { L.Wq, L.Wk, L.Wv, L.Wo, L.Wgate, L.Wup, L.Wdown }) bytes += w.ByteLength;
+        long bytes = _lmHead.ByteLength + ProjectionMatrices().Sum(w => w.ByteLength);
         void Pass()
         {
-            foreach (var L in _layers)
-            {
-                _matmul.Run(_xb.Pointer, 1, [new(L.Wq, _q.Pointer), new(L.Wk, _k.Pointer), new(L.Wv, _v.Pointer)]);
-                _matmul.Run(_att.Pointer, 1, L.Wo, _xb2.Pointer);
-                _matmul.Run(_xb.Pointer, 1, [new(L.Wgate, _hb.Pointer), new(L.Wup, _hb2.Pointer)]);
-                _matmul.Run(_hb.Pointer, 1, L.Wdown, _xb2.Pointer);
-            }
+            LayerProducts(1);
             fixed (float* y = logits) _matmul.Run(_xb.Pointer, 1, _lmHead, y);
         }
         var rates = new double[reps];
