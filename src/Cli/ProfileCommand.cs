@@ -90,16 +90,11 @@ public static class ProfileCommand
                 for (int i = 0; i < (fits ? 9 : 3); i++) probeSamples.Add(llm.MeasureReadBandwidth(probe));
                 streamSamples.Add(llm.MeasureWeightStreamGBps(fits ? 9 : 3));
             }
-            static double Median(List<double> v)
-            {
-                var o = v.Order().ToList();
-                return o.Count % 2 == 1 ? o[o.Count / 2] : (o[o.Count / 2 - 1] + o[o.Count / 2]) / 2;
-            }
             string Source()
             {
                 string where = fits ? $"last-level cache (the {weightBytes / 1048576.0:F1} MiB of weights fit in it)" : "DRAM";
-                return $"{where} at {Median(streamSamples):F1} GB/s:\n  the weights read op by op with the engine's own dispatches and no arithmetic " +
-                       $"(one long probe stream over {probe.Bytes / 1048576.0:F0} MiB: {Median(probeSamples):F1} GB/s)";
+                return $"{where} at {Ceilings.Median(streamSamples):F1} GB/s:\n  the weights read op by op with the engine's own dispatches and no arithmetic " +
+                       $"(one long probe stream over {probe.Bytes / 1048576.0:F0} MiB: {Ceilings.Median(probeSamples):F1} GB/s)";
             }
 
             // Compute roofs the kernels can reach at this prompt's rows and at the decode batch (same run). Not for
@@ -119,7 +114,7 @@ public static class ProfileCommand
             var preCost = cost.Step(Enumerable.Repeat(new StepSequence(ids.Length, ids.Length), b).ToList(), b);
             var prefillCosts = Enumerable.Repeat(preCost, PrefillPasses).SelectMany(c => c).ToList();
             SampleBandwidth();
-            var prefill = ProfileReport.Build("prefill", PrefillPasses * b * ids.Length, pre, prefillCosts, L, roof, Median(streamSamples), Source(), gemmPrefill);
+            var prefill = ProfileReport.Build("prefill", PrefillPasses * b * ids.Length, pre, prefillCosts, L, roof, Ceilings.Median(streamSamples), Source(), gemmPrefill);
             streamSamples.Clear();
             probeSamples.Clear();
             SampleBandwidth();
@@ -143,7 +138,7 @@ public static class ProfileCommand
             for (int s = 0; s < n; s++)   // counted after the timed steps so the pool never idles between them
                 costs.AddRange(cost.Step(Enumerable.Repeat(new StepSequence(1, ids.Length + s + 1), b).ToList(), b));
             SampleBandwidth();
-            var decode = ProfileReport.Build("decode", b * n, dec, costs, L, roof, Median(streamSamples), Source(), gemmDecode);
+            var decode = ProfileReport.Build("decode", b * n, dec, costs, L, roof, Ceilings.Median(streamSamples), Source(), gemmDecode);
             return (prefill, decode, dec);
         }
         finally { foreach (var c in caches) c.Dispose(); }

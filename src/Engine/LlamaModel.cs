@@ -208,10 +208,6 @@ public sealed unsafe class LlamaModel : IDisposable
     public ContiguousKvCache NewKvCache(int capacity = 0) =>
         new(Config.NumHiddenLayers, Config.KvDim, capacity <= 0 ? Context : Math.Min(capacity, Context));
 
-    /// <summary>
-    /// Runs a short prefill and a decode step on a scratch cache so the JIT has compiled every kernel path
-    /// before anything is timed (otherwise TTFT measures the compiler).
-    /// </summary>
     /// <summary>Every projection matrix of every layer.</summary>
     private IEnumerable<WeightMatrix> ProjectionMatrices() =>
         _layers.SelectMany(L => new[] { L.Wq, L.Wk, L.Wv, L.Wo, L.Wgate, L.Wup, L.Wdown });
@@ -294,6 +290,10 @@ public sealed unsafe class LlamaModel : IDisposable
         return rates[reps / 2];
     }
 
+    /// <summary>
+    /// Runs a short prefill and a decode step on a scratch cache so the JIT has compiled every kernel path
+    /// before anything is timed (otherwise TTFT measures the compiler).
+    /// </summary>
     public void Warmup()
     {
         int n = Math.Min(8, Math.Min(MaxTokens, Context - 1));

@@ -152,11 +152,11 @@ public sealed unsafe class Attention : ParallelJob
 
     public int MaxContext { get; }
 
-    /// <summary>Multiply-adds (rows × heads × keys × hd) below which a call runs on the calling thread alone.</summary>
     /// <summary>Chunks each worker should get (load balance), before rounding runs of heads up to whole KV groups.</summary>
-    public static int ChunksPerWorker { get; set; } = 4;
+    private const int ChunksPerWorker = 4;
 
-    public static long SerialWork { get; set; } = 1 << 14;
+    /// <summary>Multiply-adds (rows × heads × keys × hd) below which a call runs on the calling thread alone.</summary>
+    private const long SerialWork = 1 << 14;
 
     /// <summary>Every row takes the single-row path, so its result cannot depend on which rows share its work item.</summary>
     public bool BatchInvariant { get; set; }

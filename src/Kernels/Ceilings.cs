@@ -100,7 +100,8 @@ public static unsafe class Ceilings
         return s;
     }
 
-    private static double Median(List<double> v)
+    /// <summary>Median of <paramref name="v"/> (mean of the middle two for an even count); sorts it in place.</summary>
+    public static double Median(List<double> v)
     {
         v.Sort();
         return v.Count % 2 == 1 ? v[v.Count / 2] : (v[v.Count / 2 - 1] + v[v.Count / 2]) / 2;
