@@ -63,9 +63,6 @@ public sealed unsafe class MatMul : ParallelJob
     /// <summary>While the 4×4 tiles work on one weight panel, prefetch the next panel's bytes at the same offsets.</summary>
     public static bool PrefetchNextPanel { get; set; } = true;
 
-    /// <summary>GEMV chunks per thread: enough that a thread slowed by a neighbour hands rows to the other.</summary>
-    public static int GemvChunksPerThread { get; set; } = 4;
-
     /// <summary>
     /// Smallest GEMV chunk: every chunk starts two new streams whose first lines arrive at full latency, so a
     /// chunk must be long enough to pay that back (16 KiB chunks of a cache-resident 128×256 matrix took 1.5× the
@@ -73,13 +70,18 @@ public sealed unsafe class MatMul : ParallelJob
     /// </summary>
     public const int GemvMinChunkBytes = 64 << 10;
 
-    /// <summary>Rows per GEMV chunk (a multiple of 4): about <see cref="GemvChunksPerThread"/> chunks per thread, none under <see cref="GemvMinChunkBytes"/>.</summary>
-    private int GemvRowsPerChunk(long rows, long rowBytes)
-    {
-        long byCount = rows / (GemvChunksPerThread * _pool.Threads);
-        long byBytes = (GemvMinChunkBytes + rowBytes - 1) / Math.Max(1, rowBytes);
-        return (int)Math.Min(int.MaxValue & ~3, Math.Max(4, Math.Max(byCount, byBytes) + 3 & ~3));
-    }
+    /// <summary>
+    /// How far ahead in each of its four rows the bf16 GEMV asks for lines (0 = off). Chunks of a decode step's
+    /// small matrices are short streams the hardware prefetcher barely ramps up on, and the bf16 loop's shift, mask
+    /// and two FMAs a line leave fewer loads in the out-of-order window than fp32's one FMA: stories110m-bf16 decode
+    /// took 6–12 % less time a step with 1.5–2 KiB (harness, interleaved); fp32 gained nothing from it (not used).
+    /// Weights served from the cache want it off (tiny-kjv-bf16 decode: 11 % slower with it), so a model sets it.
+    /// </summary>
+    public int Bf16GemvPrefetchBytes { get; set; } = 2048;
+
+    /// <summary>Fewest rows in a GEMV chunk (a multiple of 4): <see cref="GemvMinChunkBytes"/> of weights.</summary>
+    private static int GemvMinRows(long rowBytes) =>
+        (int)Math.Min(int.MaxValue & ~3, Math.Max(4, (GemvMinChunkBytes + rowBytes - 1) / Math.Max(1, rowBytes) + 3 & ~3));
 
     /// <summary>
     /// Every output element is summed in the same order whatever M is (the dot-product tiles for all sizes, no
@@ -115,17 +117,17 @@ public sealed unsafe class MatMul : ParallelJob
         var isa = SimdPolicy.Current;
         if (m >= PackedMinRows && isa != SimdPolicy.Isa.Scalar && !BatchInvariant) _packed.Run(x, m, k, products, isa);
         else if (m >= 2 && UseSkinny && isa != SimdPolicy.Isa.Scalar && !BatchInvariant) { CheckQ8(products); _skinny.Run(x, m, k, products, isa); }
-        else if (m == 1 && products.Length > 1 && !BatchInvariant) RunGroupedGemv(x, k, products);
+        else if (m == 1 && !BatchInvariant) RunGemv(x, k, products);
         else foreach (var p in products) Run(x, m, p.W, p.Y);
     }
 
     private readonly ProductChunks _group = new();
 
     /// <summary>
-    /// Several GEMVs on one x in a single dispatch: the rows of all the weights are cut into one list of chunks,
-    /// so small projections (q, k, v) do not each pay a launch and a cold start.
+    /// One or several GEMVs on one x in a single dispatch: the rows of all the weights are cut into one guided list
+    /// of chunks, so small projections (q, k, v) do not each pay a launch and a cold start.
     /// </summary>
-    private void RunGroupedGemv(float* x, int k, ReadOnlySpan<Product> products)
+    private void RunGemv(float* x, int k, ReadOnlySpan<Product> products)
     {
         long rows = 0, macs = 0;
         foreach (var p in products) { rows += p.W.Rows; macs += (long)p.W.Rows * k; }
@@ -136,7 +138,7 @@ public sealed unsafe class MatMul : ParallelJob
             bf16 |= p.W.Type == WeightType.BF16;
             q8 |= p.W.Type == WeightType.Q8;
         }
-        int chunks = _group.Set(products, GemvRowsPerChunk(rows, products[0].W.RowBytes));
+        int chunks = _group.SetGuided(products, GemvMinRows(products[0].W.RowBytes), _pool.Threads);
         var isa = SimdPolicy.Current;
         _x = x; _m = 1; _invariant = false;
         if (bf16 && isa == SimdPolicy.Isa.V512) PairX(x, k);
@@ -166,17 +168,20 @@ public sealed unsafe class MatMul : ParallelJob
             _skinny.Run(x, m, w.Cols, [new Product(w, y)], isa);
             return;
         }
+        if (m == 1 && !BatchInvariant)
+        {
+            RunGemv(x, w.Cols, [new Product(w, y)]);
+            return;
+        }
         _x = x; _y = y; _w = w; _m = m;
         _invariant = BatchInvariant;
-        if (m == 1 && w.Type == WeightType.BF16 && isa == SimdPolicy.Isa.V512 && !_invariant) PairX(x, w.Cols);
-        _int8Dot = m == 1 && w.Type == WeightType.Q8 && Q8Int8Activations && AvxVnni.IsSupported && isa != SimdPolicy.Isa.Scalar && !_invariant;
-        if (_int8Dot) QuantizeX(x, w.Cols);
+        _int8Dot = false;
         int threads = _pool.Threads;
         long macs = (long)m * w.Rows * w.Cols;
         _mBlocks = (m + RowBlock - 1) / RowBlock;
         // Enough W panels that every thread gets several chunks (load balance), each a multiple of 4 rows.
         int wanted = macs < SerialMacs ? 1 : Math.Max(1, 4 * threads / _mBlocks);
-        _panel = m == 1 && macs >= SerialMacs ? GemvRowsPerChunk(w.Rows, w.RowBytes) : Math.Max(4, (w.Rows + wanted - 1) / wanted + 3 & ~3);
+        _panel = Math.Max(4, (w.Rows + wanted - 1) / wanted + 3 & ~3);
         _nPanels = (w.Rows + _panel - 1) / _panel;
         if (macs < SerialMacs) { for (int c = 0; c < _mBlocks * _nPanels; c++) Execute(c, 0); }
         else _pool.Run(this, _mBlocks * _nPanels);
@@ -359,13 +364,52 @@ public sealed unsafe class MatMul : ParallelJob
         *ya = sa; *yb = sb;
     }
 
+    /// <summary>
+    /// Four bf16 rows · x (paired x), one 64-byte line of each row per step: four weight streams. Rows of a length
+    /// not a multiple of 32 fall back to the two-row pair for their tails.
+    /// </summary>
+    private void DotBf16Pairs4(float* xPairs, nint a, nint b, nint c, nint d, int K, float* ya, float* yb, float* yc, float* yd)
+    {
+        if (K % 32 != 0)
+        {
+            DotBf16Pairs2(xPairs, _x, a, b, K, ya, yb);
+            DotBf16Pairs2(xPairs, _x, c, d, K, yc, yd);
+            return;
+        }
+        var hi = Vector512.Create(0xFFFF0000u);
+        Vector512<float> ea = default, oa = default, eb = default, ob = default, ec = default, oc = default, ed = default, od = default;
+        int pf = Bf16GemvPrefetchBytes;   // prefetch never faults: lines past the matrix's end are harmless
+        for (int k = 0; k < K; k += 32)
+        {
+            if (pf != 0)
+            {
+                Sse.Prefetch0((byte*)a + 2 * k + pf); Sse.Prefetch0((byte*)b + 2 * k + pf);
+                Sse.Prefetch0((byte*)c + 2 * k + pf); Sse.Prefetch0((byte*)d + 2 * k + pf);
+            }
+            var xe = Vector512.Load(xPairs + k);
+            var xo = Vector512.Load(xPairs + k + 16);
+            var wa = Vector512.Load((uint*)((ushort*)a + k));
+            var wb = Vector512.Load((uint*)((ushort*)b + k));
+            var wc = Vector512.Load((uint*)((ushort*)c + k));
+            var wd = Vector512.Load((uint*)((ushort*)d + k));
+            ea = Vector512.FusedMultiplyAdd(Vector512.ShiftLeft(wa, 16).AsSingle(), xe, ea);
+            eb = Vector512.FusedMultiplyAdd(Vector512.ShiftLeft(wb, 16).AsSingle(), xe, eb);
+            ec = Vector512.FusedMultiplyAdd(Vector512.ShiftLeft(wc, 16).AsSingle(), xe, ec);
+            ed = Vector512.FusedMultiplyAdd(Vector512.ShiftLeft(wd, 16).AsSingle(), xe, ed);
+            oa = Vector512.FusedMultiplyAdd((wa & hi).AsSingle(), xo, oa);
+            ob = Vector512.FusedMultiplyAdd((wb & hi).AsSingle(), xo, ob);
+            oc = Vector512.FusedMultiplyAdd((wc & hi).AsSingle(), xo, oc);
+            od = Vector512.FusedMultiplyAdd((wd & hi).AsSingle(), xo, od);
+        }
+        *ya = Vector512.Sum(ea + oa); *yb = Vector512.Sum(eb + ob); *yc = Vector512.Sum(ec + oc); *yd = Vector512.Sum(ed + od);
+    }
+
     public override void Execute(int chunk, int worker)
     {
         if (_group.Count > 0)
         {
-            var p = _group.Find(chunk, out int local);
-            int r0 = local * _group.RowsPerChunk;
-            Rows(p.W, p.Y, 0, 1, r0, Math.Min(p.W.Rows, r0 + _group.RowsPerChunk));
+            var p = _group.Guided(chunk, out int r0, out int r1);
+            Rows(p.W, p.Y, 0, 1, r0, r1);
             return;
         }
         int mb = chunk % _mBlocks, nb = chunk / _mBlocks;
@@ -379,7 +423,8 @@ public sealed unsafe class MatMul : ParallelJob
     {
         if (StreamOnly && _m == 1)
         {
-            _streamSink += Ceilings.ReadTwoStreams((float*)w.Row(n0), (long)(n1 - n0) * w.RowBytes / sizeof(float));
+            long floats = (long)(n1 - n0) * w.RowBytes / sizeof(float);
+            _streamSink += w.Type == WeightType.BF16 ? Ceilings.ReadFourStreams((float*)w.Row(n0), floats) : Ceilings.ReadTwoStreams((float*)w.Row(n0), floats);
             return;
         }
         switch (w.Type)
@@ -395,10 +440,15 @@ public sealed unsafe class MatMul : ParallelJob
             case WeightType.F32: Tile<F32Load>(w, y, m0, m1, n0, n1); break;
             case WeightType.BF16 when _m == 1 && SimdPolicy.Current == SimdPolicy.Isa.V512 && !_invariant:
             {
-                // Two streams per thread, as in the fp32 GEMV: row i beside row h + i of the chunk.
-                int h = (n1 - n0) / 2;
-                for (int i = 0; i < h; i++) DotBf16Pairs2(_xPairs, _x, w.Row(n0 + i), w.Row(n0 + h + i), w.Cols, y + n0 + i, y + n0 + h + i);
-                if (((n1 - n0) & 1) != 0) y[n1 - 1] = DotBf16Pairs(_xPairs, _x, w.Row(n1 - 1), w.Cols);
+                // Four streams per thread: rows i, q + i, 2q + i, 3q + i of the chunk. Half the bytes per weight of
+                // fp32 means twice the work per line, and two streams left 10–15 % of the DRAM read rate unused
+                // where fp32's two did not (kernel harness, 8 × 32 MiB, interleaved: 4 streams 54–72 GB/s, 2 streams
+                // 47–62, the two-stream probe 50–70).
+                int q = (n1 - n0) / 4;
+                for (int i = 0; i < q; i++)
+                    DotBf16Pairs4(_xPairs, w.Row(n0 + i), w.Row(n0 + q + i), w.Row(n0 + 2 * q + i), w.Row(n0 + 3 * q + i), w.Cols,
+                        y + n0 + i, y + n0 + q + i, y + n0 + 2 * q + i, y + n0 + 3 * q + i);
+                for (int r = n0 + 4 * q; r < n1; r++) y[r] = DotBf16Pairs(_xPairs, _x, w.Row(r), w.Cols);
                 break;
             }
             case WeightType.BF16: Tile<Bf16Load>(w, y, m0, m1, n0, n1); break;

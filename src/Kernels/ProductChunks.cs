@@ -43,5 +43,47 @@ internal sealed class ProductChunks
         return ref _products[pi];
     }
 
-    public void Clear() => Count = 0;
+    private int[] _guidedProduct = new int[64];   // guided plans: each chunk's product …
+    private int[] _guidedRow = new int[64];       // … and first row (its last is the next chunk's first, or the end)
+    private int _guidedCount;
+
+    /// <summary>
+    /// Guided cut (as OpenMP's schedule(guided)): each chunk takes about 1/(2·threads) of the rows still left, at
+    /// least <paramref name="minRows"/>, a multiple of 4, never spanning two products. Large chunks first keep stream
+    /// starts few; the small last ones let the thread that finishes first take the tail instead of idling while the
+    /// other reads a whole fixed-size chunk alone (a GEMV from DRAM read 5–10 % faster so, kernel harness).
+    /// </summary>
+    public int SetGuided(ReadOnlySpan<MatMul.Product> products, int minRows, int threads)
+    {
+        Set(products, int.MaxValue);
+        long left = 0;
+        foreach (var p in products) left += p.W.Rows;
+        _guidedCount = 0;
+        for (int pi = 0; pi < products.Length; pi++)
+            for (int r = 0, rows = products[pi].W.Rows; r < rows;)
+            {
+                int take = (int)Math.Min(rows - r, Math.Max(minRows, left / (2 * threads) + 3 & ~3L));
+                if (_guidedCount == _guidedRow.Length)
+                {
+                    Array.Resize(ref _guidedRow, 2 * _guidedCount);
+                    Array.Resize(ref _guidedProduct, 2 * _guidedCount);
+                }
+                _guidedProduct[_guidedCount] = pi;
+                _guidedRow[_guidedCount++] = r;
+                r += take;
+                left -= take;
+            }
+        return _guidedCount;
+    }
+
+    /// <summary>Chunk <paramref name="chunk"/> of a guided plan: its product and rows [r0, r1).</summary>
+    public ref readonly MatMul.Product Guided(int chunk, out int r0, out int r1)
+    {
+        int pi = _guidedProduct[chunk];
+        r0 = _guidedRow[chunk];
+        r1 = chunk + 1 < _guidedCount && _guidedProduct[chunk + 1] == pi ? _guidedRow[chunk + 1] : _products[pi].W.Rows;
+        return ref _products[pi];
+    }
+
+    public void Clear() { Count = 0; _guidedCount = 0; }
 }

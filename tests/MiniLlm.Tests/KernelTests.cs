@@ -26,10 +26,13 @@ public unsafe class KernelTests
     {
         var data = new TheoryData<int, int, int>();
         foreach (int m in new[] { 1, 2, 3, 17, 64, 513 })
-            foreach (var (k, n) in new[] { (1, 1), (15, 7), (17, 33), (100, 5), (257, 130) })
+            foreach (var (k, n) in new[] { (1, 1), (15, 7), (17, 33), (100, 5), (257, 130), (1024, 203) })
                 data.Add(m, k, n);
         return data;
     }
+
+    // (1024, 203): K a multiple of 32 (the bf16 GEMV's four-row kernel), pool-sized, chunks whose row counts
+    // are not multiples of 4.
 
     /// <summary>
     /// Batched-decode sizes for the skinny kernel: every X row-group shape (4-row and 8-row tiles, partial groups,
