@@ -187,8 +187,8 @@ public sealed unsafe class LlamaModel : IDisposable
         WeightBytes = _embed.ByteLength + (_lmHead.Pointer == _embed.Pointer ? 0 : _lmHead.ByteLength) + 4L * c.HiddenSize * (2 * c.NumHiddenLayers + 1)
             + _layers.Sum(l => l.Wq.ByteLength + l.Wk.ByteLength + l.Wv.ByteLength + l.Wo.ByteLength + l.Wgate.ByteLength + l.Wup.ByteLength + l.Wdown.ByteLength);
 
-        // From DRAM the bf16 GEMV prefetches ahead in its rows; from the last-level cache that only costs.
-        if (WeightBytes < Ceilings.LastLevelCacheBytes) _matmul.Bf16GemvPrefetchBytes = 0;
+        // Short-row GEMV tiles and the bf16 GEMV's prefetch each suit one side of the cache (see MatMul).
+        _matmul.CacheResidentWeights = WeightBytes < Ceilings.LastLevelCacheBytes;
 
         long S = MaxTokens;
         _x = new NativeBuffer(S * c.HiddenSize);

@@ -71,11 +71,24 @@ public sealed unsafe class MatMul : ParallelJob
     public const int GemvMinChunkBytes = 64 << 10;
 
     /// <summary>
+    /// The weights are served from the last-level cache (the model is smaller than it). GEMVs over rows of at most
+    /// <see cref="ShortRowMax"/> weights then take 16 adjacent rows at a time with one shuffle-tree sum (tiny-kjv
+    /// decode 11–12 % faster in fp32 and bf16), and the bf16 GEMV does not prefetch. From DRAM those 16 rows are 16
+    /// short streams: stories110m-bf16 decode took 1.5× as long with them, fp32 no less time, so they stay off.
+    /// </summary>
+    public bool CacheResidentWeights
+    {
+        get => _cacheResident;
+        set { _cacheResident = value; Bf16GemvPrefetchBytes = value ? 0 : 2048; }
+    }
+    private bool _cacheResident;
+
+    /// <summary>
     /// How far ahead in each of its four rows the bf16 GEMV asks for lines (0 = off). Chunks of a decode step's
     /// small matrices are short streams the hardware prefetcher barely ramps up on, and the bf16 loop's shift, mask
     /// and two FMAs a line leave fewer loads in the out-of-order window than fp32's one FMA: stories110m-bf16 decode
     /// took 6–12 % less time a step with 1.5–2 KiB (harness, interleaved); fp32 gained nothing from it (not used).
-    /// Weights served from the cache want it off (tiny-kjv-bf16 decode: 11 % slower with it), so a model sets it.
+    /// Weights served from the cache want it off (tiny-kjv-bf16 decode: 11 % slower with it): see <see cref="CacheResidentWeights"/>.
     /// </summary>
     public int Bf16GemvPrefetchBytes { get; set; } = 2048;
 
@@ -364,6 +377,93 @@ public sealed unsafe class MatMul : ParallelJob
         *ya = sa; *yb = sb;
     }
 
+    /// <summary>Longest GEMV row (in weights) that the 16-row tiles take when <see cref="CacheResidentWeights"/>.</summary>
+    public const int ShortRowMax = 1024;
+
+    private static readonly Vector512<int> SumTreeOrder = Vector512.Create(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+
+    /// <summary>
+    /// 16 adjacent fp32 rows · x, one accumulator each, summed by one shuffle tree and stored as one vector into
+    /// y[0..16). For rows of ≤ 1024 weights: the two-row kernel spends a horizontal sum (~10 instructions) per
+    /// 16–64 FMAs there; the tree spends ~3 per row. tiny-kjv decode (K = 256/768, weights in L3) took 11–12 % less
+    /// time a token (harness, interleaved); stories110m (K = 768 from DRAM) the same as with two rows.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void DotF32x16(float* x, float* w, int K, float* y)
+    {
+        Vector512<float> c0 = default, c1 = default, c2 = default, c3 = default, c4 = default, c5 = default, c6 = default, c7 = default;
+        Vector512<float> c8 = default, c9 = default, c10 = default, c11 = default, c12 = default, c13 = default, c14 = default, c15 = default;
+        for (int k = 0; k < K; k += 16)
+        {
+            var xv = Vector512.Load(x + k);
+            float* r = w + k;
+            c0 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c0); r += K;
+            c1 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c1); r += K;
+            c2 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c2); r += K;
+            c3 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c3); r += K;
+            c4 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c4); r += K;
+            c5 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c5); r += K;
+            c6 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c6); r += K;
+            c7 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c7); r += K;
+            c8 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c8); r += K;
+            c9 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c9); r += K;
+            c10 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c10); r += K;
+            c11 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c11); r += K;
+            c12 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c12); r += K;
+            c13 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c13); r += K;
+            c14 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c14); r += K;
+            c15 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c15);
+        }
+        var sums = SumTree512.Sums16(c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15);
+        Avx512F.PermuteVar16x32(sums, SumTreeOrder).Store(y);
+    }
+
+    /// <summary>
+    /// 16 adjacent bf16 rows · x (paired x, K a multiple of 32), one accumulator each taking the even and the odd
+    /// products in turn (16 independent chains cover the FMA latency), summed by one shuffle tree into y[0..16).
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void DotBf16x16(float* xPairs, nint w, int K, float* y)
+    {
+        var hi = Vector512.Create(0xFFFF0000u);
+        Vector512<float> c0 = default, c1 = default, c2 = default, c3 = default, c4 = default, c5 = default, c6 = default, c7 = default;
+        Vector512<float> c8 = default, c9 = default, c10 = default, c11 = default, c12 = default, c13 = default, c14 = default, c15 = default;
+        nint rowBytes = 2 * K;
+        for (int k = 0; k < K; k += 32)
+        {
+            var xe = Vector512.Load(xPairs + k);
+            var xo = Vector512.Load(xPairs + k + 16);
+            byte* r = (byte*)w + 2 * k;
+            c0 = Bf16Step(r, xe, xo, hi, c0); r += rowBytes;
+            c1 = Bf16Step(r, xe, xo, hi, c1); r += rowBytes;
+            c2 = Bf16Step(r, xe, xo, hi, c2); r += rowBytes;
+            c3 = Bf16Step(r, xe, xo, hi, c3); r += rowBytes;
+            c4 = Bf16Step(r, xe, xo, hi, c4); r += rowBytes;
+            c5 = Bf16Step(r, xe, xo, hi, c5); r += rowBytes;
+            c6 = Bf16Step(r, xe, xo, hi, c6); r += rowBytes;
+            c7 = Bf16Step(r, xe, xo, hi, c7); r += rowBytes;
+            c8 = Bf16Step(r, xe, xo, hi, c8); r += rowBytes;
+            c9 = Bf16Step(r, xe, xo, hi, c9); r += rowBytes;
+            c10 = Bf16Step(r, xe, xo, hi, c10); r += rowBytes;
+            c11 = Bf16Step(r, xe, xo, hi, c11); r += rowBytes;
+            c12 = Bf16Step(r, xe, xo, hi, c12); r += rowBytes;
+            c13 = Bf16Step(r, xe, xo, hi, c13); r += rowBytes;
+            c14 = Bf16Step(r, xe, xo, hi, c14); r += rowBytes;
+            c15 = Bf16Step(r, xe, xo, hi, c15);
+        }
+        var sums = SumTree512.Sums16(c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15);
+        Avx512F.PermuteVar16x32(sums, SumTreeOrder).Store(y);
+    }
+
+    /// <summary>One 64-byte line (32 bf16) of a row against the paired x: even products, then odd, into c.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<float> Bf16Step(byte* r, Vector512<float> xe, Vector512<float> xo, Vector512<uint> hi, Vector512<float> c)
+    {
+        var wv = Vector512.Load((uint*)r);
+        c = Vector512.FusedMultiplyAdd(Vector512.ShiftLeft(wv, 16).AsSingle(), xe, c);
+        return Vector512.FusedMultiplyAdd((wv & hi).AsSingle(), xo, c);
+    }
+
     /// <summary>
     /// Four bf16 rows · x (paired x), one 64-byte line of each row per step: four weight streams. Rows of a length
     /// not a multiple of 32 fall back to the two-row pair for their tails.
@@ -429,6 +529,14 @@ public sealed unsafe class MatMul : ParallelJob
         }
         switch (w.Type)
         {
+            case WeightType.F32 when _m == 1 && SimdPolicy.Current == SimdPolicy.Isa.V512 && !_invariant && CacheResidentWeights && w.Cols <= ShortRowMax && w.Cols % 16 == 0:
+            {
+                int n = n0;
+                for (; n + 16 <= n1; n += 16) DotF32x16((float*)_x, (float*)w.Row(n), w.Cols, y + n);
+                for (; n + 2 <= n1; n += 2) DotF32x2(_x, (float*)w.Row(n), (float*)w.Row(n + 1), w.Cols, y + n, y + n + 1);
+                if (n < n1) DotF32x2(_x, (float*)w.Row(n), (float*)w.Row(n), w.Cols, y + n, y + n);
+                break;
+            }
             case WeightType.F32 when _m == 1 && SimdPolicy.Current == SimdPolicy.Isa.V512 && !_invariant:
             {
                 // Two streams per thread: row i beside row h + i of the chunk (one stream left 15–30 % unused).
@@ -438,6 +546,13 @@ public sealed unsafe class MatMul : ParallelJob
                 break;
             }
             case WeightType.F32: Tile<F32Load>(w, y, m0, m1, n0, n1); break;
+            case WeightType.BF16 when _m == 1 && SimdPolicy.Current == SimdPolicy.Isa.V512 && !_invariant && CacheResidentWeights && w.Cols <= ShortRowMax && w.Cols % 32 == 0:
+            {
+                int n = n0;
+                for (; n + 16 <= n1; n += 16) DotBf16x16(_xPairs, w.Row(n), w.Cols, y + n);
+                for (; n < n1; n++) y[n] = DotBf16Pairs(_xPairs, _x, w.Row(n), w.Cols);
+                break;
+            }
             case WeightType.BF16 when _m == 1 && SimdPolicy.Current == SimdPolicy.Isa.V512 && !_invariant:
             {
                 // Four streams per thread: rows i, q + i, 2q + i, 3q + i of the chunk. Half the bytes per weight of

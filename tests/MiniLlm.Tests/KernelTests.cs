@@ -26,7 +26,7 @@ public unsafe class KernelTests
     {
         var data = new TheoryData<int, int, int>();
         foreach (int m in new[] { 1, 2, 3, 17, 64, 513 })
-            foreach (var (k, n) in new[] { (1, 1), (15, 7), (17, 33), (100, 5), (257, 130), (1024, 203) })
+            foreach (var (k, n) in new[] { (1, 1), (15, 7), (17, 33), (100, 5), (257, 130), (1024, 203), (256, 67) })
                 data.Add(m, k, n);
         return data;
     }
@@ -78,14 +78,18 @@ public unsafe class KernelTests
                     try
                     {
                         using var pool = new WorkerPool(threads);
-                        var mm = new MatMul(pool);
-                        var y = new float[M * N];
-                        fixed (float* xp = x, yp = y)
-                        fixed (byte* wp = bytes)
-                            mm.Run(xp, M, new WeightMatrix((nint)wp, type, N, K), yp);
-                        for (int i = 0; i < y.Length; i++)
-                            Assert.True(Math.Abs(y[i] - reference[i]) <= bound[i],
-                                $"{type} {isa} threads={threads} M={M} K={K} N={N} at {i}: {y[i]} vs {reference[i]}");
+                        // cache-resident weights pick other GEMV kernels (16-row tiles, no bf16 prefetch)
+                        foreach (bool resident in M == 1 ? new[] { false, true } : [false])
+                        {
+                            var mm = new MatMul(pool) { CacheResidentWeights = resident };
+                            var y = new float[M * N];
+                            fixed (float* xp = x, yp = y)
+                            fixed (byte* wp = bytes)
+                                mm.Run(xp, M, new WeightMatrix((nint)wp, type, N, K), yp);
+                            for (int i = 0; i < y.Length; i++)
+                                Assert.True(Math.Abs(y[i] - reference[i]) <= bound[i],
+                                    $"{type} {isa} threads={threads} resident={resident} M={M} K={K} N={N} at {i}: {y[i]} vs {reference[i]}");
+                        }
                     }
                     finally { SimdPolicy.Reset(); }
                 }
