@@ -1,3 +1,5 @@
+using System.Runtime.Intrinsics;
+
 namespace MiniLlm.Kernels;
 
 /// <summary>Llama 3 RoPE frequency scaling parameters (HF rope_scaling with rope_type "llama3").</summary>
@@ -69,7 +71,26 @@ public sealed unsafe class RopeTable
             for (int h = 0; h < heads; h++)
             {
                 float* a = x + h * HeadDim, b = a + half;
-                for (int i = 0; i < half; i++)
+                int i = 0;
+                // Whole vectors where the half fits them (hd 32 → one Vector512 per head). Products and differences
+                // are separate instructions as in the scalar loop (no FMA), so both give the same bits.
+                if (Vector512.IsHardwareAccelerated && SimdPolicy.Current == SimdPolicy.Isa.V512)
+                    for (; i + 16 <= half; i += 16)
+                    {
+                        var x0 = Vector512.Load(a + i); var x1 = Vector512.Load(b + i);
+                        var c = Vector512.Load(cp + i); var s = Vector512.Load(sp + i);
+                        (x0 * c - x1 * s).Store(a + i);
+                        (x1 * c + x0 * s).Store(b + i);
+                    }
+                if (Vector256.IsHardwareAccelerated && SimdPolicy.Current != SimdPolicy.Isa.Scalar)
+                    for (; i + 8 <= half; i += 8)
+                    {
+                        var x0 = Vector256.Load(a + i); var x1 = Vector256.Load(b + i);
+                        var c = Vector256.Load(cp + i); var s = Vector256.Load(sp + i);
+                        (x0 * c - x1 * s).Store(a + i);
+                        (x1 * c + x0 * s).Store(b + i);
+                    }
+                for (; i < half; i++)
                 {
                     float x0 = a[i], x1 = b[i], c = cp[i], s = sp[i];
                     a[i] = x0 * c - x1 * s;

@@ -8,12 +8,14 @@ namespace MiniLlm.Kernels;
 /// Y[M×N] = X[M×K] · Wᵀ for a few rows (batched decode and short prefill chunks, 2 ≤ M &lt; <see cref="MatMul.PackedMinRows"/>), where the
 /// weights must still stream from DRAM at close to GEMV speed while each byte is used M times.
 /// <para>
-/// A register tile holds 8 X rows × 3 W rows (24 accumulators; 11 loads per 24 FMAs), so for M ≤ 8 every weight
-/// byte is read once. K is cut into blocks of at most <see cref="KBlock"/> so the tile's 8 X rows (8 × 1024 fp32 =
-/// 32 KiB) stay in L1 while the weights stream past; the partial sums of a block are added into Y. Each worker
-/// takes a run of W rows; while one tile computes, it prefetches the next tile's bytes at the same offsets — the
-/// hardware prefetcher alone keeps too few lines in flight at this compute rate (measured: 2× the GEMV time at
-/// M = 8 without, 1.2–1.4× with). Groups of 8 X rows beyond the first re-read their W slice from L2.
+/// A register tile holds 8 X rows × 3 W rows (24 accumulators; 11 loads per 24 FMAs), or 4 × 3 for M ≤ 4, so for
+/// M ≤ 8 every weight byte is read once; a shuffle tree (<see cref="SumTree512"/>) finishes all its sums at once.
+/// K is cut into blocks (see <see cref="Run"/>) so the tile's X rows stay in L1 or L2 while the weights stream
+/// past; the partial sums of a block are added into Y. Each worker takes a run of W rows. For 5 ≤ M the tiles take
+/// adjacent rows and, while one computes, prefetch the next tile's bytes at the same offsets — the hardware
+/// prefetcher alone keeps too few lines in flight at this compute rate (2× the GEMV time at M = 8 without). For
+/// M ≤ 4 the tiles take one row from each third of the run: three long streams (<see cref="Tiles{S,TV,TL}.RowsStreams"/>).
+/// Groups of 8 X rows beyond the first re-read their W slice from L2.
 /// </para>
 /// Every weight of a group (q/k/v, gate/up) shares X and runs in one dispatch.
 /// </summary>

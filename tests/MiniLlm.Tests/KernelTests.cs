@@ -222,12 +222,24 @@ public unsafe class KernelTests
     [InlineData(2, 3, 0)]
     [InlineData(10, 2, 7)]
     [InlineData(64, 4, 511)]
+    [InlineData(32, 8, 200)]     // half = one Vector512
+    [InlineData(48, 3, 100)]     // 16 + 8
+    [InlineData(56, 2, 33)]      // 16 + 8 + 4 scalar
     public void RopeMatchesRotateHalfFormula(int hd, int heads, int pos)
     {
         var table = new RopeTable(hd, 512, 10000, null);
         var x = Random(hd * heads, hd + pos);
         var y = (float[])x.Clone();
         fixed (float* yp = y) table.Apply(yp, heads, pos);
+        foreach (var isa in new[] { SimdPolicy.Isa.V256, SimdPolicy.Isa.Scalar })
+        {
+            // every vector width gives the same bits (products and differences rounded one by one)
+            var z = (float[])x.Clone();
+            SimdPolicy.Force(isa);
+            try { fixed (float* zp = z) table.Apply(zp, heads, pos); }
+            finally { SimdPolicy.Reset(); }
+            Assert.Equal(y, z);
+        }
         int half = hd / 2;
         for (int h = 0; h < heads; h++)
             for (int i = 0; i < half; i++)
