@@ -142,8 +142,8 @@ public sealed unsafe class MatMul : ParallelJob
     /// </summary>
     private void RunGemv(float* x, int k, ReadOnlySpan<Product> products)
     {
-        long rows = 0, macs = 0;
-        foreach (var p in products) { rows += p.W.Rows; macs += (long)p.W.Rows * k; }
+        long macs = 0;
+        foreach (var p in products) macs += (long)p.W.Rows * k;
         CheckQ8(products);
         bool bf16 = false, q8 = false;
         foreach (var p in products)

@@ -55,7 +55,9 @@ internal sealed class ProductChunks
     /// </summary>
     public int SetGuided(ReadOnlySpan<MatMul.Product> products, int minRows, int threads)
     {
-        Set(products, int.MaxValue);
+        if (_products.Length < products.Length) _products = new MatMul.Product[products.Length];
+        products.CopyTo(_products);
+        Count = products.Length;
         long left = 0;
         foreach (var p in products) left += p.W.Rows;
         _guidedCount = 0;
