@@ -11,10 +11,11 @@ namespace MiniLlm.Kernels;
 /// A register tile holds 8 X rows × 3 W rows (24 accumulators; 11 loads per 24 FMAs), or 4 × 3 for M ≤ 4, so for
 /// M ≤ 8 every weight byte is read once; a shuffle tree (<see cref="SumTree512"/>) finishes all its sums at once.
 /// K is cut into blocks (see <see cref="Run"/>) so the tile's X rows stay in L1 or L2 while the weights stream
-/// past; the partial sums of a block are added into Y. Each worker takes a run of W rows. For 5 ≤ M the tiles take
-/// adjacent rows and, while one computes, prefetch the next tile's bytes at the same offsets — the hardware
-/// prefetcher alone keeps too few lines in flight at this compute rate (2× the GEMV time at M = 8 without). For
-/// M ≤ 4 the tiles take one row from each third of the run: three long streams (<see cref="Tiles{S,TV,TL}.RowsStreams"/>).
+/// past; the partial sums of a block are added into Y. Each worker takes a run of W rows. For M ≤ 8 the tiles take
+/// one row from each third of the run: three long streams, each prefetching a little ahead of itself
+/// (<see cref="Tiles{S,TV,TL}.RowsStreams"/>). For M > 8 they take adjacent rows and, while one computes, prefetch
+/// the next tile's bytes at the same offsets — the hardware prefetcher alone keeps too few lines in flight at this
+/// compute rate (2× the GEMV time at M = 8 without).
 /// Groups of 8 X rows beyond the first re-read their W slice from L2.
 /// </para>
 /// Every weight of a group (q/k/v, gate/up) shares X and runs in one dispatch.
@@ -26,9 +27,8 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
     private const int TileCols = 3;                 // W rows per register tile
     private const int GroupRows = 8;                // X rows per register tile
     private const long ReuseBytes = 256 << 10;      // for M > 8: a chunk's W slice of one K block stays in L2
-    private const int KBlock8 = 512;                // K block for 5 ≤ M ≤ 8 when K > KBlock (see Run)
-    private const int StreamMaxRows = 4;            // up to this many X rows: three long weight streams (see RowsStreams)
-    private const int StreamKBlock = 4096;          // … with K unblocked up to here (4 × 4096 fp32 of X = 64 KiB, in L2)
+    private const int StreamMaxRows = GroupRows;    // up to this many X rows: three long weight streams (see RowsStreams)
+    private const int StreamKBlock = 4096;          // … with K unblocked up to here (8 × 4096 fp32 of X = 128 KiB, in L2)
     private const int StreamPrefetch = 2048;        // … each stream asking for its lines this many bytes ahead
 
     private readonly WorkerPool _pool;
@@ -55,11 +55,9 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
         }
         if (isa == SimdPolicy.Isa.V512) Tiles<Simd512, Vector512<float>, F32Load>.Pack(x, m, k, _xPack);
         else Tiles<Simd256, Vector256<float>, F32Load>.Pack(x, m, k, _xPack);
-        // K blocks: for M ≤ 4 none up to StreamKBlock (long streams). 5…8 rows: none up to KBlock, else blocks of
-        // 512 (stories110m shapes from DRAM, M = 8, interleaved: K = 2048 took 1.35–1.5× the GEMV with 512 against
-        // 1.6–1.9× with 1024; K = 768 cut in two 384s was 5–10 % slower than whole). Beyond 8 rows, 1024 (512 was
-        // 10–20 % slower at K = 768).
-        int kb = m <= StreamMaxRows ? StreamKBlock : m <= GroupRows && k > KBlock ? KBlock8 : KBlock;
+        // K blocks: for M ≤ 8 none up to StreamKBlock (long streams); beyond 8 rows, 1024 (512 was 10–20 % slower
+        // at K = 768).
+        int kb = m <= StreamMaxRows ? StreamKBlock : KBlock;
         int blocks = (k + kb - 1) / kb;
         _kBlock = ((k + blocks - 1) / blocks + 63) & ~63;
         long rows = 0, macs = 0, maxRowBytes = 0;
@@ -143,12 +141,13 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
         }
 
         /// <summary>
-        /// Y[·, n0..n1) for M ≤ 4: the run's rows are cut in three thirds and each tile takes row t of every third, so
+        /// Y[·, n0..n1) for M ≤ 8: the run's rows are cut in three thirds and each tile takes row t of every third, so
         /// a thread reads three long sequential weight streams (as the GEMV reads two or four) instead of three rows
         /// of a few KiB side by side; each stream prefetches <see cref="StreamPrefetch"/> bytes ahead of itself.
         /// From DRAM at stories110m shapes, interleaved: M = 2 and 4 took 0.97–1.0× the GEMV's time at K = 768 and
-        /// 1.2–1.25× at K = 2048, against 1.35–1.5× for adjacent-row tiles. At M = 8 the tile's 24 FMAs a step leave
-        /// too few loads in flight for the streams (1.4–2.4×, worse than adjacent tiles with their next-tile prefetch).
+        /// 1.2–1.25× at K = 2048, against 1.35–1.5× for adjacent-row tiles. At M = 8: 768 × 2304 10–15 % faster than
+        /// adjacent tiles with their next-tile prefetch, K = 2048 and 768 × 4096 the same; the whole batch-8 decode
+        /// step 10–17 % shorter in fp32 and 4–8 % in bf16 (bench, alternating builds, 3 and 2 rounds).
         /// </summary>
         public static void RowsStreams(float* x, float* xPack, int M, int K, int kBlock, WeightMatrix w, float* y, int n0, int n1)
         {

@@ -45,7 +45,8 @@ public unsafe class KernelTests
         foreach (int m in new[] { 4, 5, 8, 9, 12, 16, 31, 40, 63 })
             foreach (var (k, n) in new[] { (33, 2), (64, 13), (1030, 10), (2100, 4) })
                 data.Add(m, k, n);
-        data.Add(3, 4200, 11);    // M ≤ 4 streams K unblocked only up to 4096: two blocks, a tail, rows left over
+        data.Add(3, 4200, 11);    // M ≤ 8 streams K unblocked only up to 4096: two blocks, a tail, rows left over
+        data.Add(7, 4200, 13);    // … the same through the 8-row tile
         data.Add(2, 700, 301);    // three streams over a pool-sized run, 301 = 3 · 100 + 1
         return data;
     }
