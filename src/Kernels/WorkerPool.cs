@@ -24,6 +24,7 @@ public sealed class WorkerPool : IDisposable
     private int _next;
     private int _running;
     private long _generation;
+    private int _sleeping;          // workers blocked in Monitor.Wait (dispatches pulse only when some are)
     private volatile bool _stopping;
     private Exception? _error;
 
@@ -59,11 +60,12 @@ public sealed class WorkerPool : IDisposable
         _next = 0;
         _error = null;
         Volatile.Write(ref _running, _workers.Length);
-        lock (_gate)
-        {
-            _generation++;
-            Monitor.PulseAll(_gate);
-        }
+        // Spinning workers see the new generation at once; the lock and the pulse are paid only when one of them
+        // has gone to sleep (an empty 2-thread dispatch: 0.69 µs with them every time, 0.52 µs without; tighter
+        // spinning, SpinWait(1) on either side, made it 1.2 µs: the spinners contend for the flags' cache lines).
+        Interlocked.Increment(ref _generation);
+        if (Volatile.Read(ref _sleeping) != 0)
+            lock (_gate) Monitor.PulseAll(_gate);
         RunChunks(job, 0);
         var spin = new SpinWait();
         while (Volatile.Read(ref _running) != 0) spin.SpinOnce(-1);
@@ -97,7 +99,14 @@ public sealed class WorkerPool : IDisposable
                 else
                 {
                     lock (_gate)
+                    {
+                        Interlocked.Increment(ref _sleeping);
+                        // _sleeping is raised before the generation is read again, and Run raises the generation
+                        // before it reads _sleeping (both interlocked): either this worker sees the new generation
+                        // or Run sees a sleeper and pulses — after this thread's Wait has released the lock.
                         while (Volatile.Read(ref _generation) == seen && !_stopping) Monitor.Wait(_gate);
+                        Interlocked.Decrement(ref _sleeping);
+                    }
                 }
             }
             if (_stopping) return;
