@@ -262,24 +262,10 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         private static Vector512<float> As(TV v) => Unsafe.BitCast<TV, Vector512<float>>(v);
 
-        /// <summary>
-        /// One X row's three sums, accumulators i..i+2 of a <see cref="SumTree512"/> store (+ the scalar tail k..k1
-        /// from the row itself), into y[0..2].
-        /// </summary>
+        /// <summary>One X row's three sums, accumulators i..i+2 of a <see cref="SumTree512"/> store, on into <see cref="Finish3"/>.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        private static void Put3(float* y, int c1, int c2, float* x, int k, int k1, nint w0, nint w1, nint w2, float* sums, int i, bool add)
-        {
-            float s0 = sums[SumTree512.Slot(i)], s1 = sums[SumTree512.Slot(i + 1)], s2 = sums[SumTree512.Slot(i + 2)];
-            for (; k < k1; k++)
-            {
-                float xv = x[k];
-                s0 = MathF.FusedMultiplyAdd(xv, TL.Load1(w0, k), s0);
-                s1 = MathF.FusedMultiplyAdd(xv, TL.Load1(w1, k), s1);
-                s2 = MathF.FusedMultiplyAdd(xv, TL.Load1(w2, k), s2);
-            }
-            if (add) { y[0] += s0; y[c1] += s1; y[c2] += s2; }
-            else { y[0] = s0; y[c1] = s1; y[c2] = s2; }
-        }
+        private static void Put3(float* y, int c1, int c2, float* x, int k, int k1, nint w0, nint w1, nint w2, float* sums, int i, bool add) =>
+            Finish3(y, c1, c2, x, k, k1, w0, w1, w2, sums[SumTree512.Slot(i)], sums[SumTree512.Slot(i + 1)], sums[SumTree512.Slot(i + 2)], add);
 
         /// <summary>
         /// X [M × K] → per group of 8 rows (4 for a last group of at most 4), [K/W][group rows][W]: the tile's loads
@@ -301,11 +287,18 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
             }
         }
 
-        /// <summary>One X row's three sums (+ the scalar tail k..k1 from the row itself) into y[0..2].</summary>
+        /// <summary>One X row's three accumulators, summed one by one (the Vector256 path), on into <see cref="Finish3"/>.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        private static void Put3(float* y, int o1, int o2, float* x, int k, int k1, nint w0, nint w1, nint w2, TV c0, TV c1, TV c2, bool add)
+        private static void Put3(float* y, int c1, int c2, float* x, int k, int k1, nint w0, nint w1, nint w2, TV a0, TV a1, TV a2, bool add) =>
+            Finish3(y, c1, c2, x, k, k1, w0, w1, w2, S.Sum(a0), S.Sum(a1), S.Sum(a2), add);
+
+        /// <summary>
+        /// One X row's three sums (+ the scalar tail k..k1 from the row itself) into y[0], y[c1], y[c2] (the tile's
+        /// three W rows' columns), added to what is there when <paramref name="add"/> (K blocks after the first).
+        /// </summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static void Finish3(float* y, int c1, int c2, float* x, int k, int k1, nint w0, nint w1, nint w2, float s0, float s1, float s2, bool add)
         {
-            float s0 = S.Sum(c0), s1 = S.Sum(c1), s2 = S.Sum(c2);
             for (; k < k1; k++)
             {
                 float xv = x[k];
@@ -313,8 +306,8 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
                 s1 = MathF.FusedMultiplyAdd(xv, TL.Load1(w1, k), s1);
                 s2 = MathF.FusedMultiplyAdd(xv, TL.Load1(w2, k), s2);
             }
-            if (add) { y[0] += s0; y[o1] += s1; y[o2] += s2; }
-            else { y[0] = s0; y[o1] = s1; y[o2] = s2; }
+            if (add) { y[0] += s0; y[c1] += s1; y[c2] += s2; }
+            else { y[0] = s0; y[c1] = s1; y[c2] = s2; }
         }
 
         private static float Dot(float* x, nint w, int K)
