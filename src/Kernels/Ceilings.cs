@@ -39,7 +39,7 @@ public sealed record Roofline
     /// because guests often report a host-wide or bogus figure (508 MiB on this project's VMs, whose L3 is 32 MiB).
     /// The one rule bench and profile use to say "read from cache, not DRAM".
     /// </summary>
-    [JsonIgnore] public long LastLevelCacheBytes => Math.Min(32L << 20, Caches.Where(c => c.Name == "L3").Select(c => c.Bytes).DefaultIfEmpty(32L << 20).Max());
+    [JsonIgnore] public long LastLevelCacheBytes => Ceilings.LastLevelCacheBytesOf(Caches);
 
     private static readonly JsonSerializerOptions Json = new() { WriteIndented = true, PropertyNamingPolicy = JsonNamingPolicy.SnakeCaseLower };
 
@@ -100,9 +100,13 @@ public static unsafe class Ceilings
         return s;
     }
 
-    /// <summary>This machine's largest data cache (at most 32 MiB, 32 MiB when none is reported), detected once.</summary>
-    public static long LastLevelCacheBytes => _llc ??= Math.Min(32L << 20, DetectCaches().Select(c => c.Bytes).DefaultIfEmpty(32L << 20).Max());
+    /// <summary>This machine's last-level cache (see <see cref="LastLevelCacheBytesOf"/>), detected once.</summary>
+    public static long LastLevelCacheBytes => _llc ??= LastLevelCacheBytesOf(DetectCaches());
     private static long? _llc;
+
+    /// <summary>The L3 of a cache list, capped at 32 MiB (see <see cref="Roofline.LastLevelCacheBytes"/>), 32 MiB when none is reported.</summary>
+    public static long LastLevelCacheBytesOf(IEnumerable<CacheLevel> caches) =>
+        Math.Min(32L << 20, caches.Where(c => c.Name == "L3").Select(c => c.Bytes).DefaultIfEmpty(32L << 20).Max());
 
     /// <summary>Median of <paramref name="v"/> (mean of the middle two for an even count); sorts it in place.</summary>
     public static double Median(List<double> v)

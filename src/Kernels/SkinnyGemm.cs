@@ -160,19 +160,13 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
                 int k1 = Math.Min(K, k0 + kBlock);
                 nint atK0 = (nint)(rowBytes * k0 / K);
                 bool add = k0 > 0;
-                for (int m = 0; m < M; m += GroupRows)
+                float* xg = xPack + (long)(k0 / W) * (M > 4 ? 8 : 4) * W;   // M ≤ 8: one group of X rows
+                for (int t = 0; t < third; t++)
                 {
-                    int rows = Math.Min(GroupRows, M - m), stride = rows > 4 ? 8 : 4;
-                    float* xg = xPack + (long)m * (K / W * W) + (long)(k0 / W) * stride * W;
-                    nint pf = atK0 + (m == 0 ? StreamPrefetch : 0);
-                    for (int t = 0; t < third; t++)
-                    {
-                        int n = n0 + t;
-                        nint w0 = w.Row(n), w1 = w.Row(n + third), w2 = w.Row(n + 2 * third);
-                        float* yt = y + (long)m * N + n;
-                        if (stride == 8) Tile8x3(xg, w0, w1, w2, k0, k1, K, yt, third, 2 * third, N, rows, x + (long)m * K, add, pf, step);
-                        else Tile4x3(xg, w0, w1, w2, k0, k1, K, yt, third, 2 * third, N, rows, x + (long)m * K, add, pf, step);
-                    }
+                    int n = n0 + t;
+                    nint w0 = w.Row(n), w1 = w.Row(n + third), w2 = w.Row(n + 2 * third);
+                    if (M > 4) Tile8x3(xg, w0, w1, w2, k0, k1, K, y + n, third, 2 * third, N, M, x, add, atK0 + StreamPrefetch, step);
+                    else Tile4x3(xg, w0, w1, w2, k0, k1, K, y + n, third, 2 * third, N, M, x, add, atK0 + StreamPrefetch, step);
                 }
             }
             for (int n = n0 + 3 * third; n < n1; n++)
@@ -181,9 +175,9 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
         }
 
         /// <summary>
-        /// 8 packed X rows (<see cref="Pack"/>: the 8 vectors of one k-step are adjacent) × W rows w0, w0+rowBytes,
-        /// w0+2·rowBytes over k0..k1; the first <paramref name="rows"/> rows' sums go to (add ? Y + : Y =). Each
-        /// k-step prefetches each W row's bytes at offset <paramref name="pf"/>, which moves <paramref name="step"/> a step.
+        /// 8 packed X rows (<see cref="Pack"/>: the 8 vectors of one k-step are adjacent) × W rows w0, w1, w2 over
+        /// k0..k1; the first <paramref name="rows"/> rows' sums go to (add ? Y + : Y =) y[0], y[c1], y[c2] of each Y
+        /// row. Each k-step prefetches each W row's bytes at offset <paramref name="pf"/>, which moves <paramref name="step"/> a step.
         /// </summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         private static void Tile8x3(float* xp, nint w0, nint w1, nint w2, int k0, int k1, int K, float* y, int c1, int c2, int ldy, int rows, float* x, bool add, nint pf, nint step)
