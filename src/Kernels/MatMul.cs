@@ -76,21 +76,16 @@ public sealed unsafe class MatMul : ParallelJob
     /// decode 11–12 % faster in fp32 and bf16), and the bf16 GEMV does not prefetch. From DRAM those 16 rows are 16
     /// short streams: stories110m-bf16 decode took 1.5× as long with them, fp32 no less time, so they stay off.
     /// </summary>
-    public bool CacheResidentWeights
-    {
-        get => _cacheResident;
-        set { _cacheResident = value; Bf16GemvPrefetchBytes = value ? 0 : 2048; }
-    }
-    private bool _cacheResident;
+    public bool CacheResidentWeights { get; set; }
 
     /// <summary>
-    /// How far ahead in each of its four rows the bf16 GEMV asks for lines (0 = off). Chunks of a decode step's
+    /// How far ahead in each of its four rows the bf16 GEMV asks for lines, when the weights come from DRAM. Chunks of a decode step's
     /// small matrices are short streams the hardware prefetcher barely ramps up on, and the bf16 loop's shift, mask
     /// and two FMAs a line leave fewer loads in the out-of-order window than fp32's one FMA: stories110m-bf16 decode
     /// took 6–12 % less time a step with 1.5–2 KiB (harness, interleaved); fp32 gained nothing from it (not used).
     /// Weights served from the cache want it off (tiny-kjv-bf16 decode: 11 % slower with it): see <see cref="CacheResidentWeights"/>.
     /// </summary>
-    public int Bf16GemvPrefetchBytes { get; set; } = 2048;
+    private const int Bf16GemvPrefetchBytes = 2048;
 
     /// <summary>Fewest rows in a GEMV chunk (a multiple of 4): <see cref="GemvMinChunkBytes"/> of weights.</summary>
     private static int GemvMinRows(long rowBytes) =>
@@ -380,8 +375,6 @@ public sealed unsafe class MatMul : ParallelJob
     /// <summary>Longest GEMV row (in weights) that the 16-row tiles take when <see cref="CacheResidentWeights"/>.</summary>
     public const int ShortRowMax = 1024;
 
-    private static readonly Vector512<int> SumTreeOrder = Vector512.Create(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-
     /// <summary>
     /// 16 adjacent fp32 rows · x, one accumulator each, summed by one shuffle tree and stored as one vector into
     /// y[0..16). For rows of ≤ 1024 weights: the two-row kernel spends a horizontal sum (~10 instructions) per
@@ -414,8 +407,7 @@ public sealed unsafe class MatMul : ParallelJob
             c14 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c14); r += K;
             c15 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c15);
         }
-        var sums = SumTree512.Sums16(c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15);
-        Avx512F.PermuteVar16x32(sums, SumTreeOrder).Store(y);
+        SumTree512.Sums16(c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15).Store(y);
     }
 
     /// <summary>
@@ -451,8 +443,7 @@ public sealed unsafe class MatMul : ParallelJob
             c14 = Bf16Step(r, xe, xo, hi, c14); r += rowBytes;
             c15 = Bf16Step(r, xe, xo, hi, c15);
         }
-        var sums = SumTree512.Sums16(c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15);
-        Avx512F.PermuteVar16x32(sums, SumTreeOrder).Store(y);
+        SumTree512.Sums16(c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15).Store(y);
     }
 
     /// <summary>One 64-byte line (32 bf16) of a row against the paired x: even products, then odd, into c.</summary>
@@ -478,7 +469,7 @@ public sealed unsafe class MatMul : ParallelJob
         }
         var hi = Vector512.Create(0xFFFF0000u);
         Vector512<float> ea = default, oa = default, eb = default, ob = default, ec = default, oc = default, ed = default, od = default;
-        int pf = Bf16GemvPrefetchBytes;   // prefetch never faults: lines past the matrix's end are harmless
+        int pf = CacheResidentWeights ? 0 : Bf16GemvPrefetchBytes;   // prefetch never faults: lines past the matrix's end are harmless
         for (int k = 0; k < K; k += 32)
         {
             if (pf != 0)

@@ -259,7 +259,7 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
         /// <summary>One X row's three sums, accumulators i..i+2 of a <see cref="SumTree512"/> store, on into <see cref="Finish3"/>.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         private static void Put3(float* y, int c1, int c2, float* x, int k, int k1, nint w0, nint w1, nint w2, float* sums, int i, bool add) =>
-            Finish3(y, c1, c2, x, k, k1, w0, w1, w2, sums[SumTree512.Slot(i)], sums[SumTree512.Slot(i + 1)], sums[SumTree512.Slot(i + 2)], add);
+            Finish3(y, c1, c2, x, k, k1, w0, w1, w2, sums[i], sums[i + 1], sums[i + 2], add);
 
         /// <summary>
         /// X [M × K] → per group of 8 rows (4 for a last group of at most 4), [K/W][group rows][W]: the tile's loads
@@ -344,21 +344,15 @@ internal static class SumTree512
     private static Vector512<float> Fold32(Vector512<float> s, Vector512<float> t) =>
         Avx512F.Shuffle(s, t, 0b10_00_10_00) + Avx512F.Shuffle(s, t, 0b11_01_11_01);
 
-    /// <summary>
-    /// The sums of v0…v15 as one vector: the sum of v_i sits in element (i mod 4)·4 + i / 4 (see <see cref="Slot"/>).
-    /// </summary>
+    /// <summary>The sums of v0…v15 as one vector, the sum of v_i in element i.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static Vector512<float> Sums16(Vector512<float> v0, Vector512<float> v1, Vector512<float> v2, Vector512<float> v3,
         Vector512<float> v4, Vector512<float> v5, Vector512<float> v6, Vector512<float> v7, Vector512<float> v8, Vector512<float> v9,
         Vector512<float> v10, Vector512<float> v11, Vector512<float> v12, Vector512<float> v13, Vector512<float> v14, Vector512<float> v15) =>
-        Fold32(
-            Fold64(Fold128(Fold256(v0, v1), Fold256(v2, v3)), Fold128(Fold256(v4, v5), Fold256(v6, v7))),
-            Fold64(Fold128(Fold256(v8, v9), Fold256(v10, v11)), Fold128(Fold256(v12, v13), Fold256(v14, v15))));
-
-    /// <summary>
-    /// Where accumulator i's sum lies when accumulators 16j…16j+15 went through one <see cref="Sums16"/> each and
-    /// the results were stored one after another.
-    /// </summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    public static int Slot(int i) => (i & ~15) + (i & 3) * 4 + ((i & 15) >> 2);
+        // The folds leave v_i's sum in element (i mod 4)·4 + i / 4; one permute puts it back in element i.
+        Avx512F.PermuteVar16x32(
+            Fold32(
+                Fold64(Fold128(Fold256(v0, v1), Fold256(v2, v3)), Fold128(Fold256(v4, v5), Fold256(v6, v7))),
+                Fold64(Fold128(Fold256(v8, v9), Fold256(v10, v11)), Fold128(Fold256(v12, v13), Fold256(v14, v15)))),
+            Vector512.Create(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
 }
