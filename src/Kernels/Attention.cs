@@ -9,9 +9,16 @@ public enum KvType { F32, BF16 }
 
 /// <summary>
 /// Where one layer's keys and values live. Positions come in tiles of <see cref="Tile"/> (16, one Vector512 of
-/// fp32): a tile's keys are stored transposed, [g][hd][16], so the scores of 16 keys are hd broadcast-FMAs with no
-/// horizontal sums; its values are plain rows, [16][g·hd]. Tiles are contiguous (no block table) or found through
+/// fp32): a full tile's keys are stored transposed, [g][hd][16], so the scores of 16 keys are hd broadcast-FMAs with
+/// no horizontal sums; its values are plain rows, [16][g·hd]. Tiles are contiguous (no block table) or found through
 /// a block table (paged cache: one block = one tile). Elements are fp32 or bf16 (<see cref="Type"/>).
+/// <para>
+/// The tile still being filled keeps its keys as plain rows too, [r][g·hd], and is transposed once when its last
+/// position arrives: a decode step writing one position straight into a transposed tile touched g·hd cache lines
+/// (768 at stories110m shapes, each a read-for-ownership from DRAM once the weights have streamed past), which took
+/// ~4 µs per layer and token at batch 16. Readers tell the two layouts apart by the cache's length
+/// (<see cref="KeysAreRows"/>): positions are only ever appended.
+/// </para>
 /// </summary>
 public readonly unsafe struct KvView
 {
@@ -54,20 +61,58 @@ public readonly unsafe struct KvView
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private float Load(nint p, long i) => Type == KvType.F32 ? ((float*)p)[i] : Bf16.ToFloat(((ushort*)p)[i]);
 
-    /// <summary>Stores the key and value rows ([g·hd] each) of position <paramref name="pos"/>.</summary>
+    /// <summary>Whether tile <paramref name="tile"/> of a cache holding <paramref name="length"/> positions keeps its keys as rows (it is not full).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static bool KeysAreRows(int tile, int length) => (tile + 1) * Tile > length;
+
+    /// <summary>
+    /// Stores the key and value rows ([g·hd] each) of position <paramref name="pos"/>, the next one after those
+    /// stored: the key as a row of its unfinished tile, which is transposed when this position completes it.
+    /// </summary>
     public void Write(int pos, float* key, float* value)
     {
         nint kt = KeyTile(pos / Tile);
         int r = pos % Tile;
-        for (int e = 0; e < KvDim; e++) Store(kt, (long)e * Tile + r, key[e]);
-        nint vr = ValueRow(pos);
-        if (Type == KvType.F32) new ReadOnlySpan<float>(value, KvDim).CopyTo(new Span<float>((void*)vr, KvDim));
-        else for (int e = 0; e < KvDim; e++) Store(vr, e, value[e]);
+        StoreRow(kt + (nint)((long)r * KvDim * ElementBytes), key);
+        if (r == Tile - 1) TransposeKeys(kt);
+        StoreRow(ValueRow(pos), value);
+    }
+
+    private void StoreRow(nint dst, float* src)
+    {
+        if (Type == KvType.F32) new ReadOnlySpan<float>(src, KvDim).CopyTo(new Span<float>((void*)dst, KvDim));
+        else for (int e = 0; e < KvDim; e++) ((ushort*)dst)[e] = Bf16.FromFloat(src[e]);
+    }
+
+    /// <summary>A full tile's keys, [16][g·hd] rows → [g·hd][16], through a copy on the stack (16 · g·hd elements).</summary>
+    private void TransposeKeys(nint kt)
+    {
+        long bytes = TileBytes;
+        byte[]? rented = bytes > 128 << 10 ? System.Buffers.ArrayPool<byte>.Shared.Rent((int)bytes) : null;
+        Span<byte> copy = rented ?? stackalloc byte[(int)bytes];
+        new ReadOnlySpan<byte>((void*)kt, (int)bytes).CopyTo(copy);
+        fixed (byte* c = copy)
+        {
+            int kvd = KvDim, e = 0;
+            if (Type == KvType.F32 && System.Runtime.Intrinsics.X86.Avx512F.IsSupported)
+            {
+                float* src = (float*)c, dst = (float*)kt;
+                for (; e + 16 <= kvd; e += 16) Transpose.Block16(src + e, src + 8L * kvd + e, kvd, dst + (long)e * Tile, Tile);
+            }
+            for (; e < kvd; e++)
+                for (int r = 0; r < Tile; r++)
+                {
+                    if (Type == KvType.F32) ((float*)kt)[(long)e * Tile + r] = ((float*)c)[(long)r * kvd + e];
+                    else ((ushort*)kt)[(long)e * Tile + r] = ((ushort*)c)[(long)r * kvd + e];
+                }
+        }
+        if (rented != null) System.Buffers.ArrayPool<byte>.Shared.Return(rented);
     }
 
     /// <summary>
-    /// Stores <paramref name="count"/> consecutive positions from <paramref name="pos0"/>; k and v are [count × g·hd].
-    /// Whole tiles go through a block transpose that writes each line of keys once.
+    /// Stores <paramref name="count"/> consecutive positions from <paramref name="pos0"/> (the next ones after those
+    /// stored); k and v are [count × g·hd]. Whole tiles go straight into the transposed layout, each line of keys
+    /// written once; the rest position by position (<see cref="Write"/>).
     /// </summary>
     public void WriteRows(int pos0, int count, float* key, float* value)
     {
@@ -97,8 +142,10 @@ public readonly unsafe struct KvView
         }
     }
 
-    /// <summary>Element <paramref name="e"/> of the key at <paramref name="pos"/> (for checks, not hot paths).</summary>
-    public float KeyAt(int pos, int e) => Load(KeyTile(pos / Tile), (long)e * Tile + pos % Tile);
+    /// <summary>Element <paramref name="e"/> of the key at <paramref name="pos"/> of a cache holding <paramref name="length"/> positions (for checks, not hot paths).</summary>
+    public float KeyAt(int pos, int e, int length) => KeysAreRows(pos / Tile, length)
+        ? Load(KeyTile(pos / Tile), (long)(pos % Tile) * KvDim + e)
+        : Load(KeyTile(pos / Tile), (long)e * Tile + pos % Tile);
 
     /// <summary>Element <paramref name="e"/> of the value at <paramref name="pos"/>.</summary>
     public float ValueAt(int pos, int e) => Load(ValueRow(pos), e);
@@ -249,13 +296,22 @@ public sealed unsafe class Attention : ParallelJob
         int tiles = (lastKeys + KvView.Tile - 1) / KvView.Tile;
         nint kHead = (nint)((long)kvh * hd * KvView.Tile * eb);
         bool four = rows == RowsPerChunk && SimdPolicy.Current == SimdPolicy.Isa.V512 && !BatchInvariant;
+        byte* partial = stackalloc byte[hd * KvView.Tile * eb];
         fixed (float* scratch = _scores[worker])
         {
             // scores[i][j] = q_i·k_j / √hd: with four rows, each key tile row is loaded once for all four queries.
             float* q0 = Q(seg.Row + t0, h);
+            int length = seg.Start + seg.Count;
             for (int tile = 0; tile < tiles; tile++)
             {
                 nint kt = kv.KeyTile(tile) + kHead;
+                if (KvView.KeysAreRows(tile, length))
+                {
+                    // The unfinished tile, this head's part transposed into scratch so its scores come out of the
+                    // same kernel, bit for bit, as they will once the tile is full (batch-invariant mode relies on it).
+                    TransposePartial(kv.KeyTile(tile) + (nint)((long)kvh * hd * eb), (long)kv.KvDim * eb, length - tile * KvView.Tile, hd, eb, partial);
+                    kt = (nint)partial;
+                }
                 if (four) TileScores4<TL>(q0, _heads * hd, kt, hd, _scale, scratch + tile * KvView.Tile, _stride);
                 else
                     for (int i = 0; i < rows; i++) TileScores<TL>(Q(seg.Row + t0 + i, h), kt, hd, _scale, scratch + i * _stride + tile * KvView.Tile);
@@ -306,6 +362,12 @@ public sealed unsafe class Attention : ParallelJob
         for (int tile = 0; tile < tiles; tile++)
         {
             nint kt = kv.KeyTile(tile);
+            if (KvView.KeysAreRows(tile, keys))
+            {
+                for (int h = h0; h < h1; h++)
+                    RowScores<TL>(Q(seg.Row, h), kt + (nint)(h / group * headBytes), (long)kv.KvDim * kv.ElementBytes, keys - tile * KvView.Tile, hd, _scale, scratch + (h - h0) * _stride + tile * KvView.Tile);
+                continue;
+            }
             for (int h = h0; h < h1; h++)
                 TileScores<TL>(Q(seg.Row, h), kt + (nint)(h / group * headBytes * KvView.Tile), hd, _scale, scratch + (h - h0) * _stride + tile * KvView.Tile);
         }
@@ -388,6 +450,41 @@ public sealed unsafe class Attention : ParallelJob
             b0.Store(o + oStride + c); b1.Store(o + oStride + c + 16);
             c0.Store(o + 2 * oStride + c); c1.Store(o + 2 * oStride + c + 16);
             d0.Store(o + 3 * oStride + c); d1.Store(o + 3 * oStride + c + 16);
+        }
+    }
+
+    /// <summary>The first <paramref name="n"/> key rows (<paramref name="rowBytes"/> apart) of one head, hd elements of <paramref name="eb"/> bytes, → [hd][16], zero past n.</summary>
+    private static void TransposePartial(nint rows, long rowBytes, int n, int hd, int eb, byte* dst)
+    {
+        n = Math.Min(n, KvView.Tile);
+        new Span<byte>(dst, hd * KvView.Tile * eb).Clear();
+        for (int r = 0; r < n; r++, rows += (nint)rowBytes)
+            for (int i = 0; i < hd; i++)
+            {
+                if (eb == 4) ((float*)dst)[i * KvView.Tile + r] = ((float*)rows)[i];
+                else ((ushort*)dst)[i * KvView.Tile + r] = ((ushort*)rows)[i];
+            }
+    }
+
+    /// <summary>
+    /// Scores of the first <paramref name="n"/> keys of an unfinished tile (at most 16), whose keys are rows
+    /// <paramref name="rowBytes"/> apart from <paramref name="k"/>: one dot product each.
+    /// </summary>
+    private static void RowScores<TL>(float* q, nint k, long rowBytes, int n, int hd, float scale, float* dst) where TL : IWeightLoad
+    {
+        n = Math.Min(n, KvView.Tile);
+        for (int r = 0; r < n; r++, k += (nint)rowBytes)
+        {
+            int i = 0;
+            float s = 0;
+            if (SimdPolicy.Current == SimdPolicy.Isa.V512)
+            {
+                var a = Vector512<float>.Zero;
+                for (; i + 16 <= hd; i += 16) a = Vector512.FusedMultiplyAdd(Vector512.Load(q + i), TL.Load512(k, i), a);
+                s = Vector512.Sum(a);
+            }
+            for (; i < hd; i++) s = MathF.FusedMultiplyAdd(q[i], TL.Load1(k, i), s);
+            dst[r] = s * scale;
         }
     }
 

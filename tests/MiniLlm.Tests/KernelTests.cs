@@ -304,7 +304,7 @@ public unsafe class KernelTests
                         for (int p = 0; p < ctx; p++)
                             for (int e = 0; e < kvd; e++)
                             {
-                                Assert.Equal(kRef[p * kvd + e], view.KeyAt(p, e));
+                                Assert.Equal(kRef[p * kvd + e], view.KeyAt(p, e, ctx));
                                 Assert.Equal(vRef[p * kvd + e], view.ValueAt(p, e));
                             }
                         att.Run(qp, S, start, H, G, hd, view, op);
