@@ -299,7 +299,9 @@ public sealed unsafe class LlamaModel : IDisposable
     /// </summary>
     public void Warmup()
     {
-        int n = Math.Min(8, Math.Min(MaxTokens, Context - 1));
+        // 15 prompt positions and one decoded: the decode step fills the first KV tile, so the one-off compilation
+        // of its key transpose (milliseconds) happens here, not inside a timed decode.
+        int n = Math.Min(KvView.Tile - 1, Math.Min(MaxTokens, Context - 1));
         using var cache = NewKvCache(n + 1);
         var tokens = new int[n];
         var logits = new float[Config.VocabSize];

@@ -85,6 +85,11 @@ public readonly unsafe struct KvView
     }
 
     /// <summary>A full tile's keys, [16][g·hd] rows → [g·hd][16], through a copy on the stack (16 · g·hd elements).</summary>
+    /// <remarks>
+    /// Compiled optimized at its first call: it runs once every 16 positions, too rarely for tiered compilation to
+    /// promote it soon. That first call costs milliseconds of JIT time, so model warm-ups complete a tile.
+    /// </remarks>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private void TransposeKeys(nint kt)
     {
         long bytes = TileBytes;
