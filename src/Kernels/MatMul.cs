@@ -51,6 +51,21 @@ public sealed unsafe class MatMul : ParallelJob
     /// </remarks>
     public static int PackedMinRows { get; set; } = 64;
 
+    /// <summary>
+    /// Whether M rows go to the packed GEMM: from <see cref="PackedMinRows"/>, and for fp32 weights also from 32 rows
+    /// when its 32-row X panels would be at least 90 % full (M = 32, 58–63). With its next-slice prefetch, packed fp32
+    /// at M = 32 ran at 70–74 % of FMA peak against the skinny tiles' 67–71 % (interleaved, 768 × 2048 from DRAM);
+    /// at M = 48 (a 64-row panel, a quarter empty) it lost 55–60 % to 68–73 %.
+    /// </summary>
+    private bool UsePacked(int m, ReadOnlySpan<Product> products, SimdPolicy.Isa isa)
+    {
+        if (isa == SimdPolicy.Isa.Scalar || BatchInvariant) return false;
+        if (m >= PackedMinRows) return true;
+        if (m < 32 || isa != SimdPolicy.Isa.V512 || m * 10 < (m + 31) / 32 * 32 * 9) return false;
+        foreach (var p in products) if (p.W.Type != WeightType.F32) return false;
+        return true;
+    }
+
     /// <summary>Batched decode (2 ≤ M &lt; <see cref="PackedMinRows"/>) through <see cref="SkinnyGemm"/>; off = the 4×4 tiles.</summary>
     public static bool UseSkinny { get; set; } = true;
 
@@ -123,7 +138,7 @@ public sealed unsafe class MatMul : ParallelJob
         foreach (var p in products)
             if (p.W.Cols != k) throw new ArgumentException($"weights of one group must share K (got {p.W.Cols} and {k})", nameof(products));
         var isa = SimdPolicy.Current;
-        if (m >= PackedMinRows && isa != SimdPolicy.Isa.Scalar && !BatchInvariant) _packed.Run(x, m, k, products, isa);
+        if (UsePacked(m, products, isa)) _packed.Run(x, m, k, products, isa);
         else if (m >= 2 && UseSkinny && isa != SimdPolicy.Isa.Scalar && !BatchInvariant) { CheckQ8(products); _skinny.Run(x, m, k, products, isa); }
         else if (m == 1 && !BatchInvariant) RunGemv(x, k, products);
         else foreach (var p in products) Run(x, m, p.W, p.Y);
@@ -166,7 +181,7 @@ public sealed unsafe class MatMul : ParallelJob
         if (m <= 0) return;
         var isa = SimdPolicy.Current;
         if (w.Type == WeightType.Q8 && w.Cols % Q8Load.Block != 0) throw new ArgumentException($"Q8 weights need K a multiple of {Q8Load.Block}, got {w.Cols}", nameof(w));
-        if (m >= PackedMinRows && isa != SimdPolicy.Isa.Scalar && !BatchInvariant)
+        if (UsePacked(m, [new Product(w, y)], isa))
         {
             _packed.Run(x, m, w.Cols, [new Product(w, y)], isa);
             return;
