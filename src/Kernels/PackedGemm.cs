@@ -27,7 +27,7 @@ internal sealed unsafe class PackedGemm : ParallelJob
     private float* _xPack;                  // [ceil(M/NR)][K][NR]
     private long _xPackFloats;
     private readonly float*[] _tiles;       // per worker: [MicroPerChunk][panels][MR][NR] running sums
-    private readonly float*[] _dequant;     // per worker: [MR][KC] fp32 copy of a Q8 weight slice
+    private readonly float*[] _dequant;     // per worker: [MR][KC] fp32 copy of a bf16/f16/Q8 weight slice
     private long _tileFloats;
     private float* _x;
     private int _m, _k, _panels, _nr, _phase;
@@ -81,7 +81,7 @@ internal sealed unsafe class PackedGemm : ParallelJob
             case WeightType.F32: Rows<F32Load>(prod, local, worker); break;
             case WeightType.BF16: Rows<Bf16Load>(prod, local, worker); break;
             case WeightType.F16: Rows<F16Load>(prod, local, worker); break;
-            case WeightType.Q8: Rows<F32Load>(prod, local, worker); break;   // slices dequantized to fp32 scratch first
+            case WeightType.Q8: Rows<Q8Load>(prod, local, worker); break;
         }
     }
 
@@ -142,37 +142,36 @@ internal sealed unsafe class PackedGemm : ParallelJob
             for (int n = r0, mp = 0; n < r1; n += MR, mp++)
             {
                 int valid = Math.Min(MR, r1 - n);
-                nint w0, w1, w2, w3, w4, w5, w6, w7;
-                if (w.Type == WeightType.Q8)
-                {
-                    // Q8 blocks have no per-element stride: widen this 8 × kc slice once (KC is a multiple of the block).
-                    float* dq = _dequant[worker];
-                    for (int i = 0; i < MR; i++)
-                    {
-                        nint row = w.Row(n + Math.Min(i, valid - 1));
-                        for (int k = 0; k < kc; k++) dq[i * KC + k] = Q8Load.Load1(row, k0 + k);
-                    }
-                    w0 = (nint)dq; w1 = (nint)(dq + KC); w2 = (nint)(dq + 2 * KC); w3 = (nint)(dq + 3 * KC);
-                    w4 = (nint)(dq + 4 * KC); w5 = (nint)(dq + 5 * KC); w6 = (nint)(dq + 6 * KC); w7 = (nint)(dq + 7 * KC);
-                }
-                else
-                {
-                    w0 = Row(w, n, 0, valid, k0); w1 = Row(w, n, 1, valid, k0); w2 = Row(w, n, 2, valid, k0); w3 = Row(w, n, 3, valid, k0);
-                    w4 = Row(w, n, 4, valid, k0); w5 = Row(w, n, 5, valid, k0); w6 = Row(w, n, 6, valid, k0); w7 = Row(w, n, 7, valid, k0);
-                }
                 // While the first panel streams this 8-row slice in, ask for the next one: the next 8 rows at k0, or
                 // after the chunk's last group the first group's next K block. Few panels (batched decode, M = 32–64)
                 // read each slice from DRAM once with little arithmetic to hide it behind: fp32 M = 32 63 → 71–73 %
                 // of FMA peak, M = 64 71–72 → 77 % (768 × 2048, interleaved); prefill (M = 512) unchanged.
-                nint ahead = 0, step16 = 0;
-                if (w.Type != WeightType.Q8)
-                {
-                    step16 = 16 * w.ElementSize;
-                    ahead = n + MR < r1 ? (nint)(MR * w.RowBytes) : k0 + kc < K ? (nint)((r0 - n) * w.RowBytes + (long)kc * w.ElementSize) : 0;
-                }
+                nint ahead = n + MR < r1 ? (nint)(MR * w.RowBytes) : k0 + kc < K ? (nint)((r0 - n) * w.RowBytes + w.RowBytes * kc / K) : 0;
                 float* tile = tiles + (long)mp * _panels * tileFloats;
+                if (typeof(TL) != typeof(F32Load))
+                {
+                    // bf16, f16 and Q8: widen the 8 × kc slice to fp32 once (vector loads), so the micro-kernel's
+                    // broadcasts are plain fp32 loads instead of a load, shift and broadcast per weight and panel.
+                    float* dq = _dequant[worker];
+                    for (int i = 0; i < MR; i++)
+                    {
+                        nint row = w.Row(n + Math.Min(i, valid - 1));
+                        nint pf = row + (nint)(w.RowBytes * k0 / K) + ahead;
+                        if (ahead != 0 && Sse.IsSupported)
+                            for (long b = 0, bytes = w.RowBytes * kc / K; b < bytes; b += 64) Sse.Prefetch0((void*)(pf + (nint)b));
+                        int k = 0, W = S.Width;
+                        for (; k + W <= kc; k += W) S.Store(S.LoadW<TL>(row, k0 + k), dq + i * KC + k);
+                        for (; k < kc; k++) dq[i * KC + k] = TL.Load1(row, k0 + k);
+                    }
+                    for (int p = 0; p < _panels; p++, tile += tileFloats)
+                        Micro<S, TV, F32Load>((nint)dq, (nint)(dq + KC), (nint)(dq + 2 * KC), (nint)(dq + 3 * KC), (nint)(dq + 4 * KC),
+                            (nint)(dq + 5 * KC), (nint)(dq + 6 * KC), (nint)(dq + 7 * KC), _xPack + ((long)p * K + k0) * nr, kc, tile, k0 > 0, 0, 0);
+                    continue;
+                }
+                nint w0 = Row(w, n, 0, valid, k0), w1 = Row(w, n, 1, valid, k0), w2 = Row(w, n, 2, valid, k0), w3 = Row(w, n, 3, valid, k0);
+                nint w4 = Row(w, n, 4, valid, k0), w5 = Row(w, n, 5, valid, k0), w6 = Row(w, n, 6, valid, k0), w7 = Row(w, n, 7, valid, k0);
                 for (int p = 0; p < _panels; p++, tile += tileFloats)
-                    Micro<S, TV, TL>(w0, w1, w2, w3, w4, w5, w6, w7, _xPack + ((long)p * K + k0) * nr, kc, tile, k0 > 0, p == 0 ? ahead : 0, step16);
+                    Micro<S, TV, TL>(w0, w1, w2, w3, w4, w5, w6, w7, _xPack + ((long)p * K + k0) * nr, kc, tile, k0 > 0, p == 0 ? ahead : 0, 64);
             }
         }
         // Y[p·nr + j, n + i] = tile[i, j]
