@@ -90,6 +90,7 @@ public readonly unsafe struct KvView
     /// promote it soon. That first call costs milliseconds of JIT time, so model warm-ups complete a tile.
     /// </remarks>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    [SkipLocalsInit]   // the copy is overwritten whole
     private void TransposeKeys(nint kt)
     {
         long bytes = TileBytes;
@@ -290,6 +291,7 @@ public sealed unsafe class Attention : ParallelJob
     }
 
     /// <summary>Rows of row group <paramref name="g"/> of segment <paramref name="si"/>, query head <paramref name="h"/>.</summary>
+    [SkipLocalsInit]   // the unfinished tile's scratch is cleared only when there is one
     private void Head<TL>(int si, int g, int h, int worker) where TL : IWeightLoad
     {
         ref readonly var seg = ref _segments[si];
