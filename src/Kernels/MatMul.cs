@@ -57,12 +57,24 @@ public sealed unsafe class MatMul : ParallelJob
     /// at M = 32 ran at 70–74 % of FMA peak against the skinny tiles' 67–71 % (interleaved, 768 × 2048 from DRAM);
     /// at M = 48 (a 64-row panel, a quarter empty) it lost 55–60 % to 68–73 %.
     /// </summary>
+    /// <remarks>
+    /// bf16 weights stay on the skinny tiles below <see cref="Bf16PackedMinRows"/>: at 64 rows they took 3–11 % less
+    /// time than the packed GEMM (four interleaved pairs, 768 × 2048 and 2048 × 768 from DRAM), whose per-slice
+    /// widening serves only two X panels there; from 96 to 512 rows the two were within the host's noise.
+    /// </remarks>
     private bool UsePacked(int m, ReadOnlySpan<Product> products, SimdPolicy.Isa isa)
     {
         if (isa == SimdPolicy.Isa.Scalar || BatchInvariant) return false;
-        if (m >= PackedMinRows) return true;
+        if (m >= PackedMinRows) return m >= Bf16PackedMinRows || !All(products, WeightType.BF16);
         if (m < 32 || isa != SimdPolicy.Isa.V512 || m * 10 < (m + 31) / 32 * 32 * 9) return false;
-        foreach (var p in products) if (p.W.Type != WeightType.F32) return false;
+        return All(products, WeightType.F32);
+    }
+
+    private const int Bf16PackedMinRows = 96;
+
+    private static bool All(ReadOnlySpan<Product> products, WeightType type)
+    {
+        foreach (var p in products) if (p.W.Type != type) return false;
         return true;
     }
 
