@@ -164,14 +164,14 @@ internal sealed unsafe class PackedGemm : ParallelJob
                         for (; k < kc; k++) dq[i * KC + k] = TL.Load1(row, k0 + k);
                     }
                     for (int p = 0; p < _panels; p++, tile += tileFloats)
-                        Micro<S, TV, F32Load>((nint)dq, (nint)(dq + KC), (nint)(dq + 2 * KC), (nint)(dq + 3 * KC), (nint)(dq + 4 * KC),
-                            (nint)(dq + 5 * KC), (nint)(dq + 6 * KC), (nint)(dq + 7 * KC), _xPack + ((long)p * K + k0) * nr, kc, tile, k0 > 0, 0, 0);
+                        Micro<S, TV>((nint)dq, (nint)(dq + KC), (nint)(dq + 2 * KC), (nint)(dq + 3 * KC), (nint)(dq + 4 * KC),
+                            (nint)(dq + 5 * KC), (nint)(dq + 6 * KC), (nint)(dq + 7 * KC), _xPack + ((long)p * K + k0) * nr, kc, tile, k0 > 0, 0);
                     continue;
                 }
                 nint w0 = Row(w, n, 0, valid, k0), w1 = Row(w, n, 1, valid, k0), w2 = Row(w, n, 2, valid, k0), w3 = Row(w, n, 3, valid, k0);
                 nint w4 = Row(w, n, 4, valid, k0), w5 = Row(w, n, 5, valid, k0), w6 = Row(w, n, 6, valid, k0), w7 = Row(w, n, 7, valid, k0);
                 for (int p = 0; p < _panels; p++, tile += tileFloats)
-                    Micro<S, TV, TL>(w0, w1, w2, w3, w4, w5, w6, w7, _xPack + ((long)p * K + k0) * nr, kc, tile, k0 > 0, p == 0 ? ahead : 0, 64);
+                    Micro<S, TV>(w0, w1, w2, w3, w4, w5, w6, w7, _xPack + ((long)p * K + k0) * nr, kc, tile, k0 > 0, p == 0 ? ahead : 0);
             }
         }
         // Y[p·nr + j, n + i] = tile[i, j]
@@ -222,10 +222,13 @@ internal sealed unsafe class PackedGemm : ParallelJob
     private static nint Row(in WeightMatrix w, int n, int i, int valid, int k0) =>
         w.Row(n + Math.Min(i, valid - 1)) + (nint)k0 * w.ElementSize;
 
-    /// <summary>tile[MR × 2W] (+)= 8 weight rows (from k0) · X panel slice [kc][2W].</summary>
+    /// <summary>
+    /// tile[MR × 2W] (+)= 8 fp32 weight rows (from k0; other types arrive widened) · X panel slice [kc][2W]; with
+    /// <paramref name="ahead"/> ≠ 0, each row's line at +ahead is requested every 16 weights.
+    /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void Micro<S, TV, TL>(nint w0, nint w1, nint w2, nint w3, nint w4, nint w5, nint w6, nint w7, float* x, int kc, float* tile, bool accumulate, nint ahead, nint step16)
-        where S : ISimd<TV> where TV : struct where TL : IWeightLoad
+    private static void Micro<S, TV>(nint w0, nint w1, nint w2, nint w3, nint w4, nint w5, nint w6, nint w7, float* x, int kc, float* tile, bool accumulate, nint ahead)
+        where S : ISimd<TV> where TV : struct
     {
         int W = S.Width, nr = 2 * W;
         TV c00 = S.Zero, c01 = S.Zero, c10 = S.Zero, c11 = S.Zero, c20 = S.Zero, c21 = S.Zero, c30 = S.Zero, c31 = S.Zero;
@@ -244,17 +247,17 @@ internal sealed unsafe class PackedGemm : ParallelJob
             {
                 Sse.Prefetch0((void*)(w0 + ahead)); Sse.Prefetch0((void*)(w1 + ahead)); Sse.Prefetch0((void*)(w2 + ahead)); Sse.Prefetch0((void*)(w3 + ahead));
                 Sse.Prefetch0((void*)(w4 + ahead)); Sse.Prefetch0((void*)(w5 + ahead)); Sse.Prefetch0((void*)(w6 + ahead)); Sse.Prefetch0((void*)(w7 + ahead));
-                ahead += step16;
+                ahead += 16 * sizeof(float);
             }
             TV b0 = S.Load(x), b1 = S.Load(x + W);
-            TV a = S.BroadcastW<TL>(w0, k); c00 = S.Fma(a, b0, c00); c01 = S.Fma(a, b1, c01);
-            a = S.BroadcastW<TL>(w1, k); c10 = S.Fma(a, b0, c10); c11 = S.Fma(a, b1, c11);
-            a = S.BroadcastW<TL>(w2, k); c20 = S.Fma(a, b0, c20); c21 = S.Fma(a, b1, c21);
-            a = S.BroadcastW<TL>(w3, k); c30 = S.Fma(a, b0, c30); c31 = S.Fma(a, b1, c31);
-            a = S.BroadcastW<TL>(w4, k); c40 = S.Fma(a, b0, c40); c41 = S.Fma(a, b1, c41);
-            a = S.BroadcastW<TL>(w5, k); c50 = S.Fma(a, b0, c50); c51 = S.Fma(a, b1, c51);
-            a = S.BroadcastW<TL>(w6, k); c60 = S.Fma(a, b0, c60); c61 = S.Fma(a, b1, c61);
-            a = S.BroadcastW<TL>(w7, k); c70 = S.Fma(a, b0, c70); c71 = S.Fma(a, b1, c71);
+            TV a = S.BroadcastW<F32Load>(w0, k); c00 = S.Fma(a, b0, c00); c01 = S.Fma(a, b1, c01);
+            a = S.BroadcastW<F32Load>(w1, k); c10 = S.Fma(a, b0, c10); c11 = S.Fma(a, b1, c11);
+            a = S.BroadcastW<F32Load>(w2, k); c20 = S.Fma(a, b0, c20); c21 = S.Fma(a, b1, c21);
+            a = S.BroadcastW<F32Load>(w3, k); c30 = S.Fma(a, b0, c30); c31 = S.Fma(a, b1, c31);
+            a = S.BroadcastW<F32Load>(w4, k); c40 = S.Fma(a, b0, c40); c41 = S.Fma(a, b1, c41);
+            a = S.BroadcastW<F32Load>(w5, k); c50 = S.Fma(a, b0, c50); c51 = S.Fma(a, b1, c51);
+            a = S.BroadcastW<F32Load>(w6, k); c60 = S.Fma(a, b0, c60); c61 = S.Fma(a, b1, c61);
+            a = S.BroadcastW<F32Load>(w7, k); c70 = S.Fma(a, b0, c70); c71 = S.Fma(a, b1, c71);
         }
         S.Store(c00, tile); S.Store(c01, tile + W); tile += nr;
         S.Store(c10, tile); S.Store(c11, tile + W); tile += nr;
