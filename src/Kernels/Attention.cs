@@ -376,20 +376,32 @@ public sealed unsafe class Attention : ParallelJob
                 continue;
             }
             for (int h = h0; h < h1; h++)
-                TileScores<TL>(Q(seg.Row, h), kt + (nint)(h / group * headBytes * KvView.Tile), hd, _scale, scratch + (h - h0) * _stride + tile * KvView.Tile);
+            {
+                nint kh = kt + (nint)(h / group * headBytes * KvView.Tile);
+                float* dst = scratch + (h - h0) * _stride + tile * KvView.Tile;
+                if (Paired(h, h1, group)) TileScoresPair<TL>(Q(seg.Row, h), Q(seg.Row, ++h), kh, hd, _scale, dst, dst + _stride);
+                else TileScores<TL>(Q(seg.Row, h), kh, hd, _scale, dst);
+            }
         }
+        // Softmax with its division moved onto the output: e_j = exp(s_j − max) once (TensorPrimitives.SoftMax
+        // computes every exponential twice, for the sum and again for the quotient), o = (Σ_j e_j·v_j) / Σ_j e_j.
+        float* norm = stackalloc float[h1 - h0];
         for (int h = h0; h < h1; h++)
         {
-            var p = new Span<float>(scratch + (h - h0) * _stride, keys);
-            TensorPrimitives.SoftMax(p, p);
+            var e = new Span<float>(scratch + (h - h0) * _stride, keys);
+            TensorPrimitives.Add(e, -TensorPrimitives.Max(e), e);
+            TensorPrimitives.Exp(e, e);
+            norm[h - h0] = 1f / TensorPrimitives.Sum(e);
         }
-        // o_h = Σ_j p_h[j]·v_j per head, its output in registers (decode runs need hd % 16 == 0; the ·V kernel
+        // o_h = Σ_j e_h[j]·v_j per head, its output in registers (decode runs need hd % 16 == 0; the ·V kernel
         // wants 32). Measured: 40–55 % faster than accumulating all heads through memory position by position,
         // both with the KV in cache (tiny-kjv) and cold in DRAM (stories110m shapes at 600 positions).
         for (int h = h0; h < h1; h++)
         {
             float* p = scratch + (h - h0) * _stride, o = O(seg.Row, h);
-            if (hd % 32 == 0) WeightedSumV512<TL>(kv, h / group * hd, hd, p, keys, o);
+            float n = norm[h - h0];
+            if (hd % 32 == 0 && Paired(h, h1, group)) { WeightedSumPair<TL>(kv, h / group * hd, hd, p, p + _stride, keys, o, O(seg.Row, h + 1), n, norm[++h - h0]); continue; }
+            if (hd % 32 == 0) WeightedSumV512<TL>(kv, h / group * hd, hd, p, keys, o, n);
             else
             {
                 nint vh = (nint)(h / group * headBytes);
@@ -400,11 +412,24 @@ public sealed unsafe class Attention : ParallelJob
                     nint v = kv.ValueRow(j) + vh;
                     for (int c = 0; c < hd; c += 16) Vector512.FusedMultiplyAdd(TL.Load512(v, c), pj, Vector512.Load(o + c)).Store(o + c);
                 }
+                TensorPrimitives.Multiply(new ReadOnlySpan<float>(o, hd), n, new Span<float>(o, hd));
             }
         }
     }
 
+    /// <summary>
+    /// Heads h and h + 1 share a KV head (GQA), so a decode run takes them together: each key row and value vector
+    /// is loaded once for both (the pair kernels sum in the single-head kernels' order, so the results are the same
+    /// bits).
+    /// </summary>
+    private static bool Paired(int h, int h1, int group) => PairHeads && group % 2 == 0 && h % 2 == 0 && h + 1 < h1;
+
+    /// <summary>Take GQA head pairs together in decode (on by default; off for A/B measurements).</summary>
+    public static bool PairHeads { get; set; } = true;
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private float* Q(int row, int h) => _q + ((long)row * _heads + h) * _headDim;
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private float* O(int row, int h) => _out + ((long)row * _heads + h) * _headDim;
 
     /// <summary>Scores of four consecutive query rows (q0, q0+qStride, …) against one key tile: four chains, one load per tile row.</summary>
@@ -541,11 +566,84 @@ public sealed unsafe class Attention : ParallelJob
         }
     }
 
+    /// <summary><see cref="TileScores{TL}"/> (V512) for two query heads of one KV head: each key tile row loaded once.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void TileScoresPair<TL>(float* qa, float* qb, nint kt, int hd, float scale, float* da, float* db) where TL : IWeightLoad
+    {
+        Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default, b0 = default, b1 = default, b2 = default, b3 = default;
+        int i = 0;
+        for (; i + 4 <= hd; i += 4)
+        {
+            var k0 = TL.Load512(kt, i * 16);
+            var k1 = TL.Load512(kt, i * 16 + 16);
+            var k2 = TL.Load512(kt, i * 16 + 32);
+            var k3 = TL.Load512(kt, i * 16 + 48);
+            a0 = Vector512.FusedMultiplyAdd(Vector512.Create(qa[i]), k0, a0);
+            b0 = Vector512.FusedMultiplyAdd(Vector512.Create(qb[i]), k0, b0);
+            a1 = Vector512.FusedMultiplyAdd(Vector512.Create(qa[i + 1]), k1, a1);
+            b1 = Vector512.FusedMultiplyAdd(Vector512.Create(qb[i + 1]), k1, b1);
+            a2 = Vector512.FusedMultiplyAdd(Vector512.Create(qa[i + 2]), k2, a2);
+            b2 = Vector512.FusedMultiplyAdd(Vector512.Create(qb[i + 2]), k2, b2);
+            a3 = Vector512.FusedMultiplyAdd(Vector512.Create(qa[i + 3]), k3, a3);
+            b3 = Vector512.FusedMultiplyAdd(Vector512.Create(qb[i + 3]), k3, b3);
+        }
+        for (; i < hd; i++)
+        {
+            var k = TL.Load512(kt, i * 16);
+            a0 = Vector512.FusedMultiplyAdd(Vector512.Create(qa[i]), k, a0);
+            b0 = Vector512.FusedMultiplyAdd(Vector512.Create(qb[i]), k, b0);
+        }
+        ((a0 + a1 + (a2 + a3)) * scale).Store(da);
+        ((b0 + b1 + (b2 + b3)) * scale).Store(db);
+    }
+
+    /// <summary><see cref="WeightedSumV512{TL}"/> for two query heads of one KV head: each value vector loaded once.</summary>
+    private static void WeightedSumPair<TL>(in KvView kv, int offset, int hd, float* pa, float* pb, int keys, float* oa, float* ob, float na, float nb) where TL : IWeightLoad
+    {
+        long stride = (long)kv.KvDim * kv.ElementBytes;
+        for (int c = 0; c < hd; c += 32)
+        {
+            Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default, b0 = default, b1 = default, b2 = default, b3 = default;
+            for (int tile = 0, j = 0; j < keys; tile++)
+            {
+                nint v = kv.ValueTile(tile) + (nint)((long)offset * kv.ElementBytes);
+                int end = Math.Min(keys, j + KvView.Tile);
+                for (; j + 1 < end; j += 2, v += (nint)(2 * stride))
+                {
+                    var v0 = TL.Load512(v, c);
+                    var v1 = TL.Load512(v, c + 16);
+                    var w0 = TL.Load512(v + (nint)stride, c);
+                    var w1 = TL.Load512(v + (nint)stride, c + 16);
+                    var p = Vector512.Create(pa[j]);
+                    a0 = Vector512.FusedMultiplyAdd(v0, p, a0); a1 = Vector512.FusedMultiplyAdd(v1, p, a1);
+                    p = Vector512.Create(pb[j]);
+                    b0 = Vector512.FusedMultiplyAdd(v0, p, b0); b1 = Vector512.FusedMultiplyAdd(v1, p, b1);
+                    p = Vector512.Create(pa[j + 1]);
+                    a2 = Vector512.FusedMultiplyAdd(w0, p, a2); a3 = Vector512.FusedMultiplyAdd(w1, p, a3);
+                    p = Vector512.Create(pb[j + 1]);
+                    b2 = Vector512.FusedMultiplyAdd(w0, p, b2); b3 = Vector512.FusedMultiplyAdd(w1, p, b3);
+                }
+                if (j < end)
+                {
+                    var v0 = TL.Load512(v, c);
+                    var v1 = TL.Load512(v, c + 16);
+                    var p = Vector512.Create(pa[j]);
+                    a0 = Vector512.FusedMultiplyAdd(v0, p, a0); a1 = Vector512.FusedMultiplyAdd(v1, p, a1);
+                    p = Vector512.Create(pb[j]);
+                    b0 = Vector512.FusedMultiplyAdd(v0, p, b0); b1 = Vector512.FusedMultiplyAdd(v1, p, b1);
+                    j++;
+                }
+            }
+            ((a0 + a2) * na).Store(oa + c); ((a1 + a3) * na).Store(oa + c + 16);
+            ((b0 + b2) * nb).Store(ob + c); ((b1 + b3) * nb).Store(ob + c + 16);
+        }
+    }
+
     /// <summary>
     /// o[0..hd) = Σ_j p[j] · v_j[offset..offset+hd), hd a multiple of 32: the output stays in registers, 32 floats
     /// at a time, with keys taken two at a time into separate accumulators (four independent FMA chains).
     /// </summary>
-    private static void WeightedSumV512<TL>(in KvView kv, int offset, int hd, float* p, int keys, float* o) where TL : IWeightLoad
+    private static void WeightedSumV512<TL>(in KvView kv, int offset, int hd, float* p, int keys, float* o, float norm = 1f) where TL : IWeightLoad
     {
         long stride = (long)kv.KvDim * kv.ElementBytes;   // bytes from one position's values to the next
         for (int c = 0; c < hd; c += 32)
@@ -572,8 +670,8 @@ public sealed unsafe class Attention : ParallelJob
                     j++;
                 }
             }
-            (a0 + b0).Store(o + c);
-            (a1 + b1).Store(o + c + 16);
+            ((a0 + b0) * norm).Store(o + c);   // × 1 is exact: the prefill rows pass probabilities already divided
+            ((a1 + b1) * norm).Store(o + c + 16);
         }
     }
 

@@ -400,6 +400,45 @@ public unsafe class KernelTests
             }
     }
 
+    /// <summary>
+    /// Decode takes the two query heads of a GQA pair together (each key and value loaded once for both): the pair
+    /// kernels sum in the single-head order, so the outputs must be the same bits with pairing off. Groups of 2 and 4,
+    /// hd 32 and 64, fp32 and bf16 KV, lengths inside and on the edge of a tile.
+    /// </summary>
+    [Theory]
+    [InlineData(8, 4, 32, 150)]
+    [InlineData(8, 2, 64, 64)]
+    [InlineData(4, 2, 32, 17)]
+    public void DecodeAttentionPairsGqaHeadsBitForBit(int H, int G, int hd, int keys)
+    {
+        if (!System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated) return;   // the pair kernels are the Vector512 decode path
+        int kvd = G * hd, ctx = (keys + KvView.Tile - 1) / KvView.Tile * KvView.Tile;
+        var q = Random(H * hd, keys);
+        var kv = Random(keys * kvd, keys + 1);
+        foreach (var type in new[] { KvType.F32, KvType.BF16 })
+        {
+            var kBuf = new byte[ctx * kvd * 4];
+            var vBuf = new byte[ctx * kvd * 4];
+            var outputs = new float[2][];
+            fixed (float* qp = q, kp = kv)
+            fixed (byte* kb = kBuf, vb = vBuf)
+            {
+                var view = new KvView(kb, vb, kvd, type);
+                view.WriteRows(0, keys, kp, kp);
+                using var pool = new WorkerPool(2);
+                var att = new Attention(pool, ctx);
+                for (int pass = 0; pass < 2; pass++)
+                {
+                    outputs[pass] = new float[H * hd];
+                    Attention.PairHeads = pass == 0;
+                    try { fixed (float* op = outputs[pass]) att.Run(qp, 1, keys - 1, H, G, hd, view, op); }
+                    finally { Attention.PairHeads = true; }
+                }
+            }
+            Assert.Equal(outputs[1], outputs[0]);
+        }
+    }
+
     [Fact]
     public void LargePagesGiveAlignedWritableMemoryOfEverySize()
     {
