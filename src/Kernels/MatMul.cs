@@ -111,8 +111,17 @@ public sealed unsafe class MatMul : ParallelJob
     /// and two FMAs a line leave fewer loads in the out-of-order window than fp32's one FMA: stories110m-bf16 decode
     /// took 6–12 % less time a step with 1.5–2 KiB (harness, interleaved); fp32 gained nothing from it (not used).
     /// Weights served from the cache want it off (tiny-kjv-bf16 decode: 11 % slower with it): see <see cref="CacheResidentWeights"/>.
+    /// Rows of 8 KiB and more (K ≥ 4096) want it nearer, <see cref="Bf16GemvPrefetchBytesLongRows"/>.
     /// </summary>
     private const int Bf16GemvPrefetchBytes = 2048;
+
+    /// <summary>
+    /// The bf16 GEMV's prefetch distance over rows of at least 8 KiB. From DRAM, kernel harness, alternating runs, two
+    /// rounds: 4096 × 4096 read 64–68 GB/s at 1 KiB against 59–62 at 2 KiB (0.5, 0.75, 1.5, 3 and 4 KiB all lower),
+    /// 8192 × 2048 62–65 against 57–61; but 768 × 32768 took 72–73 at 2 KiB against 65–66 at 1 KiB, 2048 × 8192 65–70
+    /// against 60–65, and stories110m-bf16 decode (K = 768 and 2048) was 3–11 % faster a step at 2 KiB in 6 of 7 pairs.
+    /// </summary>
+    private const int Bf16GemvPrefetchBytesLongRows = 1024;
 
     /// <summary>Fewest rows in a GEMV chunk (a multiple of 4): <see cref="GemvMinChunkBytes"/> of weights.</summary>
     private static int GemvMinRows(long rowBytes) =>
@@ -496,7 +505,8 @@ public sealed unsafe class MatMul : ParallelJob
         }
         var hi = Vector512.Create(0xFFFF0000u);
         Vector512<float> ea = default, oa = default, eb = default, ob = default, ec = default, oc = default, ed = default, od = default;
-        int pf = CacheResidentWeights ? 0 : Bf16GemvPrefetchBytes;   // prefetch never faults: lines past the matrix's end are harmless
+        // prefetch never faults: lines past the matrix's end are harmless
+        int pf = CacheResidentWeights ? 0 : 2 * K >= 8192 ? Bf16GemvPrefetchBytesLongRows : Bf16GemvPrefetchBytes;
         for (int k = 0; k < K; k += 32)
         {
             if (pf != 0)
