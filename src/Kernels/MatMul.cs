@@ -382,6 +382,29 @@ public sealed unsafe class MatMul : ParallelJob
         *ya = sa; *yb = sb;
     }
 
+    /// <summary>
+    /// Rows at least this long (16 KiB of fp32) take the GEMV's four-stream kernel. From DRAM, kernel harness,
+    /// alternating runs: 4096 × 4096 read 77–80 GB/s with four streams against 65–67 with two (three rounds),
+    /// 5632 × 2816 71–73 against 66–67; 8192 × 2048 the same within noise; but 768 × 16384 67–69 against 71–75 and
+    /// 2048 × 8192 60–66 against 70–73, so shorter rows keep two.
+    /// </summary>
+    private const int F32FourStreamMinCols = 4096;
+
+    /// <summary>Four fp32 rows · x (K a multiple of 16), one 64-byte line of each per step: four weight streams.</summary>
+    private static void DotF32x4(float* x, float* a, float* b, float* c, float* d, int K, float* ya, float* yb, float* yc, float* yd)
+    {
+        Vector512<float> ca = default, cb = default, cc = default, cd = default;
+        for (int k = 0; k < K; k += 16)
+        {
+            var xv = Vector512.Load(x + k);
+            ca = Vector512.FusedMultiplyAdd(xv, Vector512.Load(a + k), ca);
+            cb = Vector512.FusedMultiplyAdd(xv, Vector512.Load(b + k), cb);
+            cc = Vector512.FusedMultiplyAdd(xv, Vector512.Load(c + k), cc);
+            cd = Vector512.FusedMultiplyAdd(xv, Vector512.Load(d + k), cd);
+        }
+        *ya = Vector512.Sum(ca); *yb = Vector512.Sum(cb); *yc = Vector512.Sum(cc); *yd = Vector512.Sum(cd);
+    }
+
     /// <summary>Two bf16 rows · x (paired x), one 64-byte line of each row per step: two weight streams.</summary>
     private static void DotBf16Pairs2(float* xPairs, float* x, nint a, nint b, int K, float* ya, float* yb)
     {
@@ -567,6 +590,16 @@ public sealed unsafe class MatMul : ParallelJob
             }
             case WeightType.F32 when _m == 1 && SimdPolicy.Current == SimdPolicy.Isa.V512 && !_invariant:
             {
+                if (w.Cols >= F32FourStreamMinCols && w.Cols % 16 == 0)
+                {
+                    // Four streams per thread over long rows: rows i, q + i, 2q + i, 3q + i of the chunk.
+                    int q = (n1 - n0) / 4;
+                    for (int i = 0; i < q; i++)
+                        DotF32x4((float*)_x, (float*)w.Row(n0 + i), (float*)w.Row(n0 + q + i), (float*)w.Row(n0 + 2 * q + i), (float*)w.Row(n0 + 3 * q + i), w.Cols,
+                            y + n0 + i, y + n0 + q + i, y + n0 + 2 * q + i, y + n0 + 3 * q + i);
+                    for (int r = n0 + 4 * q; r < n1; r++) DotF32x2(_x, (float*)w.Row(r), (float*)w.Row(r), w.Cols, y + r, y + r);
+                    break;
+                }
                 // Two streams per thread: row i beside row h + i of the chunk (one stream left 15–30 % unused).
                 int h = (n1 - n0) / 2;
                 for (int i = 0; i < h; i++) DotF32x2(_x, (float*)w.Row(n0 + i), (float*)w.Row(n0 + h + i), w.Cols, y + n0 + i, y + n0 + h + i);

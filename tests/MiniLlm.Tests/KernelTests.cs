@@ -28,6 +28,8 @@ public unsafe class KernelTests
         foreach (int m in new[] { 1, 2, 3, 17, 64, 513 })
             foreach (var (k, n) in new[] { (1, 1), (15, 7), (17, 33), (100, 5), (257, 130), (1024, 203), (256, 67) })
                 data.Add(m, k, n);
+        data.Add(1, 4096, 39);    // the fp32 GEMV's four-stream kernel (K ≥ 4096), rows left over past 4 · q
+        data.Add(1, 4100, 21);    // … K not a multiple of 16: back to two streams
         return data;
     }
 
