@@ -42,7 +42,6 @@ public sealed unsafe class LlamaModel : IDisposable
     private readonly NativeBuffer _att;     // [S × h·hd] attention output per head, concatenated
     private readonly NativeBuffer _hb;      // [S × f]    gate, then silu(gate)·up
     private readonly NativeBuffer _hb2;     // [S × f]    up
-    private readonly NativeBuffer _scratch; // [max(f, d)] SwiGLU sigmoid scratch
     private readonly SequenceSlice[] _one = new SequenceSlice[1];
     private AttentionSegment[] _segments = new AttentionSegment[1];
 
@@ -200,7 +199,6 @@ public sealed unsafe class LlamaModel : IDisposable
         _att = new NativeBuffer(S * c.QDim);
         _hb = new NativeBuffer(S * c.IntermediateSize);
         _hb2 = new NativeBuffer(S * c.IntermediateSize);
-        _scratch = new NativeBuffer(Math.Max(c.IntermediateSize, c.HiddenSize));
     }
 
     /// <summary>Opens the model directory and builds the model (which then owns the files).</summary>
@@ -381,7 +379,7 @@ public sealed unsafe class LlamaModel : IDisposable
             prof?.Record(OpKind.FfnNorm, l, ref t0);
             _matmul.Run(_xb.Pointer, T, [new(L.Wgate, _hb.Pointer), new(L.Wup, _hb2.Pointer)]);  // hb[T × f] = gate, hb2[T × f] = up
             prof?.Record(OpKind.Gate, l, ref t0);   // gate and up run as one dispatch: timed as one
-            Ops.SwiGlu(_hb.Pointer, _hb2.Pointer, (long)T * f, _scratch.Span);  // hb = silu(hb)·hb2
+            Ops.SwiGlu(_hb.Pointer, _hb2.Pointer, (long)T * f);  // hb = silu(hb)·hb2
             prof?.Record(OpKind.SwiGlu, l, ref t0);
             _matmul.Run(_hb.Pointer, T, L.Wdown, _xb2.Pointer);  // xb2[T × d]
             prof?.Record(OpKind.Down, l, ref t0);
@@ -509,7 +507,7 @@ public sealed unsafe class LlamaModel : IDisposable
     public void Dispose()
     {
         _pool.Dispose();
-        foreach (var b in new[] { _x, _xb, _xb2, _q, _k, _v, _att, _hb, _hb2, _scratch }) b.Dispose();
+        foreach (var b in new[] { _x, _xb, _xb2, _q, _k, _v, _att, _hb, _hb2 }) b.Dispose();
         LargePages.Free(_arena);
         _arena = null;
         _owned?.Dispose();

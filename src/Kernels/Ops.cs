@@ -23,22 +23,8 @@ public static unsafe class Ops
         }
     }
 
-    /// <summary>gate ← silu(gate) ⊙ up over n elements (SwiGLU), a scratch-sized chunk at a time.</summary>
-    public static void SwiGlu(float* gate, float* up, long n, Span<float> scratchSpan)
-    {
-        if (scratchSpan.IsEmpty) throw new ArgumentException("scratch must not be empty", nameof(scratchSpan));
-        int chunk = scratchSpan.Length;
-        fixed (float* scratch = scratchSpan)
-        for (long i = 0; i < n; i += chunk)
-        {
-            int len = (int)Math.Min(chunk, n - i);
-            var g = new Span<float>(gate + i, len);
-            var s = new Span<float>(scratch, len);
-            TensorPrimitives.Sigmoid(g, s);
-            TensorPrimitives.Multiply(g, s, g);
-            TensorPrimitives.Multiply(g, new ReadOnlySpan<float>(up + i, len), g);
-        }
-    }
+    /// <summary>gate ← silu(gate) ⊙ up over n elements (SwiGLU), one pass with <see cref="FastExp"/>.</summary>
+    public static void SwiGlu(float* gate, float* up, long n) => FastExp.SwiGlu(gate, up, n);
 
     /// <summary>x ← x + y over n elements (residual add).</summary>
     public static void AddInPlace(float* x, float* y, long n)

@@ -190,6 +190,114 @@ public unsafe class KernelTests
         }
     }
 
+    /// <summary>ulps between a float and the double it approximates (at the float's own spacing).</summary>
+    private static double Ulps(float got, double want)
+    {
+        float w = (float)Math.Abs(want);
+        double ulp = Math.Max((double)MathF.BitIncrement(w) - w, float.Epsilon);
+        return Math.Abs(got - want) / ulp;
+    }
+
+    /// <summary>FastExp within 2 ulp of double exp on normal results, and every width gives the same bits.</summary>
+    [Fact]
+    public void FastExpMatchesDoubleWithinTwoUlp()
+    {
+        var r = new Random(17);
+        int n = 100_003;   // not a multiple of any width: tails in every path
+        var x = new float[n];
+        for (int i = 0; i < n; i++) x[i] = (float)(r.NextDouble() * 195 - 105);   // [−105, 90): underflow to overflow
+        for (int i = 0; i < 2000; i++) x[i] = (float)(r.NextDouble() * 2 - 1);     // dense near 0 too
+        float[]? first = null;
+        try
+        {
+            foreach (var isa in new[] { SimdPolicy.Isa.V512, SimdPolicy.Isa.V256, SimdPolicy.Isa.Scalar })
+            {
+                SimdPolicy.Force(isa);
+                var y = new float[n];
+                FastExp.Exp(x, y);
+                double worst = 0;
+                for (int i = 0; i < n; i++)
+                {
+                    double want = Math.Exp(x[i]);
+                    if (want > float.MaxValue) { Assert.Equal(float.PositiveInfinity, y[i]); continue; }
+                    if (want < 1.1754943508222875e-38)   // denormal or zero result: within one denormal step
+                    {
+                        Assert.True(Math.Abs(y[i] - want) <= 1.5 * float.Epsilon, $"exp({x[i]}) = {y[i]}, want {want}");
+                        continue;
+                    }
+                    worst = Math.Max(worst, Ulps(y[i], want));
+                }
+                Assert.True(worst <= 2, $"{isa}: worst error {worst:F2} ulp");
+                if (first == null) first = y;
+                else Assert.Equal(first, y);   // the scalar tail repeats the vector lanes' arithmetic
+            }
+        }
+        finally { SimdPolicy.Reset(); }
+    }
+
+    [Fact]
+    public void FastExpEdgeValues()
+    {
+        float[] x = [0f, -0f, float.NegativeInfinity, float.PositiveInfinity, float.NaN, 88.72283f, 88.7229f, -87.33654f, -103.9f, -104.5f, 1f];
+        try
+        {
+            foreach (var isa in new[] { SimdPolicy.Isa.V512, SimdPolicy.Isa.V256, SimdPolicy.Isa.Scalar })
+            {
+                SimdPolicy.Force(isa);
+                var padded = new float[32];   // every value inside a vector as well as in the tail
+                for (int rep = 0; rep < 2; rep++)
+                {
+                    int at = rep == 0 ? 0 : 32 - x.Length;
+                    x.CopyTo(padded, at);
+                    var y = new float[32];
+                    FastExp.Exp(padded, y);
+                    var e = y.AsSpan(at, x.Length);
+                    Assert.Equal(1f, e[0]);
+                    Assert.Equal(1f, e[1]);
+                    Assert.Equal(0f, e[2]);
+                    Assert.Equal(float.PositiveInfinity, e[3]);
+                    Assert.True(float.IsNaN(e[4]));
+                    Assert.True(float.IsFinite(e[5]) && e[5] > 3.4e38f, $"exp(88.72283) = {e[5]}");
+                    Assert.Equal(float.PositiveInfinity, e[6]);
+                    Assert.True(e[7] > 1.1e-38f && e[7] < 1.2e-38f, $"exp(-87.33654) = {e[7]}");
+                    Assert.True(e[8] > 0 && e[8] < 1e-44f, $"exp(-103.9) = {e[8]}");
+                    Assert.Equal(0f, e[9]);
+                    Assert.True(Ulps(e[10], Math.E) <= 1);
+                }
+            }
+        }
+        finally { SimdPolicy.Reset(); }
+    }
+
+    [Theory]
+    [InlineData(1)]
+    [InlineData(15)]
+    [InlineData(37)]
+    [InlineData(513)]
+    public void ExpShiftedSumMatchesNaive(int n)
+    {
+        var x = Random(n, 40 + n, 20f);
+        float shift = x.Max();
+        try
+        {
+            foreach (var isa in new[] { SimdPolicy.Isa.V512, SimdPolicy.Isa.V256, SimdPolicy.Isa.Scalar })
+            {
+                SimdPolicy.Force(isa);
+                var e = (float[])x.Clone();
+                float sum = FastExp.ExpShiftedSum(e, shift);
+                double want = 0;
+                for (int i = 0; i < n; i++)
+                {
+                    double ei = Math.Exp(x[i] - shift);   // the argument rounded to fp32 as the kernel rounds it
+                    want += ei;
+                    Assert.True(Math.Abs(e[i] - ei) <= 3e-7 * ei + 1e-38, $"{isa} {i}: {e[i]} vs {ei}");
+                }
+                Assert.True(Math.Abs(sum - want) <= 1e-6 * want, $"{isa}: sum {sum} vs {want}");
+            }
+        }
+        finally { SimdPolicy.Reset(); }
+    }
+
     [Theory]
     [InlineData(1)]
     [InlineData(33)]
@@ -199,13 +307,21 @@ public unsafe class KernelTests
         var g = Random(n, n, 6);
         var u = Random(n, n + 1, 3);
         var gate = (float[])g.Clone();
-        var scratch = new float[7]; // smaller than n: forces several chunks
-        fixed (float* gp = gate, up = u) Ops.SwiGlu(gp, up, n, scratch);
-        for (int i = 0; i < n; i++)
+        try
         {
-            double expected = g[i] / (1 + Math.Exp(-g[i])) * u[i];
-            Assert.True(Math.Abs(gate[i] - expected) <= 1e-5 * Math.Max(1, Math.Abs(expected)), $"{i}: {gate[i]} vs {expected}");
+            foreach (var isa in new[] { SimdPolicy.Isa.V512, SimdPolicy.Isa.V256, SimdPolicy.Isa.Scalar })
+            {
+                SimdPolicy.Force(isa);
+                g.CopyTo(gate, 0);
+                fixed (float* gp = gate, up = u) Ops.SwiGlu(gp, up, n);
+                for (int i = 0; i < n; i++)
+                {
+                    double expected = g[i] / (1 + Math.Exp(-g[i])) * u[i];
+                    Assert.True(Math.Abs(gate[i] - expected) <= 1e-6 * Math.Max(1e-3, Math.Abs(expected)), $"{isa} {i}: {gate[i]} vs {expected}");
+                }
+            }
         }
+        finally { SimdPolicy.Reset(); }
     }
 
     [Theory]
