@@ -78,6 +78,12 @@ public sealed unsafe class MatMul : ParallelJob
         return true;
     }
 
+    /// <summary>
+    /// Y size (M × N × 4 bytes) from which the skinny kernel's 5–8-row streams park their sums and write Y in runs,
+    /// instead of from every tile (see SkinnyGemm.StreamTiles): below it Y stays in L1 and direct stores cost nothing.
+    /// </summary>
+    public static long SkinnyBufferedSumsMinYBytes { get; set; } = 64 << 10;
+
     /// <summary>Batched decode (2 ≤ M &lt; <see cref="PackedMinRows"/>) through <see cref="SkinnyGemm"/>; off = the 4×4 tiles.</summary>
     public static bool UseSkinny { get; set; } = true;
 

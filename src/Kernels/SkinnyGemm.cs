@@ -167,6 +167,11 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
                 nint atK0 = (nint)(rowBytes * k0 / K);
                 bool add = k0 > 0;
                 float* xg = xPack + (long)(k0 / W) * (M > 4 ? 8 : 4) * W;   // M ≤ 8: one group of X rows
+                if (typeof(TV) == typeof(Vector512<float>) && Avx512F.IsSupported && M > 4 && (long)M * N * sizeof(float) >= MatMul.SkinnyBufferedSumsMinYBytes)
+                {
+                    StreamTiles(x, xg, M, K, k0, k1, w, y, n0, third, add, atK0 + ahead, step);
+                    continue;
+                }
                 for (int t = 0; t < third; t++)
                 {
                     int n = n0 + t;
@@ -180,13 +185,60 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
                     y[(long)m * N + n] = Dot(x + (long)m * K, w.Row(n), K);
         }
 
+        /// <summary>Tiles whose sums wait in a buffer before they go to Y (see <see cref="StreamTiles"/>).</summary>
+        private const int SumBatch = 16;
+
+        /// <summary>
+        /// The tiles of <see cref="RowsStreams"/> over k0..k1 (Vector512), their sums parked SumBatch tiles at a time in
+        /// a small buffer and then written to Y row by row, each Y row's SumBatch values adjacent. Written from each
+        /// tile instead, 24 sums go to 24 cache lines of 8 Y rows between two tiles' weight reads; when Y does not stay
+        /// in L1 those stores miss and hold the miss buffers the weight streams need. Measured from DRAM, 2 threads:
+        /// an 8 × 3 tile kernel over one 432 MiB matrix read 45–49 GB/s with that epilogue against 60–66 with one
+        /// contiguous store (harness); SkinnyGemm itself, M = 8, 147456 × 768: 35–47 → 52–54 GB/s; stories110m's
+        /// products at M = 8, alternating, 3 rounds of 30: gate/up (Y 64 KiB a product) 39–44 → 46–51 GB/s and the
+        /// LM head 49–58 → 53–58, the step 4–9 % shorter; q/k/v, o and down (Y 24 KiB) the same either way, so Y
+        /// below <see cref="MatMul.SkinnyBufferedSumsMinYBytes"/> keeps the direct stores. Same sums in the same order: same bits.
+        /// </summary>
+        private static void StreamTiles(float* x, float* xg, int M, int K, int k0, int k1, WeightMatrix w, float* y, int n0, int third, bool add, nint pf, nint step)
+        {
+            int N = w.Rows, W = S.Width;
+            int kv = k0 + (k1 - k0) / W * W;   // columns kv..k1 (K not a multiple of the width): scalar, from X itself
+            float* buf = stackalloc float[SumBatch * 32];
+            for (int t0 = 0; t0 < third; t0 += SumBatch)
+            {
+                int tn = Math.Min(SumBatch, third - t0);
+                for (int i = 0; i < tn; i++)
+                {
+                    int n = n0 + t0 + i;
+                    nint w0 = w.Row(n), w1 = w.Row(n + third), w2 = w.Row(n + 2 * third);
+                    if (M > 4) Tile8x3(xg, w0, w1, w2, k0, k1, K, y + n, third, 2 * third, N, M, x, add, pf, step, buf + i * 32);
+                    else Tile4x3(xg, w0, w1, w2, k0, k1, K, y + n, third, 2 * third, N, M, x, add, pf, step, buf + i * 32);
+                }
+                for (int r = 0; r < M; r++)
+                    for (int j = 0; j < 3; j++)
+                    {
+                        float* yr = y + (long)r * N + n0 + t0 + j * third;
+                        for (int i = 0; i < tn; i++)
+                        {
+                            float sum = buf[i * 32 + 3 * r + j];
+                            if (kv < k1)
+                            {
+                                nint row = w.Row(n0 + t0 + i + j * third);
+                                for (int k = kv; k < k1; k++) sum = MathF.FusedMultiplyAdd(x[(long)r * K + k], TL.Load1(row, k), sum);
+                            }
+                            yr[i] = add ? yr[i] + sum : sum;
+                        }
+                    }
+            }
+        }
+
         /// <summary>
         /// 8 packed X rows (<see cref="Pack"/>: the 8 vectors of one k-step are adjacent) × W rows w0, w1, w2 over
         /// k0..k1; the first <paramref name="rows"/> rows' sums go to (add ? Y + : Y =) y[0], y[c1], y[c2] of each Y
         /// row. Each k-step prefetches each W row's bytes at offset <paramref name="pf"/>, which moves <paramref name="step"/> a step.
         /// </summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-        private static void Tile8x3(float* xp, nint w0, nint w1, nint w2, int k0, int k1, int K, float* y, int c1, int c2, int ldy, int rows, float* x, bool add, nint pf, nint step)
+        private static void Tile8x3(float* xp, nint w0, nint w1, nint w2, int k0, int k1, int K, float* y, int c1, int c2, int ldy, int rows, float* x, bool add, nint pf, nint step, float* sumsOut = null)
         {
             TV c00 = S.Zero, c01 = S.Zero, c02 = S.Zero, c10 = S.Zero, c11 = S.Zero, c12 = S.Zero;
             TV c20 = S.Zero, c21 = S.Zero, c22 = S.Zero, c30 = S.Zero, c31 = S.Zero, c32 = S.Zero;
@@ -210,11 +262,13 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
             if (typeof(TV) == typeof(Vector512<float>) && Avx512F.IsSupported)
             {
                 // No call may follow the loop: the JIT would spill accumulators inside it to save them around the call.
-                float* sums = stackalloc float[32];
+                float* sums = sumsOut;
+                if (sums == null) { float* own = stackalloc float[32]; sums = own; }
                 var z = Vector512<float>.Zero;
                 SumTree512.Sums16(As(c00), As(c01), As(c02), As(c10), As(c11), As(c12), As(c20), As(c21),
                     As(c22), As(c30), As(c31), As(c32), As(c40), As(c41), As(c42), As(c50)).Store(sums);
                 SumTree512.Sums16(As(c51), As(c52), As(c60), As(c61), As(c62), As(c70), As(c71), As(c72), z, z, z, z, z, z, z, z).Store(sums + 16);
+                if (sumsOut != null) return;   // the caller finishes them (see StreamTiles)
                 for (int r = 0; r < rows; r++) Put3(y + r * ldy, c1, c2, x + r * K, k, k1, w0, w1, w2, sums, 3 * r, add);
                 return;
             }
@@ -230,7 +284,7 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
 
         /// <summary>The same for a group of at most 4 X rows (12 accumulators), so M = 2…4 does no 8-row work.</summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-        private static void Tile4x3(float* xp, nint w0, nint w1, nint w2, int k0, int k1, int K, float* y, int c1, int c2, int ldy, int rows, float* x, bool add, nint pf, nint step)
+        private static void Tile4x3(float* xp, nint w0, nint w1, nint w2, int k0, int k1, int K, float* y, int c1, int c2, int ldy, int rows, float* x, bool add, nint pf, nint step, float* sumsOut = null)
         {
             TV c00 = S.Zero, c01 = S.Zero, c02 = S.Zero, c10 = S.Zero, c11 = S.Zero, c12 = S.Zero;
             TV c20 = S.Zero, c21 = S.Zero, c22 = S.Zero, c30 = S.Zero, c31 = S.Zero, c32 = S.Zero;
@@ -246,10 +300,12 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
             }
             if (typeof(TV) == typeof(Vector512<float>) && Avx512F.IsSupported)
             {
-                float* sums = stackalloc float[16];
+                float* sums = sumsOut;
+                if (sums == null) { float* own = stackalloc float[16]; sums = own; }
                 var z = Vector512<float>.Zero;
                 SumTree512.Sums16(As(c00), As(c01), As(c02), As(c10), As(c11), As(c12), As(c20), As(c21),
                     As(c22), As(c30), As(c31), As(c32), z, z, z, z).Store(sums);
+                if (sumsOut != null) return;
                 for (int r = 0; r < rows; r++) Put3(y + r * ldy, c1, c2, x + r * K, k, k1, w0, w1, w2, sums, 3 * r, add);
                 return;
             }

@@ -99,6 +99,55 @@ public unsafe class KernelTests
         }
     }
 
+    /// <summary>
+    /// The skinny kernel's parked-sums path (5–8 rows, forced on for every Y size) gives the same bits as its direct
+    /// stores and stays within the naive bound: partial sum batches, tails past the vector width, K blocks that add.
+    /// </summary>
+    [Theory]
+    [InlineData(5, 33, 20)]
+    [InlineData(7, 100, 301)]
+    [InlineData(8, 768, 64)]
+    [InlineData(8, 1030, 40)]
+    [InlineData(6, 2100, 35)]
+    public void SkinnyParkedSumsMatchDirectStores(int M, int K, int N)
+    {
+        var x = Random(M * K, M * 7 + K);
+        var wRaw = Random(N * K, N * 5 + K);
+        long saved = MatMul.SkinnyBufferedSumsMinYBytes;
+        try
+        {
+            foreach (var type in new[] { WeightType.F32, WeightType.BF16 })
+            {
+                var bytes = Store(wRaw, type, out var w);
+                foreach (int threads in new[] { 1, 2 })
+                {
+                    using var pool = new WorkerPool(threads);
+                    var mm = new MatMul(pool);
+                    float[] RunWith(long minYBytes)
+                    {
+                        MatMul.SkinnyBufferedSumsMinYBytes = minYBytes;
+                        var y = new float[M * N];
+                        fixed (float* xp = x, yp = y)
+                        fixed (byte* wp = bytes)
+                            mm.Run(xp, M, new WeightMatrix((nint)wp, type, N, K), yp);
+                        return y;
+                    }
+                    var parked = RunWith(0);
+                    var direct = RunWith(long.MaxValue);
+                    Assert.Equal(direct, parked);
+                    for (int m = 0; m < M; m++)
+                        for (int n = 0; n < N; n++)
+                        {
+                            double s = 0, a = 0;
+                            for (int k = 0; k < K; k++) { s += (double)x[m * K + k] * w[n * K + k]; a += Math.Abs((double)x[m * K + k] * w[n * K + k]); }
+                            Assert.True(Math.Abs(parked[m * N + n] - s) <= 1e-5 * a + 1e-6, $"{type} threads={threads} at ({m}, {n}): {parked[m * N + n]} vs {s}");
+                        }
+                }
+            }
+        }
+        finally { MatMul.SkinnyBufferedSumsMinYBytes = saved; }
+    }
+
     [Theory]
     [InlineData(257, 130)]    // above the serial threshold: chunks on the pool
     [InlineData(15, 7)]       // below it: on the caller
