@@ -203,7 +203,7 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
         {
             int N = w.Rows, W = S.Width;
             int kv = k0 + (k1 - k0) / W * W;   // columns kv..k1 (K not a multiple of the width): scalar, from X itself
-            float* buf = stackalloc float[SumBatch * 32];
+            float* buf = stackalloc float[SumBatch * 32 + SumBatch * 24];
             for (int t0 = 0; t0 < third; t0 += SumBatch)
             {
                 int tn = Math.Min(SumBatch, third - t0);
@@ -213,6 +213,22 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
                     nint w0 = w.Row(n), w1 = w.Row(n + third), w2 = w.Row(n + 2 * third);
                     if (M > 4) Tile8x3(xg, w0, w1, w2, k0, k1, K, y + n, third, 2 * third, N, M, x, add, pf, step, buf + i * 32);
                     else Tile4x3(xg, w0, w1, w2, k0, k1, K, y + n, third, 2 * third, N, M, x, add, pf, step, buf + i * 32);
+                }
+                if (tn == SumBatch && kv == k1)
+                {
+                    // The 16 tiles' sums turned around in L1 (tile-major → sum-major), so each Y row's 16 values are
+                    // one vector store: gate/up read ≈ 5 % faster than with 384 scalar stores (alternating, 2 × 30).
+                    float* across = buf + SumBatch * 32;
+                    for (int i = 0; i < SumBatch; i++)
+                        for (int sIdx = 0; sIdx < 3 * M; sIdx++) across[sIdx * SumBatch + i] = buf[i * 32 + sIdx];
+                    for (int r = 0; r < M; r++)
+                        for (int j = 0; j < 3; j++)
+                        {
+                            float* yr = y + (long)r * N + n0 + t0 + j * third;
+                            var v = Vector512.Load(across + (3 * r + j) * SumBatch);
+                            (add ? Vector512.Load(yr) + v : v).Store(yr);
+                        }
+                    continue;
                 }
                 for (int r = 0; r < M; r++)
                     for (int j = 0; j < 3; j++)

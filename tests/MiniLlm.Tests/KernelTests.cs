@@ -109,6 +109,8 @@ public unsafe class KernelTests
     [InlineData(8, 768, 64)]
     [InlineData(8, 1030, 40)]
     [InlineData(6, 2100, 35)]
+    [InlineData(8, 768, 400)]     // whole batches of 16 tiles, no tail: the vector write-out
+    [InlineData(6, 2048, 300)]    // … the same over K blocks that add
     public void SkinnyParkedSumsMatchDirectStores(int M, int K, int N)
     {
         var x = Random(M * K, M * 7 + K);
