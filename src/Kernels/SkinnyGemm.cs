@@ -230,21 +230,13 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
                         }
                     continue;
                 }
-                for (int r = 0; r < M; r++)
-                    for (int j = 0; j < 3; j++)
-                    {
-                        float* yr = y + (long)r * N + n0 + t0 + j * third;
-                        for (int i = 0; i < tn; i++)
-                        {
-                            float sum = buf[i * 32 + 3 * r + j];
-                            if (kv < k1)
-                            {
-                                nint row = w.Row(n0 + t0 + i + j * third);
-                                for (int k = kv; k < k1; k++) sum = MathF.FusedMultiplyAdd(x[(long)r * K + k], TL.Load1(row, k), sum);
-                            }
-                            yr[i] = add ? yr[i] + sum : sum;
-                        }
-                    }
+                // A partial batch, or columns past the vector width: each tile's rows as the tile itself would finish them.
+                for (int i = 0; i < tn; i++)
+                {
+                    int n = n0 + t0 + i;
+                    nint w0 = w.Row(n), w1 = w.Row(n + third), w2 = w.Row(n + 2 * third);
+                    for (int r = 0; r < M; r++) Put3(y + (long)r * N + n, third, 2 * third, x + (long)r * K, kv, k1, w0, w1, w2, buf + i * 32, 3 * r, add);
+                }
             }
         }
 
