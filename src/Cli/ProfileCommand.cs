@@ -132,8 +132,9 @@ public static class ProfileCommand
                 llm.Profiler = dec;
                 llm.Forward(next, slices, logits);
                 llm.Profiler = null;
-                // Between timed steps, about 8 times per phase: the weight stream in the same seconds as the steps.
-                if ((s + 1) % Math.Max(1, n / 8) == 0) streamSamples.Add(llm.MeasureWeightStreamGBps(reps: 1, warm: false));
+                // After every timed step, one sample of the weight stream: ceiling and steps taken turn about, in the
+                // same seconds, and both are quoted as medians, so a neighbour's busy moment moves neither.
+                streamSamples.Add(llm.MeasureWeightStreamGBps(reps: 1, warm: false));
             }
             for (int s = 0; s < n; s++)   // counted after the timed steps so the pool never idles between them
                 costs.AddRange(cost.Step(Enumerable.Repeat(new StepSequence(1, ids.Length + s + 1), b).ToList(), b));
@@ -155,7 +156,7 @@ public static class ProfileCommand
         foreach (var p in new[] { pre, dec })
         {
             console.WriteLine();
-            console.WriteLine($"{p.Phase}: {p.Tokens} tokens in {F(p.Seconds * 1000, "F2")} ms");
+            console.WriteLine($"{p.Phase}: {p.Tokens} tokens in {F(p.Seconds * 1000, "F2")} ms, {p.Steps} passes (median {F(p.MedianStepSeconds * 1000, "F3")} ms; mean {F(p.MeanTokensPerSecond)} tok/s)");
             console.WriteLine($"  bytes counted against {p.BandwidthSource}");
             console.Write(Table(p.Ops, roof, p.BandwidthUsedGBps, "op"));
         }
@@ -164,7 +165,7 @@ public static class ProfileCommand
         console.Write(Table(dec.Layers, roof, dec.BandwidthUsedGBps, "layer"));
         console.WriteLine();
         foreach (var p in new[] { pre, dec })
-            console.WriteLine($"{p.Phase,-8} measured {F(p.TokensPerSecond),9} tok/s | predicted ceiling {F(p.PredictedTokensPerSecond(roof)),9} tok/s " +
+            console.WriteLine($"{p.Phase,-8} measured {F(p.TokensPerSecond),9} tok/s (median pass) | predicted ceiling {F(p.PredictedTokensPerSecond(roof)),9} tok/s " +
                               $"({F(100 * p.TokensPerSecond / p.PredictedTokensPerSecond(roof), "F0")} % of it) | MFU {F(100 * p.Mfu(roof))} % | MBU {F(100 * p.Mbu)} % | {F(p.Flops / p.Bytes, "F2")} FLOP/byte");
         foreach (var p in new[] { pre, dec })
         {
@@ -194,7 +195,7 @@ public static class ProfileCommand
     {
         object Phase(PhaseProfile p) => new
         {
-            tokens = p.Tokens, seconds = p.Seconds, tok_s = p.TokensPerSecond, predicted_tok_s = p.PredictedTokensPerSecond(roof),
+            tokens = p.Tokens, seconds = p.Seconds, passes = p.Steps, median_pass_seconds = p.MedianStepSeconds, tok_s = p.TokensPerSecond, mean_tok_s = p.MeanTokensPerSecond, predicted_tok_s = p.PredictedTokensPerSecond(roof),
             compute_roof_gflops = p.ComputeRoofGflops(roof), gemm_gflops = p.GemmGflops, predicted_bound = p.ComputeBound(roof) ? "compute" : "memory",
             flops = p.Flops, bytes = p.Bytes, weight_bytes = p.WeightBytes, mfu = p.Mfu(roof), mbu = p.Mbu, bandwidth_gbps = p.BandwidthUsedGBps,
             bandwidth_source = p.BandwidthSource,

@@ -12,6 +12,8 @@ public sealed class OpProfiler
     private static readonly int Ops = Enum.GetValues<OpKind>().Length;
     private readonly long[] _ticks;
     private readonly int _layers;
+    private readonly List<long> _passTicks = new();   // each finished pass's wall time
+    private long _thisPass;                           // ticks recorded since the last EndPass
 
     public OpProfiler(int layers)
     {
@@ -28,10 +30,31 @@ public sealed class OpProfiler
     {
         long now = Stopwatch.GetTimestamp();
         _ticks[Index(op, layer)] += now - since;
+        _thisPass += now - since;
         since = now;
     }
 
-    internal void EndPass() => Passes++;
+    internal void EndPass()
+    {
+        Passes++;
+        _passTicks.Add(_thisPass);
+        _thisPass = 0;
+    }
+
+    /// <summary>
+    /// Median wall time of one recorded pass, seconds. On a shared host a few passes land in a busy moment of a
+    /// neighbour (L3 evicted, DRAM contended); the median is the pass this code takes, the mean mixes in the host.
+    /// </summary>
+    public double MedianPassSeconds
+    {
+        get
+        {
+            if (_passTicks.Count == 0) return 0;
+            var sorted = _passTicks.ToArray();
+            Array.Sort(sorted);
+            return (double)sorted[sorted.Length / 2] / Stopwatch.Frequency;
+        }
+    }
 
     private int Index(OpKind op, int layer) => (layer < 0 ? _layers : layer) * Ops + (int)op;
 
@@ -50,6 +73,8 @@ public sealed class OpProfiler
     public void Reset()
     {
         Array.Clear(_ticks);
+        _passTicks.Clear();
+        _thisPass = 0;
         Passes = 0;
     }
 }

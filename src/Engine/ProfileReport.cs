@@ -13,12 +13,21 @@ public sealed record ProfileRow(string Name, double Seconds, double Share, doubl
 /// <summary>A phase (prefill or decode) measured per op and per layer, with its roofline verdict.</summary>
 /// <param name="GemmGflops">The compute roof of the prediction: the model's GEMM kernel measured in this run at this
 /// phase's rows per step (<see cref="LlamaModel.MeasureGemmGflops"/>); 0 means the FMA peak.</param>
+/// <param name="Steps">Forward passes in the phase (0: not known, rates are means over <see cref="Seconds"/>).</param>
+/// <param name="MedianStepSeconds">The median pass's wall time: the phase's rates are quoted from it, as the
+/// bandwidth beside them is a median of samples taken between the same passes.</param>
 public sealed record PhaseProfile(string Phase, int Tokens, double Seconds, double Flops, double Bytes, double WeightBytes,
-    IReadOnlyList<ProfileRow> Ops, IReadOnlyList<ProfileRow> Layers, double BandwidthUsedGBps, string BandwidthSource, double GemmGflops = 0)
+    IReadOnlyList<ProfileRow> Ops, IReadOnlyList<ProfileRow> Layers, double BandwidthUsedGBps, string BandwidthSource, double GemmGflops = 0,
+    int Steps = 0, double MedianStepSeconds = 0)
 {
-    public double TokensPerSecond => Tokens / Seconds;
-    public double Gflops => Flops / Seconds / 1e9;
-    public double GBps => Bytes / Seconds / 1e9;
+    /// <summary>Seconds per token: the median pass's time over its tokens when passes were timed, else the mean.</summary>
+    private double SecondsPerToken => Steps > 0 && MedianStepSeconds > 0 ? MedianStepSeconds * Steps / Tokens : Seconds / Tokens;
+    /// <summary>Tokens/s of the median pass (every pass of a phase does the same work).</summary>
+    public double TokensPerSecond => 1 / SecondsPerToken;
+    /// <summary>Tokens/s over the phase's total time: every pass, slow ones included.</summary>
+    public double MeanTokensPerSecond => Tokens / Seconds;
+    public double Gflops => Flops / Tokens / SecondsPerToken / 1e9;
+    public double GBps => Bytes / Tokens / SecondsPerToken / 1e9;
     /// <summary>The FLOP/s the prediction divides by: the measured GEMM when there is one, else the FMA peak.</summary>
     public double ComputeRoofGflops(Roofline r) => GemmGflops > 0 ? Math.Min(GemmGflops, r.PeakGflops) : r.PeakGflops;
     /// <summary>Tokens/s the roofline allows: tokens ÷ max(FLOPs ÷ compute roof, bytes ÷ bandwidth).</summary>
@@ -76,7 +85,7 @@ public static class ProfileReport
             rows.Add(new ProfileRow(l < 0 ? "embedding + head" : $"layer {l}", s, s / total, mine.Sum(c => c.Flops), mine.Sum(c => c.Bytes)));
         }
         var (fl, by, wb) = CostModel.Sum(all);
-        return new PhaseProfile(phase, tokens, total, fl, by, wb, ops, rows, bandwidth, bandwidthSource, gemmGflops);
+        return new PhaseProfile(phase, tokens, total, fl, by, wb, ops, rows, bandwidth, bandwidthSource, gemmGflops, prof.Passes, prof.MedianPassSeconds);
     }
 
     /// <summary>"compute" or "memory" by the ridge, and the fraction of the roof at this row's intensity.</summary>

@@ -30,6 +30,8 @@ public unsafe class KernelTests
                 data.Add(m, k, n);
         data.Add(1, 4096, 39);    // the fp32 GEMV's four-stream kernel (K ≥ 4096), rows left over past 4 · q
         data.Add(1, 4100, 21);    // … K not a multiple of 16: back to two streams
+        data.Add(1, 768, 400);    // the fp32 GEMV's parked sums: whole batches of 16 row pairs, pairs left over
+        data.Add(1, 784, 37);     // … K a multiple of 16, not of 32; an odd row
         return data;
     }
 

@@ -117,6 +117,13 @@ public class ToolCommandTests
         Assert.True(P(50).ComputeBound(roof));
         Assert.Equal(100, P(400).PredictedTokensPerSecond(roof), 9);              // never above the FMA peak
 
+        // Passes timed one by one: rates come from the median pass (1 s over 4 passes, the median one 0.2 s).
+        var timed = new PhaseProfile("decode", 8, 1, 1e10, 1e9, 1e9, [], [], 10, "DRAM", 0, Steps: 4, MedianStepSeconds: 0.2);
+        Assert.Equal(8 / (4 * 0.2), timed.TokensPerSecond, 9);
+        Assert.Equal(8, timed.MeanTokensPerSecond, 9);
+        Assert.Equal(1e9 / 8 * 10 / 1e9, timed.GBps, 9);                      // bytes per token × tokens/s
+        Assert.Equal(10, P(0).TokensPerSecond, 9);                             // no passes: the mean
+
         var dir = TestPaths.NewTempDir("gemm-roof");
         Assert.Equal(0, Run("synth", "--hidden", "64", "--layers", "1", "--ffn", "96", "--heads", "4", "--kv-heads", "2", "--vocab", "4096", "--context", "64", "--out", dir).Code);
         using var model = LlamaModel.Load(dir, threads: 2, maxTokens: 32);
@@ -161,6 +168,15 @@ public class ToolCommandTests
             double bw = phase.GetProperty("bandwidth_gbps").GetDouble();
             Assert.True(bw > 0 && double.IsFinite(bw) && bw != 10, $"{bw} GB/s");
             Assert.Contains("dispatches", phase.GetProperty("bandwidth_source").GetString());
+        }
+        Assert.Equal(5, dec.GetProperty("passes").GetInt32());
+        Assert.Equal(ProfileCommand.PrefillPasses, pre.GetProperty("passes").GetInt32());
+        foreach (var phase in new[] { pre, dec })
+        {
+            double median = phase.GetProperty("median_pass_seconds").GetDouble();
+            Assert.True(median > 0 && median * phase.GetProperty("passes").GetInt32() <= 2 * phase.GetProperty("seconds").GetDouble() + 1e-9, $"median pass {median} s");   // half the passes take ≥ the median
+            Assert.Equal(phase.GetProperty("tokens").GetInt32() / (phase.GetProperty("passes").GetInt32() * median), phase.GetProperty("tok_s").GetDouble(), 6);
+            Assert.Equal(phase.GetProperty("tokens").GetInt32() / phase.GetProperty("seconds").GetDouble(), phase.GetProperty("mean_tok_s").GetDouble(), 6);
         }
         double predicted = dec.GetProperty("predicted_tok_s").GetDouble();
         Assert.Equal(dec.GetProperty("tokens").GetInt32() / (dec.GetProperty("bytes").GetDouble() / (dec.GetProperty("bandwidth_gbps").GetDouble() * 1e9)), predicted, 6);
