@@ -361,26 +361,10 @@ public sealed unsafe class MatMul : ParallelJob
     /// </summary>
     private static void DotF32x2(float* x, float* a, float* b, int K, float* ya, float* yb)
     {
-        Vector512<float> c0 = default, c1 = default, d0 = default, d1 = default;
-        int k = 0;
-        for (; k + 32 <= K; k += 32)
-        {
-            var x0 = Vector512.Load(x + k);
-            var x1 = Vector512.Load(x + k + 16);
-            c0 = Vector512.FusedMultiplyAdd(x0, Vector512.Load(a + k), c0);
-            d0 = Vector512.FusedMultiplyAdd(x0, Vector512.Load(b + k), d0);
-            c1 = Vector512.FusedMultiplyAdd(x1, Vector512.Load(a + k + 16), c1);
-            d1 = Vector512.FusedMultiplyAdd(x1, Vector512.Load(b + k + 16), d1);
-        }
-        if (k + 16 <= K)
-        {
-            var x0 = Vector512.Load(x + k);
-            c0 = Vector512.FusedMultiplyAdd(x0, Vector512.Load(a + k), c0);
-            d0 = Vector512.FusedMultiplyAdd(x0, Vector512.Load(b + k), d0);
-            k += 16;
-        }
-        float sa = Vector512.Sum(c0 + c1), sb = Vector512.Sum(d0 + d1);
-        for (; k < K; k++)
+        int body = K & ~15;
+        DotF32x2Vec(x, a, b, body, out var va, out var vb);
+        float sa = Vector512.Sum(va), sb = Vector512.Sum(vb);
+        for (int k = body; k < K; k++)
         {
             sa = MathF.FusedMultiplyAdd(x[k], a[k], sa);
             sb = MathF.FusedMultiplyAdd(x[k], b[k], sb);
