@@ -188,7 +188,9 @@ public sealed unsafe class MatMul : ParallelJob
             bf16 |= p.W.Type == WeightType.BF16;
             q8 |= p.W.Type == WeightType.Q8;
         }
-        int chunks = _group.SetGuided(products, GemvMinRows(products[0].W.RowBytes), _pool.Threads);
+        // Weights in the cache: every thread takes the same rows every call, so each core's cache keeps its share.
+        bool pinned = CacheResidentWeights && PinCacheResidentGemv;
+        int chunks = pinned ? _group.SetPinned(products, _pool.Threads, 16) : _group.SetGuided(products, GemvMinRows(products[0].W.RowBytes), _pool.Threads);
         var isa = SimdPolicy.Current;
         _x = x; _m = 1; _invariant = false;
         if (bf16 && isa == SimdPolicy.Isa.V512) PairX(x, k);
@@ -197,6 +199,7 @@ public sealed unsafe class MatMul : ParallelJob
         try
         {
             if (macs < SerialMacs) for (int c = 0; c < chunks; c++) Execute(c, 0);
+            else if (pinned) _pool.RunPinned(this, chunks);
             else _pool.Run(this, chunks);
         }
         finally { _group.Clear(); }
@@ -378,6 +381,12 @@ public sealed unsafe class MatMul : ParallelJob
     /// horizontal sum per row; off = <see cref="DotF32x2"/> row pair by row pair (for A/B measurements).
     /// </summary>
     public static bool GemvParkedSums { get; set; } = true;
+
+    /// <summary>
+    /// With <see cref="CacheResidentWeights"/>, a GEMV gives each thread the same rows on every call (a pinned
+    /// dispatch) instead of handing chunks to whichever thread is free. Public so harnesses can compare the two.
+    /// </summary>
+    public static bool PinCacheResidentGemv { get; set; } = true;
 
     /// <summary>Two fp32 rows · x (K a multiple of 16) left as vectors: each lane a partial sum.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]

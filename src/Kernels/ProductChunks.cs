@@ -78,6 +78,36 @@ internal sealed class ProductChunks
         return _guidedCount;
     }
 
+    /// <summary>
+    /// Pinned cut: each product in <paramref name="threads"/> parts of nearly equal rows (multiples of
+    /// <paramref name="align"/>), product-major, so chunk c is part c mod threads of its product and a pinned dispatch
+    /// (<see cref="WorkerPool.RunPinned"/>) gives every thread the same rows on every call. Read back by
+    /// <see cref="Guided"/>.
+    /// </summary>
+    public int SetPinned(ReadOnlySpan<MatMul.Product> products, int threads, int align)
+    {
+        if (_products.Length < products.Length) _products = new MatMul.Product[products.Length];
+        products.CopyTo(_products);
+        Count = products.Length;
+        _guidedCount = 0;
+        for (int pi = 0; pi < products.Length; pi++)
+        {
+            int rows = products[pi].W.Rows;
+            int units = (rows + align - 1) / align;
+            for (int t = 0; t < threads; t++)
+            {
+                if (_guidedCount == _guidedRow.Length)
+                {
+                    Array.Resize(ref _guidedRow, 2 * _guidedCount);
+                    Array.Resize(ref _guidedProduct, 2 * _guidedCount);
+                }
+                _guidedProduct[_guidedCount] = pi;
+                _guidedRow[_guidedCount++] = Math.Min(rows, (int)((long)units * t / threads) * align);
+            }
+        }
+        return _guidedCount;
+    }
+
     /// <summary>Chunk <paramref name="chunk"/> of a guided plan: its product and rows [r0, r1).</summary>
     public ref readonly MatMul.Product Guided(int chunk, out int r0, out int r1)
     {

@@ -25,6 +25,7 @@ public sealed class WorkerPool : IDisposable
     private int _running;
     private long _generation;
     private int _sleeping;          // workers blocked in Monitor.Wait (dispatches pulse only when some are)
+    private bool _pinned;           // chunk c runs on worker c mod Threads (RunPinned) instead of the next free one
     private volatile bool _stopping;
     private Exception? _error;
 
@@ -47,7 +48,17 @@ public sealed class WorkerPool : IDisposable
     public static int DefaultThreads => Math.Max(1, Environment.ProcessorCount);
 
     /// <summary>Runs <paramref name="job"/> for chunks 0..count−1 and returns when all are done. Not reentrant.</summary>
-    public void Run(ParallelJob job, int count)
+    public void Run(ParallelJob job, int count) => Dispatch(job, count, pinned: false);
+
+    /// <summary>
+    /// Runs chunk c on worker c mod <see cref="Threads"/>, the same worker every call: no balancing, but each core
+    /// reads the same part of the data every time, so that part stays in the core's own caches. On this project's
+    /// VMs the two vCPUs do not share one L3: two threads re-reading fixed halves of 24 MiB read 97–113 GB/s,
+    /// swapping halves every pass 66–72 (C probe, alternating).
+    /// </summary>
+    public void RunPinned(ParallelJob job, int count) => Dispatch(job, count, pinned: true);
+
+    private void Dispatch(ParallelJob job, int count, bool pinned)
     {
         if (count <= 0) return;
         if (_workers.Length == 0 || count == 1)
@@ -56,6 +67,7 @@ public sealed class WorkerPool : IDisposable
             return;
         }
         _job = job;
+        _pinned = pinned;
         _chunks = count;
         _next = 0;
         _error = null;
@@ -77,6 +89,11 @@ public sealed class WorkerPool : IDisposable
     {
         try
         {
+            if (_pinned)
+            {
+                for (int c = worker; c < _chunks; c += Threads) job.Execute(c, worker);
+                return;
+            }
             int i;
             while ((i = Interlocked.Increment(ref _next) - 1) < _chunks) job.Execute(i, worker);
         }

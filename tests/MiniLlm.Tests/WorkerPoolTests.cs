@@ -22,13 +22,32 @@ public class WorkerPoolTests
         }
     }
 
+    [Fact]
+    public async Task PinnedDispatchRunsEachChunkOnceOnItsOwnWorker()
+    {
+        // Chunk c belongs to worker c mod Threads on every call (that is what keeps a core's share of the weights in
+        // its own cache), including calls that have to wake sleeping workers first.
+        using var pool = new WorkerPool(3);
+        var job = new SlowCountingJob(11);
+        for (int rep = 0; rep < 12; rep++)
+        {
+            if (rep % 4 == 0) await Task.Delay(60);
+            job.Reset();
+            await Task.Run(() => pool.RunPinned(job, 11)).WaitAsync(TimeSpan.FromSeconds(10));
+            Assert.All(job.Hits, h => Assert.Equal(1, h));
+            for (int c = 0; c < 11; c++) Assert.Equal(c % 3, job.Worker[c]);
+        }
+    }
+
     /// <summary>Counts each chunk's runs; chunks slow enough that every worker joins in.</summary>
     private sealed class SlowCountingJob(int n) : ParallelJob
     {
         public int[] Hits { get; } = new int[n];
-        public void Reset() => Array.Clear(Hits);
+        public int[] Worker { get; } = new int[n];
+        public void Reset() { Array.Clear(Hits); Array.Fill(Worker, -1); }
         public override void Execute(int chunk, int worker)
         {
+            Worker[chunk] = worker;
             Interlocked.Increment(ref Hits[chunk]);
             Thread.SpinWait(2000);
         }
