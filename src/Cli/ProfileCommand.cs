@@ -93,7 +93,10 @@ public static class ProfileCommand
             string Source()
             {
                 string where = fits ? $"last-level cache (the {weightBytes / 1048576.0:F1} MiB of weights fit in it)" : "DRAM";
-                return $"{where} at {Ceilings.Median(streamSamples):F1} GB/s:\n  the weights read op by op with the engine's own dispatches and no arithmetic " +
+                string how = llm.UsesTensorParallelDecode
+                    ? "the weights read as the one-dispatch decode cuts them (each thread its own rows and column slices), loads only: no arithmetic, no barriers"
+                    : "the weights read op by op with the engine's own dispatches and no arithmetic";
+                return $"{where} at {Ceilings.Median(streamSamples):F1} GB/s:\n  {how} " +
                        $"(one long probe stream over {probe.Bytes / 1048576.0:F0} MiB: {Ceilings.Median(probeSamples):F1} GB/s)";
             }
 

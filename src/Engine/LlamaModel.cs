@@ -44,8 +44,9 @@ public sealed unsafe class LlamaModel : IDisposable
     private readonly NativeBuffer _hb2;     // [S × f]    up
     private readonly SequenceSlice[] _one = new SequenceSlice[1];
     private AttentionSegment[] _segments = new AttentionSegment[1];
+    private readonly TensorParallelDecode? _tp;   // one-sequence decode as one dispatch, when the model suits it
 
-    private sealed class LayerMatrices
+    internal sealed class LayerMatrices
     {
         public required float[] AttnNorm;   // [d]
         public required WeightMatrix Wq;    // [h·hd × d]
@@ -199,7 +200,20 @@ public sealed unsafe class LlamaModel : IDisposable
         _att = new NativeBuffer(S * c.QDim);
         _hb = new NativeBuffer(S * c.IntermediateSize);
         _hb2 = new NativeBuffer(S * c.IntermediateSize);
+        if (_matmul.CacheResidentWeights && TensorParallelDecode.Supported(c, _pool.Threads, _layers, _lmHead))
+            _tp = new TensorParallelDecode(_pool, _attention, _rope, c, _layers, _embed, _lmHead, _finalNorm,
+                _q.Pointer, _k.Pointer, _v.Pointer, _att.Pointer, _hb.Pointer, _hb2.Pointer);
     }
+
+    /// <summary>
+    /// Decode one sequence's token with every thread owning a fixed share of each layer, in one dispatch
+    /// (<see cref="TensorParallelDecode"/>), where the model suits it: weights served from the last-level cache,
+    /// fp32 or bf16, KV heads divisible by the threads. On by default; off runs the op-by-op path (A/B runs).
+    /// </summary>
+    public bool TensorParallel { get; set; } = true;
+
+    /// <summary>Whether a one-sequence decode step takes the tensor-parallel path now.</summary>
+    public bool UsesTensorParallelDecode => _tp != null && TensorParallel && !BatchInvariant && MatMul.SliceSupported(_lmHead.Type);
 
     /// <summary>Opens the model directory and builds the model (which then owns the files).</summary>
     public static LlamaModel Load(string dir, int threads = 0, int maxTokens = 512, WeightFormat format = WeightFormat.Stored, bool mapWeights = false) =>
@@ -271,6 +285,7 @@ public sealed unsafe class LlamaModel : IDisposable
         long bytes = _lmHead.ByteLength + ProjectionMatrices().Sum(w => w.ByteLength);
         void Pass()
         {
+            if (UsesTensorParallelDecode) { _tp!.StreamPass(); return; }   // the same bytes, cut as that decode reads them
             LayerProducts(1);
             fixed (float* y = logits) _matmul.Run(_xb.Pointer, 1, _lmHead, y);
         }
@@ -331,6 +346,11 @@ public sealed unsafe class LlamaModel : IDisposable
         int T = tokens.Length, d = c.HiddenSize, f = c.IntermediateSize;
         int h = c.NumAttentionHeads, g = c.NumKeyValueHeads, hd = c.HeadDim, qd = c.QDim, kvd = c.KvDim;
         CheckArguments(tokens, sequences, logits, which);
+        if (T == 1 && sequences.Length == 1 && UsesTensorParallelDecode)
+        {
+            fixed (float* lp = logits) _tp!.Step(tokens[0], sequences[0].Start, sequences[0].Cache, lp, Profiler);
+            return;
+        }
         if (_segments.Length < sequences.Length) _segments = new AttentionSegment[sequences.Length];
         var segments = _segments.AsSpan(0, sequences.Length);
 
@@ -508,6 +528,7 @@ public sealed unsafe class LlamaModel : IDisposable
     {
         _pool.Dispose();
         foreach (var b in new[] { _x, _xb, _xb2, _q, _k, _v, _att, _hb, _hb2 }) b.Dispose();
+        _tp?.Dispose();
         LargePages.Free(_arena);
         _arena = null;
         _owned?.Dispose();

@@ -148,6 +148,40 @@ public readonly unsafe struct KvView
         }
     }
 
+    /// <summary>
+    /// Stores elements [e0, e1) of position <paramref name="pos"/>'s key and value rows (one thread's KV heads in a
+    /// tensor-parallel decode). A key that completes its tile is not transposed here: every thread first copies its
+    /// columns out (<see cref="CopyKeyColumns"/>), then, after all have, writes them back transposed
+    /// (<see cref="StoreKeyColumns"/>) — the transposed tile overwrites rows holding the other threads' columns.
+    /// </summary>
+    public void WriteRowPart(int pos, float* key, float* value, int e0, int e1)
+    {
+        nint kr = KeyTile(pos / Tile) + (nint)((long)(pos % Tile) * KvDim * ElementBytes), vr = ValueRow(pos);
+        for (int e = e0; e < e1; e++) { Store(kr, e, key[e]); Store(vr, e, value[e]); }
+    }
+
+    /// <summary>Columns [e0, e1) of a full tile still held as rows → <paramref name="stage"/> [16][e1 − e0] (elements of the cache's type).</summary>
+    public void CopyKeyColumns(int tile, int e0, int e1, byte* stage)
+    {
+        nint kt = KeyTile(tile);
+        int n = e1 - e0, eb = ElementBytes;
+        for (int r = 0; r < Tile; r++)
+            new ReadOnlySpan<byte>((void*)(kt + (nint)(((long)r * KvDim + e0) * eb)), n * eb).CopyTo(new Span<byte>(stage + (long)r * n * eb, n * eb));
+    }
+
+    /// <summary>The staged columns (<see cref="CopyKeyColumns"/>) written into the tile's transposed layout, [e][16] for e in [e0, e1).</summary>
+    public void StoreKeyColumns(int tile, int e0, int e1, byte* stage)
+    {
+        nint kt = KeyTile(tile);
+        int n = e1 - e0;
+        for (int e = e0; e < e1; e++)
+            for (int r = 0; r < Tile; r++)
+            {
+                if (Type == KvType.F32) ((float*)kt)[(long)e * Tile + r] = ((float*)stage)[(long)r * n + e - e0];
+                else ((ushort*)kt)[(long)e * Tile + r] = ((ushort*)stage)[(long)r * n + e - e0];
+            }
+    }
+
     /// <summary>Element <paramref name="e"/> of the key at <paramref name="pos"/> of a cache holding <paramref name="length"/> positions (for checks, not hot paths).</summary>
     public float KeyAt(int pos, int e, int length) => KeysAreRows(pos / Tile, length)
         ? Load(KeyTile(pos / Tile), (long)(pos % Tile) * KvDim + e)
@@ -266,6 +300,38 @@ public sealed unsafe class Attention : ParallelJob
         _scale = 1f / MathF.Sqrt(headDim);
         if (work < SerialWork) { for (int c = 0; c < chunks; c++) Execute(c, 0); }
         else _pool.Run(this, chunks);
+    }
+
+    /// <summary>
+    /// Sets up one decode row for <see cref="DecodeHeads"/>, which several threads then call on disjoint runs of
+    /// heads (tensor-parallel decode: each thread attends with the KV heads whose keys and values it wrote itself).
+    /// </summary>
+    public void PrepareDecode(float* q, int heads, int kvHeads, int headDim, float* output)
+    {
+        if (heads % kvHeads != 0 || headDim % 16 != 0 || SimdPolicy.Current != SimdPolicy.Isa.V512)
+            throw new ArgumentException($"decode by head runs needs whole KV groups, head_dim a multiple of 16 and V512 (heads {heads}, kv heads {kvHeads}, head_dim {headDim})");
+        if (_scoreRows < heads)
+        {
+            _scoreRows = Math.Max(RowsPerChunk, heads);
+            for (int i = 0; i < _scores.Length; i++) _scores[i] = GC.AllocateUninitializedArray<float>(_scoreRows * _stride, pinned: true);
+        }
+        _q = q; _out = output; _heads = heads; _kvHeads = kvHeads; _headDim = headDim;
+        _scale = 1f / MathF.Sqrt(headDim);
+    }
+
+    /// <summary>
+    /// Query heads h0..h1 of the decode row at position <paramref name="pos"/> (row 0 of q and output from
+    /// <see cref="PrepareDecode"/>), on the calling thread, with worker <paramref name="worker"/>'s scratch.
+    /// </summary>
+    public void DecodeHeads(in KvView kv, int pos, int h0, int h1, int worker)
+    {
+        if (pos + 1 > MaxContext) throw new ArgumentOutOfRangeException(nameof(pos), $"position {pos} exceeds the attention scratch ({MaxContext})");
+        var seg = new AttentionSegment(0, 1, pos, kv);
+        fixed (float* scratch = _scores[worker])
+        {
+            if (kv.Type == KvType.F32) DecodeRow<F32Load>(seg, h0, h1, scratch);
+            else DecodeRow<Bf16Load>(seg, h0, h1, scratch);
+        }
     }
 
     public override void Execute(int chunk, int worker)

@@ -240,6 +240,66 @@ public sealed unsafe class MatMul : ParallelJob
         else _pool.Run(this, _mBlocks * _nPanels);
     }
 
+    /// <summary>Whether <see cref="GemvSlice"/> takes weights of this type with this ISA.</summary>
+    public static bool SliceSupported(WeightType type) =>
+        SimdPolicy.Current == SimdPolicy.Isa.V512 && type is WeightType.F32 or WeightType.BF16;
+
+    /// <summary>
+    /// y[n] = Σ_{k∈[c0,c1)} W[n,k]·x[k] for rows n0..n1, on the calling thread: one thread's share of a GEMV cut by
+    /// rows (c0 = 0, c1 = K) or by columns (all rows, a slice of K; the caller adds the threads' partial y). fp32 or
+    /// bf16 weights, V512, c0 and c1 multiples of 32. <paramref name="pairs"/>: c1 − c0 floats of scratch (bf16).
+    /// </summary>
+    public static void GemvSlice(float* x, in WeightMatrix w, int n0, int n1, int c0, int c1, float* y, float* pairs)
+    {
+        if (!SliceSupported(w.Type) || c0 % 32 != 0 || c1 % 32 != 0 || c0 < 0 || c1 > w.Cols || c0 >= c1 || n0 < 0 || n1 > w.Rows)
+            throw new ArgumentException($"GemvSlice takes fp32/bf16 weights with V512 and a column slice on multiples of 32 (got {w.Type}, {SimdPolicy.Current}, rows {n0}..{n1} of {w.Rows}, columns {c0}..{c1} of {w.Cols})");
+        int len = c1 - c0, n = n0;
+        if (w.Type == WeightType.F32)
+        {
+            float* xs = x + c0;
+            for (; n + 16 <= n1; n += 16) DotF32x16(xs, (float*)w.Row(n) + c0, len, w.Cols, y + n);
+            for (; n + 2 <= n1; n += 2) DotF32x2(xs, (float*)w.Row(n) + c0, (float*)w.Row(n + 1) + c0, len, y + n, y + n + 1);
+            if (n < n1) DotF32x2(xs, (float*)w.Row(n) + c0, (float*)w.Row(n) + c0, len, y + n, y + n);
+            return;
+        }
+        PairX(x + c0, len, pairs);
+        for (; n + 16 <= n1; n += 16) DotBf16x16(pairs, w.Row(n) + 2 * c0, len, (nint)w.RowBytes, y + n);
+        for (; n < n1; n++) y[n] = DotBf16Pairs(pairs, x + c0, w.Row(n) + 2 * c0, len);
+    }
+
+    /// <summary>
+    /// The bytes <see cref="GemvSlice"/> reads for these rows and columns, in its order (16 rows side by side, a
+    /// line of each per step), with loads only: the stream ceiling beside a run. The return value is only a sink.
+    /// </summary>
+    public static float StreamSlice(in WeightMatrix w, int n0, int n1, int c0, int c1)
+    {
+        long elementBytes = w.RowBytes / w.Cols, sliceBytes = (c1 - c0) * elementBytes;
+        float sink = 0;
+        int n = n0;
+        for (; n + 16 <= n1; n += 16) sink += ReadRows16((byte*)w.Row(n) + c0 * elementBytes, w.RowBytes, sliceBytes);
+        for (; n < n1; n++) sink += Ceilings.ReadSlice((float*)((byte*)w.Row(n) + c0 * elementBytes), sliceBytes / sizeof(float));
+        return sink;
+    }
+
+    /// <summary>Loads <paramref name="bytes"/> (a multiple of 64) of each of 16 rows, a line of every row per step.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static float ReadRows16(byte* w, long rowBytes, long bytes)
+    {
+        Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default;
+        for (long o = 0; o < bytes; o += 64)
+        {
+            byte* r = w + o;
+            a0 += Vector512.Load((float*)r) + Vector512.Load((float*)(r + rowBytes)) + Vector512.Load((float*)(r + 2 * rowBytes)) + Vector512.Load((float*)(r + 3 * rowBytes));
+            r += 4 * rowBytes;
+            a1 += Vector512.Load((float*)r) + Vector512.Load((float*)(r + rowBytes)) + Vector512.Load((float*)(r + 2 * rowBytes)) + Vector512.Load((float*)(r + 3 * rowBytes));
+            r += 4 * rowBytes;
+            a2 += Vector512.Load((float*)r) + Vector512.Load((float*)(r + rowBytes)) + Vector512.Load((float*)(r + 2 * rowBytes)) + Vector512.Load((float*)(r + 3 * rowBytes));
+            r += 4 * rowBytes;
+            a3 += Vector512.Load((float*)r) + Vector512.Load((float*)(r + rowBytes)) + Vector512.Load((float*)(r + 2 * rowBytes)) + Vector512.Load((float*)(r + 3 * rowBytes));
+        }
+        return Vector512.Sum((a0 + a1) + (a2 + a3));
+    }
+
     /// <summary>
     /// bf16 GEMV trick: 32 bf16 weights loaded as 16 uint32 are the even elements in their low halves and the odd
     /// ones in their high halves, so (w &lt;&lt; 16) and (w &amp; 0xFFFF0000) are both fp32 vectors with no shuffle.
@@ -253,12 +313,17 @@ public sealed unsafe class MatMul : ParallelJob
             _xPairs = (float*)System.Runtime.InteropServices.NativeMemory.AlignedAlloc((nuint)k * sizeof(float), 64);
             _xPairsLength = k;
         }
+        PairX(x, k, _xPairs);
+    }
+
+    private static void PairX(float* x, int k, float* pairs)
+    {
         int blocks = k / 32;
         for (int b = 0; b < blocks; b++)
             for (int i = 0; i < 16; i++)
             {
-                _xPairs[b * 32 + i] = x[b * 32 + 2 * i];
-                _xPairs[b * 32 + 16 + i] = x[b * 32 + 2 * i + 1];
+                pairs[b * 32 + i] = x[b * 32 + 2 * i];
+                pairs[b * 32 + 16 + i] = x[b * 32 + 2 * i + 1];
             }
     }
 
@@ -496,7 +561,11 @@ public sealed unsafe class MatMul : ParallelJob
     /// time a token (harness, interleaved); stories110m (K = 768 from DRAM) the same as with two rows.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void DotF32x16(float* x, float* w, int K, float* y)
+    private static void DotF32x16(float* x, float* w, int K, float* y) => DotF32x16(x, w, K, K, y);
+
+    /// <summary>The same over K weights of each of 16 rows <paramref name="stride"/> floats apart (a column slice).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void DotF32x16(float* x, float* w, int K, int stride, float* y)
     {
         Vector512<float> c0 = default, c1 = default, c2 = default, c3 = default, c4 = default, c5 = default, c6 = default, c7 = default;
         Vector512<float> c8 = default, c9 = default, c10 = default, c11 = default, c12 = default, c13 = default, c14 = default, c15 = default;
@@ -504,21 +573,21 @@ public sealed unsafe class MatMul : ParallelJob
         {
             var xv = Vector512.Load(x + k);
             float* r = w + k;
-            c0 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c0); r += K;
-            c1 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c1); r += K;
-            c2 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c2); r += K;
-            c3 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c3); r += K;
-            c4 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c4); r += K;
-            c5 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c5); r += K;
-            c6 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c6); r += K;
-            c7 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c7); r += K;
-            c8 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c8); r += K;
-            c9 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c9); r += K;
-            c10 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c10); r += K;
-            c11 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c11); r += K;
-            c12 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c12); r += K;
-            c13 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c13); r += K;
-            c14 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c14); r += K;
+            c0 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c0); r += stride;
+            c1 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c1); r += stride;
+            c2 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c2); r += stride;
+            c3 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c3); r += stride;
+            c4 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c4); r += stride;
+            c5 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c5); r += stride;
+            c6 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c6); r += stride;
+            c7 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c7); r += stride;
+            c8 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c8); r += stride;
+            c9 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c9); r += stride;
+            c10 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c10); r += stride;
+            c11 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c11); r += stride;
+            c12 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c12); r += stride;
+            c13 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c13); r += stride;
+            c14 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c14); r += stride;
             c15 = Vector512.FusedMultiplyAdd(xv, Vector512.Load(r), c15);
         }
         SumTree512.Sums16(c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15).Store(y);
@@ -529,12 +598,15 @@ public sealed unsafe class MatMul : ParallelJob
     /// products in turn (16 independent chains cover the FMA latency), summed by one shuffle tree into y[0..16).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void DotBf16x16(float* xPairs, nint w, int K, float* y)
+    private static void DotBf16x16(float* xPairs, nint w, int K, float* y) => DotBf16x16(xPairs, w, K, 2 * K, y);
+
+    /// <summary>The same over K weights of each of 16 rows <paramref name="rowBytes"/> apart (a column slice).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void DotBf16x16(float* xPairs, nint w, int K, nint rowBytes, float* y)
     {
         var hi = Vector512.Create(0xFFFF0000u);
         Vector512<float> c0 = default, c1 = default, c2 = default, c3 = default, c4 = default, c5 = default, c6 = default, c7 = default;
         Vector512<float> c8 = default, c9 = default, c10 = default, c11 = default, c12 = default, c13 = default, c14 = default, c15 = default;
-        nint rowBytes = 2 * K;
         for (int k = 0; k < K; k += 32)
         {
             var xe = Vector512.Load(xPairs + k);

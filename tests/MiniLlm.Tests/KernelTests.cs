@@ -22,6 +22,38 @@ public unsafe class KernelTests
         return TestSafetensors.Typed("w", [w.Length], w, dt).Data;
     }
 
+    /// <summary>
+    /// One thread's share of a GEMV (<see cref="MatMul.GemvSlice"/>): rows cut anywhere (16-row tiles, row pairs, an
+    /// odd row), columns cut on multiples of 32, fp32 and bf16, against a naive sum over the same slice.
+    /// </summary>
+    [Theory]
+    [InlineData(37, 96, 0, 37, 0, 96)]
+    [InlineData(37, 96, 5, 22, 32, 64)]
+    [InlineData(37, 96, 16, 37, 64, 96)]
+    [InlineData(200, 384, 0, 200, 128, 384)]
+    [InlineData(3, 32, 1, 2, 0, 32)]
+    public void GemvSliceMatchesNaive(int N, int K, int n0, int n1, int c0, int c1)
+    {
+        var x = Random(K, K * 7 + c0);
+        foreach (var type in new[] { WeightType.F32, WeightType.BF16 })
+        {
+            var bytes = Store(Random(N * K, N + K), type, out var w);
+            var y = new float[N];
+            Array.Fill(y, float.NaN);   // rows outside the slice stay untouched
+            var pairs = new float[c1 - c0];
+            fixed (float* xp = x, yp = y, pp = pairs)
+            fixed (byte* wp = bytes)
+                MatMul.GemvSlice(xp, new WeightMatrix((nint)wp, type, N, K), n0, n1, c0, c1, yp, pp);
+            for (int n = 0; n < N; n++)
+            {
+                if (n < n0 || n >= n1) { Assert.True(float.IsNaN(y[n]), $"{type} row {n} outside {n0}..{n1} was written"); continue; }
+                double s = 0, a = 0;
+                for (int k = c0; k < c1; k++) { s += (double)x[k] * w[n * K + k]; a += Math.Abs((double)x[k] * w[n * K + k]); }
+                Assert.True(Math.Abs(y[n] - s) <= 1e-5 * a + 1e-6, $"{type} row {n} columns {c0}..{c1}: {y[n]} vs {s}");
+            }
+        }
+    }
+
     public static TheoryData<int, int, int> MatMulShapes()
     {
         var data = new TheoryData<int, int, int>();

@@ -1,0 +1,97 @@
+using MiniLlm.Engine;
+using MiniLlm.Kernels;
+
+namespace MiniLlm.Tests;
+
+/// <summary>
+/// The one-dispatch decode (each thread its own heads, MLP slice and column slices of o and down, partials added
+/// after barriers) against the independent reference and against the op-by-op path: across KV tile boundaries
+/// (the tile transpose is split between threads), fp32 and bf16 weights, 2 and 3 threads, an MLP and a vocabulary
+/// that do not split evenly, and a bf16 paged cache.
+/// </summary>
+public class TensorParallelDecodeTests
+{
+    public static TheoryData<string, int, int, string, int> Shapes => new()
+    {
+        // name, heads, kv heads, weight dtype, threads
+        { "tp2-f32", 4, 2, "F32", 2 },
+        { "tp2-bf16", 4, 2, "BF16", 2 },
+        { "tp3-f32", 6, 3, "F32", 3 },
+        { "tp3-bf16-gqa2", 6, 3, "BF16", 3 },
+    };
+
+    // hidden 64, head_dim 32, MLP 96 (three 32-wide slices: 32 + 64 over two threads), vocab 97 (a ragged LM head)
+    private static RandomModel Make(string name, int heads, int kv, string dtype) =>
+        new(new RandomModelSpec { Hidden = 64, Intermediate = 96, Heads = heads, KvHeads = kv, HeadDim = 32, Vocab = 97, Context = 64, DType = dtype, Seed = 77 },
+            TestPaths.NewTempDir(name));
+
+    // 50 positions: the decode crosses the tile boundaries at 16, 32 and 48
+    private static readonly int[] Tokens = Enumerable.Range(0, 50).Select(i => (i * 37 + 11) % 97).ToArray();
+
+    private static void AssertClose(double[] reference, ReadOnlySpan<float> actual, double relative, string what)
+    {
+        double maxRef = reference.Max(Math.Abs), maxErr = 0;
+        for (int i = 0; i < reference.Length; i++) maxErr = Math.Max(maxErr, Math.Abs(reference[i] - actual[i]));
+        Assert.True(maxErr < relative * maxRef, $"{what}: max abs error {maxErr:E3} vs bound {relative * maxRef:E3}");
+    }
+
+    [Theory]
+    [MemberData(nameof(Shapes))]
+    public void DecodeMatchesReference(string name, int heads, int kv, string dtype, int threads)
+    {
+        var rm = Make(name, heads, kv, dtype);
+        var reference = new NaiveLlama(rm).Logits(Tokens);
+        using var model = LlamaModel.Load(rm.Dir, threads);
+        Assert.True(model.UsesTensorParallelDecode, $"{name}: the model should take the tensor-parallel decode");
+        using var cache = model.NewKvCache();
+        var logits = new float[rm.Spec.Vocab];
+        model.Forward(Tokens.AsSpan(0, 5), 0, cache, logits);   // prefill (op by op), then one token at a time
+        for (int pos = 5; pos < Tokens.Length; pos++)
+        {
+            model.Forward(Tokens.AsSpan(pos, 1), pos, cache, logits);
+            AssertClose(reference[pos], logits, 1e-4, $"{name} decode position {pos}");
+        }
+    }
+
+    [Fact]
+    public void DecodeWritesTheSameBf16PagedCacheAsTheOpByOpPath()
+    {
+        var rm = Make("tp-paged-bf16", 4, 2, "F32");
+        using var model = LlamaModel.Load(rm.Dir, threads: 2);
+        var c = model.Config;
+        using var pool = new KvBlockPool(c.NumHiddenLayers, c.KvDim, blocks: 8, KvType.BF16);
+        (PagedKvCache Cache, float[][] Logits) Run(bool tensorParallel, int firstBlock)
+        {
+            model.TensorParallel = tensorParallel;
+            Assert.Equal(tensorParallel, model.UsesTensorParallelDecode);
+            var cache = new PagedKvCache(pool, 64);
+            for (int b = 0; b < 4; b++) cache.Add(firstBlock + (b * 3) % 4);   // blocks out of order: the table matters
+            var all = new float[Tokens.Length][];
+            var logits = new float[c.VocabSize];
+            model.Forward(Tokens.AsSpan(0, 5), 0, cache, logits);
+            for (int pos = 5; pos < Tokens.Length; pos++)
+            {
+                model.Forward(Tokens.AsSpan(pos, 1), pos, cache, logits);
+                all[pos] = (float[])logits.Clone();
+            }
+            return (cache, all);
+        }
+        var (tp, tpLogits) = Run(true, 0);
+        var (op, opLogits) = Run(false, 4);
+        for (int pos = 5; pos < Tokens.Length; pos++)
+            AssertClose(opLogits[pos].Select(v => (double)v).ToArray(), tpLogits[pos], 1e-4, $"logits at {pos}");
+        for (int l = 0; l < c.NumHiddenLayers; l++)
+        {
+            KvView a = tp.Layer(l), b = op.Layer(l);
+            for (int pos = 0; pos < Tokens.Length; pos++)
+                for (int e = 0; e < c.KvDim; e++)
+                {
+                    float ka = a.KeyAt(pos, e, Tokens.Length), kb = b.KeyAt(pos, e, Tokens.Length);
+                    float va = a.ValueAt(pos, e), vb = b.ValueAt(pos, e);
+                    // bf16 keeps 8 bits: the two paths' fp32 sums may round to neighbouring bf16 values
+                    Assert.True(Math.Abs(ka - kb) <= 1e-2f * Math.Max(1, Math.Abs(kb)), $"layer {l} key {pos}/{e}: {ka} vs {kb}");
+                    Assert.True(Math.Abs(va - vb) <= 1e-2f * Math.Max(1, Math.Abs(vb)), $"layer {l} value {pos}/{e}: {va} vs {vb}");
+                }
+        }
+    }
+}
