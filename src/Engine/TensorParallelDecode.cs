@@ -160,15 +160,23 @@ internal sealed unsafe class TensorParallelDecode : ParallelJob, IDisposable
         r1 = t == _threads - 1 ? n : units * (t + 1) / _threads * unit;
     }
 
+    /// <summary>What thread t owns: [q0, q1) its query heads' q rows, att and o columns; [k0, k1) its KV heads' k/v
+    /// rows and cache elements; [f0, f1) its gate/up rows and down columns; [v0, v1) its LM head rows.</summary>
+    private readonly record struct Shares(int Q0, int Q1, int K0, int K1, int F0, int F1, int V0, int V1);
+
+    private Shares SharesOf(int t)
+    {
+        int hd = _c.HeadDim, hT = _c.NumAttentionHeads / _threads, gT = _c.NumKeyValueHeads / _threads;
+        Share(t, _c.IntermediateSize, 32, out int f0, out int f1);
+        Share(t, _c.VocabSize, 16, out int v0, out int v1);
+        return new Shares(t * hT * hd, (t + 1) * hT * hd, t * gT * hd, (t + 1) * gT * hd, f0, f1, v0, v1);
+    }
+
     private void Pass(int t, int worker)
     {
         var c = _c;
-        int d = c.HiddenSize, hd = c.HeadDim, T = _threads;
-        int hT = c.NumAttentionHeads / T, gT = c.NumKeyValueHeads / T;
-        int q0 = t * hT * hd, q1 = q0 + hT * hd;    // this thread's query heads: q rows, att and o columns
-        int k0 = t * gT * hd, k1 = k0 + gT * hd;    // its KV heads: k/v rows, cache elements
-        Share(t, c.IntermediateSize, 32, out int f0, out int f1);   // its gate/up rows, down columns
-        Share(t, c.VocabSize, 16, out int v0, out int v1);          // its LM head rows
+        int d = c.HiddenSize, hT = c.NumAttentionHeads / _threads, gT = c.NumKeyValueHeads / _threads;
+        var (q0, q1, k0, k1, f0, f1, v0, v1) = SharesOf(t);
         float* x = _x[t].Pointer, xb = _xb[t].Pointer, pairs = _pairs[t].Pointer;
         float eps = (float)c.RmsNormEps;
         var prof = t == 0 ? _prof : null;
@@ -203,8 +211,7 @@ internal sealed unsafe class TensorParallelDecode : ParallelJob, IDisposable
             prof?.Record(OpKind.AttnScores, l, ref _t0);
             MatMul.GemvSlice(_att, L.Wo, 0, d, q0, q1, _partsA.Pointer + (long)t * d, pairs);   // partial o [d]
             prof?.Record(OpKind.OProj, l, ref _t0);
-            Barrier(ref epoch);
-            AddPartials(x, _partsA.Pointer, t);   // x += Σ partial o
+            AddSublayer(x, _partsA.Pointer, t, ref epoch);   // x += Σ partial o
             prof?.Record(OpKind.AttnResidual, l, ref _t0);
 
             // ── MLP, this thread's slice ──
@@ -218,8 +225,7 @@ internal sealed unsafe class TensorParallelDecode : ParallelJob, IDisposable
             // Partials alternate between two sets: a thread may start this one while another still reads the last.
             MatMul.GemvSlice(_hb, L.Wdown, 0, d, f0, f1, _partsB.Pointer + (long)t * d, pairs);   // partial down [d]
             prof?.Record(OpKind.Down, l, ref _t0);
-            Barrier(ref epoch);
-            AddPartials(x, _partsB.Pointer, t);   // x += Σ partial down
+            AddSublayer(x, _partsB.Pointer, t, ref epoch);   // x += Σ partial down
             prof?.Record(OpKind.FfnResidual, l, ref _t0);
         }
         fixed (float* wn = _finalNorm) Ops.RmsNorm(x, wn, xb, 1, d, eps);
@@ -227,9 +233,13 @@ internal sealed unsafe class TensorParallelDecode : ParallelJob, IDisposable
         MatMul.GemvSlice(xb, _lmHead, v0, v1, 0, d, _logits, pairs);   // logits[v0..v1)
     }
 
-    /// <summary>x += Σ_u parts[u] in thread order: the same operations on every thread, so every copy of x agrees.</summary>
-    private void AddPartials(float* x, float* parts, int t)
+    /// <summary>
+    /// Waits for every thread's partial sublayer output, then x += Σ_u parts[u] in thread order: the same operations
+    /// on every thread, so every copy of x agrees.
+    /// </summary>
+    private void AddSublayer(float* x, float* parts, int t, ref int epoch)
     {
+        Barrier(ref epoch);
         int d = _c.HiddenSize;
         var sum = new Span<float>(_sum.Pointer + (long)t * d, d);
         new ReadOnlySpan<float>(parts, d).CopyTo(sum);
@@ -240,12 +250,8 @@ internal sealed unsafe class TensorParallelDecode : ParallelJob, IDisposable
 
     private void Stream(int t)
     {
-        var c = _c;
-        int d = c.HiddenSize, hd = c.HeadDim, T = _threads;
-        int q0 = t * c.NumAttentionHeads / T * hd, q1 = (t + 1) * c.NumAttentionHeads / T * hd;
-        int k0 = t * c.NumKeyValueHeads / T * hd, k1 = (t + 1) * c.NumKeyValueHeads / T * hd;
-        Share(t, c.IntermediateSize, 32, out int f0, out int f1);
-        Share(t, c.VocabSize, 16, out int v0, out int v1);
+        int d = _c.HiddenSize;
+        var (q0, q1, k0, k1, f0, f1, v0, v1) = SharesOf(t);
         float s = 0;
         foreach (var L in _layers)
         {
