@@ -102,17 +102,14 @@ internal sealed unsafe class TensorParallelDecode : ParallelJob, IDisposable
     /// <summary>
     /// One step's weight reads with loads only, each thread its own rows and column slices in the kernels' order,
     /// in one dispatch, without the step's barriers or any arithmetic (the decode ceiling's stream: what the
-    /// memory system gives this cut of the weights; the barriers are the step's own cost); returns the bytes read.
+    /// memory system gives this cut of the weights; the barriers are the step's own cost).
     /// </summary>
-    public long StreamPass()
+    public void StreamPass()
     {
         _streamOnly = true;
         _prof = null;
         try { Dispatch(); }
         finally { _streamOnly = false; }
-        long bytes = _lmHead.ByteLength;
-        foreach (var L in _layers) bytes += L.Wq.ByteLength + L.Wk.ByteLength + L.Wv.ByteLength + L.Wo.ByteLength + L.Wgate.ByteLength + L.Wup.ByteLength + L.Wdown.ByteLength;
-        return bytes;
     }
 
     private void Dispatch()

@@ -270,11 +270,7 @@ public sealed unsafe class Attention : ParallelJob
             _segments = new AttentionSegment[segments.Length];
             _firstChunk = new int[segments.Length + 1];
         }
-        if (_scoreRows < heads)   // a decode chunk keeps every head's scores of its run
-        {
-            _scoreRows = Math.Max(RowsPerChunk, heads);
-            for (int i = 0; i < _scores.Length; i++) _scores[i] = GC.AllocateUninitializedArray<float>(_scoreRows * _stride, pinned: true);
-        }
+        EnsureScoreRows(heads);
         long work = 0, groups = 0;
         foreach (var g in segments) groups += (g.Count + RowsPerChunk - 1) / RowsPerChunk;
         // Heads per chunk: as many as still leave about four chunks per worker.
@@ -302,6 +298,14 @@ public sealed unsafe class Attention : ParallelJob
         else _pool.Run(this, chunks);
     }
 
+    /// <summary>A decode chunk keeps every head's scores of its run: per-worker scratch of at least that many rows.</summary>
+    private void EnsureScoreRows(int heads)
+    {
+        if (_scoreRows >= heads) return;
+        _scoreRows = Math.Max(RowsPerChunk, heads);
+        for (int i = 0; i < _scores.Length; i++) _scores[i] = GC.AllocateUninitializedArray<float>(_scoreRows * _stride, pinned: true);
+    }
+
     /// <summary>
     /// Sets up one decode row for <see cref="DecodeHeads"/>, which several threads then call on disjoint runs of
     /// heads (tensor-parallel decode: each thread attends with the KV heads whose keys and values it wrote itself).
@@ -310,11 +314,7 @@ public sealed unsafe class Attention : ParallelJob
     {
         if (heads % kvHeads != 0 || headDim % 16 != 0 || SimdPolicy.Current != SimdPolicy.Isa.V512)
             throw new ArgumentException($"decode by head runs needs whole KV groups, head_dim a multiple of 16 and V512 (heads {heads}, kv heads {kvHeads}, head_dim {headDim})");
-        if (_scoreRows < heads)
-        {
-            _scoreRows = Math.Max(RowsPerChunk, heads);
-            for (int i = 0; i < _scores.Length; i++) _scores[i] = GC.AllocateUninitializedArray<float>(_scoreRows * _stride, pinned: true);
-        }
+        EnsureScoreRows(heads);
         _q = q; _out = output; _heads = heads; _kvHeads = kvHeads; _headDim = headDim;
         _scale = 1f / MathF.Sqrt(headDim);
     }
