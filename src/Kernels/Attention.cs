@@ -292,8 +292,7 @@ public sealed unsafe class Attention : ParallelJob
         }
         _firstChunk[segments.Length] = chunks;
         _segmentCount = segments.Length;
-        _q = q; _out = output; _heads = heads; _kvHeads = kvHeads; _headDim = headDim;
-        _scale = 1f / MathF.Sqrt(headDim);
+        SetCall(q, heads, kvHeads, headDim, output);
         if (work < SerialWork) { for (int c = 0; c < chunks; c++) Execute(c, 0); }
         else _pool.Run(this, chunks);
     }
@@ -315,6 +314,12 @@ public sealed unsafe class Attention : ParallelJob
         if (heads % kvHeads != 0 || headDim % 16 != 0 || SimdPolicy.Current != SimdPolicy.Isa.V512)
             throw new ArgumentException($"decode by head runs needs whole KV groups, head_dim a multiple of 16 and V512 (heads {heads}, kv heads {kvHeads}, head_dim {headDim})");
         EnsureScoreRows(heads);
+        SetCall(q, heads, kvHeads, headDim, output);
+    }
+
+    /// <summary>This call's q, output and shapes, which every chunk reads.</summary>
+    private void SetCall(float* q, int heads, int kvHeads, int headDim, float* output)
+    {
         _q = q; _out = output; _heads = heads; _kvHeads = kvHeads; _headDim = headDim;
         _scale = 1f / MathF.Sqrt(headDim);
     }
@@ -326,10 +331,15 @@ public sealed unsafe class Attention : ParallelJob
     public void DecodeHeads(in KvView kv, int pos, int h0, int h1, int worker)
     {
         if (pos + 1 > MaxContext) throw new ArgumentOutOfRangeException(nameof(pos), $"position {pos} exceeds the attention scratch ({MaxContext})");
-        var seg = new AttentionSegment(0, 1, pos, kv);
+        DecodeRow(new AttentionSegment(0, 1, pos, kv), h0, h1, worker);
+    }
+
+    /// <summary>Heads h0..h1 of a one-row segment, by the KV cache's element type, in worker's scratch.</summary>
+    private void DecodeRow(in AttentionSegment seg, int h0, int h1, int worker)
+    {
         fixed (float* scratch = _scores[worker])
         {
-            if (kv.Type == KvType.F32) DecodeRow<F32Load>(seg, h0, h1, scratch);
+            if (seg.Kv.Type == KvType.F32) DecodeRow<F32Load>(seg, h0, h1, scratch);
             else DecodeRow<Bf16Load>(seg, h0, h1, scratch);
         }
     }
@@ -342,11 +352,7 @@ public sealed unsafe class Attention : ParallelJob
         int g = local / _runs, h0 = local % _runs * _headRun, h1 = Math.Min(_heads, h0 + _headRun);
         if (_segments[si].Count == 1 && !BatchInvariant && SimdPolicy.Current == SimdPolicy.Isa.V512 && _headDim % 16 == 0)
         {
-            fixed (float* scratch = _scores[worker])
-            {
-                if (_segments[si].Kv.Type == KvType.F32) DecodeRow<F32Load>(_segments[si], h0, h1, scratch);
-                else DecodeRow<Bf16Load>(_segments[si], h0, h1, scratch);
-            }
+            DecodeRow(_segments[si], h0, h1, worker);
             return;
         }
         for (int h = h0; h < h1; h++)
