@@ -58,9 +58,10 @@ public sealed unsafe class MatMul : ParallelJob
     /// at M = 48 (a 64-row panel, a quarter empty) it lost 55–60 % to 68–73 %.
     /// </summary>
     /// <remarks>
-    /// bf16 weights stay on the skinny tiles below <see cref="Bf16PackedMinRows"/>: at 64 rows they took 3–11 % less
-    /// time than the packed GEMM (four interleaved pairs, 768 × 2048 and 2048 × 768 from DRAM), whose per-slice
-    /// widening serves only two X panels there; from 96 to 512 rows the two were within the host's noise.
+    /// bf16 weights stay on the skinny tiles below <see cref="Bf16PackedMinRows"/>. With the packed GEMM's K blocks of
+    /// 384 they were 3–11 % faster at 64 rows too; since one or two panels run K unblocked (up to 2048), the packed
+    /// GEMM takes 5 % less time at M = 64 over stories110m's products (bf16 from DRAM, alternating, 7 rounds) and 4–12 %
+    /// more at 60 and below (48: 26 % more, a panel a quarter empty).
     /// </remarks>
     private bool UsePacked(int m, ReadOnlySpan<Product> products, SimdPolicy.Isa isa)
     {
@@ -70,7 +71,7 @@ public sealed unsafe class MatMul : ParallelJob
         return All(products, WeightType.F32);
     }
 
-    private const int Bf16PackedMinRows = 96;
+    private const int Bf16PackedMinRows = 64;
 
     private static bool All(ReadOnlySpan<Product> products, WeightType type)
     {

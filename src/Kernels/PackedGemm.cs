@@ -11,7 +11,7 @@ namespace MiniLlm.Kernels;
 /// NR = 2 vectors of rows, laid out [K][NR]. Phase 2 hands each worker 32 rows of one weight: an MR × NR
 /// outer-product micro-kernel broadcasts one weight from each of MR = 8 rows (widened on the fly) against two X
 /// vectors (16 accumulators, no horizontal sums). K is blocked by KC so that every panel's K slice (M × KC fp32,
-/// 768 KiB at M = 512) stays in L2 while an 8-row weight slice sits in L1; accumulators persist across K blocks
+/// 768 KiB at M = 512; one or two panels take blocks of up to 2048) stays in L2 while an 8-row weight slice sits in L1; accumulators persist across K blocks
 /// in a per-worker tile buffer, and each finished 8 × NR tile is written into Y column-wise once.
 /// </summary>
 internal sealed unsafe class PackedGemm : ParallelJob
@@ -20,6 +20,11 @@ internal sealed unsafe class PackedGemm : ParallelJob
     // K block. 384 against 256: fp32 GEMM 81–89 % of FMA peak instead of 72–81 % at M = 512 (fewer passes of the
     // accumulator tiles through memory; a panel slice of 512 × 384 fp32 = 768 KiB still fits L2); 512 was slower.
     private const int KC = 384;
+    // K block for one or two panels (batched decode, M ≤ 64): up to 2048, so K ≤ 2048 is not blocked at all and the
+    // 8-row weight slices run the whole row (two panels of 2048 × 32 fp32 = 512 KiB stay in L2). stories110m's
+    // products at M = 32 and 64 (fp32, from DRAM, alternating, 9 rounds): 5–6 % less time than with 384; 768 and
+    // 1024 between the two, 256 slower.
+    private const int KCFewPanels = 2048;
     private const int RowsPerChunk = 32;    // weight rows per work item
     private const int MicroPerChunk = RowsPerChunk / MR;
 
@@ -27,10 +32,12 @@ internal sealed unsafe class PackedGemm : ParallelJob
     private float* _xPack;                  // [ceil(M/NR)][K][NR]
     private long _xPackFloats;
     private readonly float*[] _tiles;       // per worker: [MicroPerChunk][panels][MR][NR] running sums
-    private readonly float*[] _dequant;     // per worker: [MR][KC] fp32 copy of a bf16/f16/Q8 weight slice
+    private readonly float*[] _dequant;     // per worker: [MR][_dequantKc] fp32 copy of a bf16/f16/Q8 weight slice
     private long _tileFloats;
+    private int _dequantKc = KC;            // K elements each _dequant row holds
     private float* _x;
     private int _m, _k, _panels, _nr, _phase;
+    private int _kc;                        // this call's K block: KC, or KCFewPanels for one or two panels
     private readonly ProductChunks _chunks = new();
 
     public PackedGemm(WorkerPool pool)
@@ -47,6 +54,14 @@ internal sealed unsafe class PackedGemm : ParallelJob
         _x = x; _m = m; _k = k;
         _nr = isa == SimdPolicy.Isa.V512 ? 32 : 16;
         _panels = (m + _nr - 1) / _nr;
+        _kc = Math.Min(k, _panels <= 2 ? KCFewPanels : KC);
+        if (_kc > _dequantKc)
+            for (int i = 0; i < _dequant.Length; i++)
+            {
+                NativeMemory.AlignedFree(_dequant[i]);
+                _dequant[i] = (float*)NativeMemory.AlignedAlloc((nuint)(MR * _kc * sizeof(float)), 64);
+            }
+        _dequantKc = Math.Max(_dequantKc, _kc);
         long need = (long)_panels * _nr * k;
         if (need > _xPackFloats)
         {
@@ -136,9 +151,10 @@ internal sealed unsafe class PackedGemm : ParallelJob
         int K = _k, N = w.Rows, nr = _nr, tileFloats = MR * nr;
         int r0 = chunk * RowsPerChunk, r1 = Math.Min(N, r0 + RowsPerChunk);
         float* tiles = _tiles[worker];
-        for (int k0 = 0; k0 < K; k0 += KC)
+        int kcMax = _kc;
+        for (int k0 = 0; k0 < K; k0 += kcMax)
         {
-            int kc = Math.Min(KC, K - k0);
+            int kc = Math.Min(kcMax, K - k0);
             for (int n = r0, mp = 0; n < r1; n += MR, mp++)
             {
                 int valid = Math.Min(MR, r1 - n);
@@ -160,12 +176,12 @@ internal sealed unsafe class PackedGemm : ParallelJob
                         if (ahead != 0 && Sse.IsSupported)
                             for (long b = 0, bytes = w.RowBytes * kc / K; b < bytes; b += 64) Sse.Prefetch0((void*)(pf + (nint)b));
                         int k = 0, W = S.Width;
-                        for (; k + W <= kc; k += W) S.Store(S.LoadW<TL>(row, k0 + k), dq + i * KC + k);
-                        for (; k < kc; k++) dq[i * KC + k] = TL.Load1(row, k0 + k);
+                        for (; k + W <= kc; k += W) S.Store(S.LoadW<TL>(row, k0 + k), dq + i * kcMax + k);
+                        for (; k < kc; k++) dq[i * kcMax + k] = TL.Load1(row, k0 + k);
                     }
                     for (int p = 0; p < _panels; p++, tile += tileFloats)
-                        Micro<S, TV>((nint)dq, (nint)(dq + KC), (nint)(dq + 2 * KC), (nint)(dq + 3 * KC), (nint)(dq + 4 * KC),
-                            (nint)(dq + 5 * KC), (nint)(dq + 6 * KC), (nint)(dq + 7 * KC), _xPack + ((long)p * K + k0) * nr, kc, tile, k0 > 0, 0);
+                        Micro<S, TV>((nint)dq, (nint)(dq + kcMax), (nint)(dq + 2 * kcMax), (nint)(dq + 3 * kcMax), (nint)(dq + 4 * kcMax),
+                            (nint)(dq + 5 * kcMax), (nint)(dq + 6 * kcMax), (nint)(dq + 7 * kcMax), _xPack + ((long)p * K + k0) * nr, kc, tile, k0 > 0, 0);
                     continue;
                 }
                 nint w0 = Row(w, n, 0, valid, k0), w1 = Row(w, n, 1, valid, k0), w2 = Row(w, n, 2, valid, k0), w3 = Row(w, n, 3, valid, k0);

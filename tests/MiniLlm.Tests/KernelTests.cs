@@ -64,6 +64,8 @@ public unsafe class KernelTests
         data.Add(1, 4100, 21);    // … K not a multiple of 16: back to two streams
         data.Add(1, 768, 400);    // the fp32 GEMV's parked sums: whole batches of 16 row pairs, pairs left over
         data.Add(1, 784, 37);     // … K a multiple of 16, not of 32; an odd row
+        data.Add(64, 2100, 37);   // the packed GEMM's one or two panels: K blocks of 2048, a tail of 52
+        data.Add(32, 4200, 11);   // … three blocks (fp32; bf16 and f16 take the skinny tiles at 32 rows)
         return data;
     }
 
