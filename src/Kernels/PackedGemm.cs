@@ -11,8 +11,9 @@ namespace MiniLlm.Kernels;
 /// NR = 2 vectors of rows, laid out [K][NR]. Phase 2 hands each worker 32 rows of one weight: an MR × NR
 /// outer-product micro-kernel broadcasts one weight from each of MR = 8 rows (widened on the fly) against two X
 /// vectors (16 accumulators, no horizontal sums). K is blocked by KC so that every panel's K slice (M × KC fp32,
-/// 768 KiB at M = 512; one or two panels take blocks of up to 2048) stays in L2 while an 8-row weight slice sits in L1; accumulators persist across K blocks
-/// in a per-worker tile buffer, and each finished 8 × NR tile is written into Y column-wise once.
+/// 768 KiB at M = 512; one or two panels take blocks of up to 2048) stays in L2 while an 8-row weight slice sits in
+/// L1; accumulators persist across K blocks in a per-worker tile buffer, and each finished 8 × NR tile is written
+/// into Y column-wise once.
 /// </summary>
 internal sealed unsafe class PackedGemm : ParallelJob
 {
@@ -34,7 +35,7 @@ internal sealed unsafe class PackedGemm : ParallelJob
     private readonly float*[] _tiles;       // per worker: [MicroPerChunk][panels][MR][NR] running sums
     private readonly float*[] _dequant;     // per worker: [MR][_dequantKc] fp32 copy of a bf16/f16/Q8 weight slice
     private long _tileFloats;
-    private int _dequantKc = KC;            // K elements each _dequant row holds
+    private int _dequantKc;                 // K elements each _dequant row holds (grown like the tiles, on first need)
     private float* _x;
     private int _m, _k, _panels, _nr, _phase;
     private int _kc;                        // this call's K block: KC, or KCFewPanels for one or two panels
@@ -45,7 +46,6 @@ internal sealed unsafe class PackedGemm : ParallelJob
         _pool = pool;
         _tiles = new float*[pool.Threads];
         _dequant = new float*[pool.Threads];
-        for (int i = 0; i < pool.Threads; i++) _dequant[i] = (float*)NativeMemory.AlignedAlloc(MR * KC * sizeof(float), 64);
     }
 
     /// <summary>Every product shares X [m × K]; each writes its own Y.</summary>
@@ -56,12 +56,14 @@ internal sealed unsafe class PackedGemm : ParallelJob
         _panels = (m + _nr - 1) / _nr;
         _kc = Math.Min(k, _panels <= 2 ? KCFewPanels : KC);
         if (_kc > _dequantKc)
+        {
             for (int i = 0; i < _dequant.Length; i++)
             {
-                NativeMemory.AlignedFree(_dequant[i]);
+                if (_dequant[i] != null) NativeMemory.AlignedFree(_dequant[i]);
                 _dequant[i] = (float*)NativeMemory.AlignedAlloc((nuint)(MR * _kc * sizeof(float)), 64);
             }
-        _dequantKc = Math.Max(_dequantKc, _kc);
+            _dequantKc = _kc;
+        }
         long need = (long)_panels * _nr * k;
         if (need > _xPackFloats)
         {
