@@ -52,10 +52,13 @@ public sealed unsafe class MatMul : ParallelJob
     public static int PackedMinRows { get; set; } = 64;
 
     /// <summary>
-    /// Whether M rows go to the packed GEMM: from <see cref="PackedMinRows"/>, and for fp32 weights also from 32 rows
-    /// when its 32-row X panels would be at least 90 % full (M = 32, 58–63). With its next-slice prefetch, packed fp32
+    /// Whether M rows go to the packed GEMM: from <see cref="PackedMinRows"/>, and for fp32 weights also whenever its
+    /// 32-row X panels would be at least 90 % full (M = 29–32, 58–63). With its next-slice prefetch, packed fp32
     /// at M = 32 ran at 70–74 % of FMA peak against the skinny tiles' 67–71 % (interleaved, 768 × 2048 from DRAM);
-    /// at M = 48 (a 64-row panel, a quarter empty) it lost 55–60 % to 68–73 %.
+    /// at M = 48 (a 64-row panel, a quarter empty) it lost 55–60 % to 68–73 %. At 29–31 rows it also wins: stories110m's
+    /// products from DRAM took 10–11 % less time (M = 29, 31), tiny-kjv's from cache 16 % less (M = 29; a 29-token
+    /// prefill); at 24 (three quarters full) it took 4 % more, at 40 (two panels, 62 % full) 18 % more (session 12,
+    /// in-process alternation, 9–31 rounds).
     /// </summary>
     /// <remarks>
     /// bf16 weights stay on the skinny tiles below <see cref="Bf16PackedMinRows"/>. With the packed GEMM's K blocks of
@@ -67,7 +70,7 @@ public sealed unsafe class MatMul : ParallelJob
     {
         if (isa == SimdPolicy.Isa.Scalar || BatchInvariant) return false;
         if (m >= PackedMinRows) return m >= Bf16PackedMinRows || !All(products, WeightType.BF16);
-        if (m < 32 || isa != SimdPolicy.Isa.V512 || m * 10 < (m + 31) / 32 * 32 * 9) return false;
+        if (isa != SimdPolicy.Isa.V512 || m * 10 < (m + 31) / 32 * 32 * 9) return false;   // panels under 90 % full
         return All(products, WeightType.F32);
     }
 

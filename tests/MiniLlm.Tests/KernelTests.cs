@@ -66,6 +66,8 @@ public unsafe class KernelTests
         data.Add(1, 784, 37);     // … K a multiple of 16, not of 32; an odd row
         data.Add(64, 2100, 37);   // the packed GEMM's one or two panels: K blocks of 2048, a tail of 52
         data.Add(32, 4200, 11);   // … three blocks (fp32; bf16 and f16 take the skinny tiles at 32 rows)
+        data.Add(29, 300, 67);    // fp32: one panel 29/32 full takes the packed GEMM (bf16 and f16: the skinny tiles)
+        data.Add(30, 2100, 13);   // … over a K block and a tail
         return data;
     }
 
