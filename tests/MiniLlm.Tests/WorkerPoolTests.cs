@@ -6,7 +6,7 @@ namespace MiniLlm.Tests;
 public class WorkerPoolTests
 {
     [Fact]
-    public async Task WorkerPoolWakesWorkersThatWentToSleep()
+    public void WorkerPoolWakesWorkersThatWentToSleep()
     {
         // Workers fall asleep after a few ms of spinning; a dispatch must wake them (never hang, never lose a chunk)
         // whether it lands long after they slept or right around the moment they go to sleep.
@@ -15,15 +15,15 @@ public class WorkerPoolTests
         var rng = new Random(7);
         for (int rep = 0; rep < 40; rep++)
         {
-            await Task.Delay(rep % 8 == 0 ? 60 : rng.Next(0, 12));
+            Thread.Sleep(rep % 8 == 0 ? 60 : rng.Next(0, 12));
             job.Reset();
-            await Task.Run(() => pool.Run(job, 64)).WaitAsync(TimeSpan.FromSeconds(10));   // TimeoutException = hung
+            RunOrFail(() => pool.Run(job, 64));
             Assert.All(job.Hits, h => Assert.Equal(1, h));
         }
     }
 
     [Fact]
-    public async Task PinnedDispatchRunsEachChunkOnceOnItsOwnWorker()
+    public void PinnedDispatchRunsEachChunkOnceOnItsOwnWorker()
     {
         // Chunk c belongs to worker c mod Threads on every call (that is what keeps a core's share of the weights in
         // its own cache), including calls that have to wake sleeping workers first.
@@ -31,12 +31,27 @@ public class WorkerPoolTests
         var job = new SlowCountingJob(11);
         for (int rep = 0; rep < 12; rep++)
         {
-            if (rep % 4 == 0) await Task.Delay(60);
+            if (rep % 4 == 0) Thread.Sleep(60);
             job.Reset();
-            await Task.Run(() => pool.RunPinned(job, 11)).WaitAsync(TimeSpan.FromSeconds(10));
+            RunOrFail(() => pool.RunPinned(job, 11));
             Assert.All(job.Hits, h => Assert.Equal(1, h));
             for (int c = 0; c < 11; c++) Assert.Equal(c % 3, job.Worker[c]);
         }
+    }
+
+    /// <summary>
+    /// Runs a dispatch on a thread of its own and fails if it has not returned within 30 s (a hung pool). Not on the
+    /// .NET thread pool: with the rest of the suite running beside it on two cores, a queued Task.Run item could wait
+    /// for a pool thread long enough to read as a hang (one clean-clone CI run timed out at 10 s that way, or hung;
+    /// 40 loops of this class beside 6 runs of the whole suite did not repeat it).
+    /// </summary>
+    private static void RunOrFail(Action dispatch)
+    {
+        Exception? error = null;
+        var t = new Thread(() => { try { dispatch(); } catch (Exception e) { error = e; } }) { IsBackground = true };
+        t.Start();
+        Assert.True(t.Join(TimeSpan.FromSeconds(30)), "the dispatch did not return within 30 s: the pool hung");
+        if (error != null) throw new Xunit.Sdk.XunitException($"the dispatch threw: {error}");
     }
 
     /// <summary>Counts each chunk's runs; chunks slow enough that every worker joins in.</summary>
