@@ -73,15 +73,16 @@ public readonly unsafe struct KvView
     {
         nint kt = KeyTile(pos / Tile);
         int r = pos % Tile;
-        StoreRow(kt + (nint)((long)r * KvDim * ElementBytes), key);
+        StoreRow(kt + (nint)((long)r * KvDim * ElementBytes), key, 0, KvDim);
         if (r == Tile - 1) TransposeKeys(kt);
-        StoreRow(ValueRow(pos), value);
+        StoreRow(ValueRow(pos), value, 0, KvDim);
     }
 
-    private void StoreRow(nint dst, float* src)
+    /// <summary>Elements [e0, e1) of a row: src[e] → element e of the row at <paramref name="dst"/>.</summary>
+    private void StoreRow(nint dst, float* src, int e0, int e1)
     {
-        if (Type == KvType.F32) new ReadOnlySpan<float>(src, KvDim).CopyTo(new Span<float>((void*)dst, KvDim));
-        else for (int e = 0; e < KvDim; e++) ((ushort*)dst)[e] = Bf16.FromFloat(src[e]);
+        if (Type == KvType.F32) new ReadOnlySpan<float>(src + e0, e1 - e0).CopyTo(new Span<float>((float*)dst + e0, e1 - e0));
+        else for (int e = e0; e < e1; e++) ((ushort*)dst)[e] = Bf16.FromFloat(src[e]);
     }
 
     /// <summary>A full tile's keys, [16][g·hd] rows → [g·hd][16], through a copy on the stack (16 · g·hd elements).</summary>
@@ -156,8 +157,8 @@ public readonly unsafe struct KvView
     /// </summary>
     public void WriteRowPart(int pos, float* key, float* value, int e0, int e1)
     {
-        nint kr = KeyTile(pos / Tile) + (nint)((long)(pos % Tile) * KvDim * ElementBytes), vr = ValueRow(pos);
-        for (int e = e0; e < e1; e++) { Store(kr, e, key[e]); Store(vr, e, value[e]); }
+        StoreRow(KeyTile(pos / Tile) + (nint)((long)(pos % Tile) * KvDim * ElementBytes), key, e0, e1);
+        StoreRow(ValueRow(pos), value, e0, e1);
     }
 
     /// <summary>Columns [e0, e1) of a full tile still held as rows → <paramref name="stage"/> [16][e1 − e0] (elements of the cache's type).</summary>

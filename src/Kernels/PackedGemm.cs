@@ -33,9 +33,9 @@ internal sealed unsafe class PackedGemm : ParallelJob
     private float* _xPack;                  // [ceil(M/NR)][K][NR]
     private long _xPackFloats;
     private readonly float*[] _tiles;       // per worker: [MicroPerChunk][panels][MR][NR] running sums
-    private readonly float*[] _dequant;     // per worker: [MR][_dequantKc] fp32 copy of a bf16/f16/Q8 weight slice
+    private readonly float*[] _dequant;     // per worker: [MR][_kc] fp32 copy of a bf16/f16/Q8 weight slice
     private long _tileFloats;
-    private int _dequantKc;                 // K elements each _dequant row holds (grown like the tiles, on first need)
+    private long _dequantFloats;            // floats each _dequant buffer holds (MR × the largest K block so far)
     private float* _x;
     private int _m, _k, _panels, _nr, _phase;
     private int _kc;                        // this call's K block: KC, or KCFewPanels for one or two panels
@@ -55,15 +55,7 @@ internal sealed unsafe class PackedGemm : ParallelJob
         _nr = isa == SimdPolicy.Isa.V512 ? 32 : 16;
         _panels = (m + _nr - 1) / _nr;
         _kc = Math.Min(k, _panels <= 2 ? KCFewPanels : KC);
-        if (_kc > _dequantKc)
-        {
-            for (int i = 0; i < _dequant.Length; i++)
-            {
-                if (_dequant[i] != null) NativeMemory.AlignedFree(_dequant[i]);
-                _dequant[i] = (float*)NativeMemory.AlignedAlloc((nuint)(MR * _kc * sizeof(float)), 64);
-            }
-            _dequantKc = _kc;
-        }
+        GrowPerWorker(_dequant, ref _dequantFloats, (long)MR * _kc);
         long need = (long)_panels * _nr * k;
         if (need > _xPackFloats)
         {
@@ -71,22 +63,25 @@ internal sealed unsafe class PackedGemm : ParallelJob
             _xPack = (float*)NativeMemory.AlignedAlloc((nuint)need * sizeof(float), 64);
             _xPackFloats = need;
         }
-        long tileNeed = (long)MicroPerChunk * _panels * MR * _nr;
-        if (tileNeed > _tileFloats)
-        {
-            for (int i = 0; i < _tiles.Length; i++)
-            {
-                if (_tiles[i] != null) NativeMemory.AlignedFree(_tiles[i]);
-                _tiles[i] = (float*)NativeMemory.AlignedAlloc((nuint)tileNeed * sizeof(float), 64);
-            }
-            _tileFloats = tileNeed;
-        }
+        GrowPerWorker(_tiles, ref _tileFloats, (long)MicroPerChunk * _panels * MR * _nr);
         int chunks = _chunks.Set(products, RowsPerChunk);
 
         _phase = 0;
         _pool.Run(this, _panels);
         _phase = isa == SimdPolicy.Isa.V512 ? 1 : 2;
         _pool.Run(this, chunks);
+    }
+
+    /// <summary>Every worker's buffer of <paramref name="buffers"/> holds at least <paramref name="need"/> floats (grown, contents dropped).</summary>
+    private static void GrowPerWorker(float*[] buffers, ref long floats, long need)
+    {
+        if (need <= floats) return;
+        for (int i = 0; i < buffers.Length; i++)
+        {
+            if (buffers[i] != null) NativeMemory.AlignedFree(buffers[i]);
+            buffers[i] = (float*)NativeMemory.AlignedAlloc((nuint)need * sizeof(float), 64);
+        }
+        floats = need;
     }
 
     public override void Execute(int chunk, int worker)
