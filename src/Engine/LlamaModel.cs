@@ -43,7 +43,7 @@ public sealed unsafe class LlamaModel : IDisposable
     private readonly NativeBuffer _hb;      // [S × f]    gate, then silu(gate)·up
     private readonly NativeBuffer _hb2;     // [S × f]    up
     private readonly SequenceSlice[] _one = new SequenceSlice[1];
-    private AttentionSegment[] _segments = new AttentionSegment[1];
+    private readonly RopeCacheWrite _ropeWrite;
     private readonly TensorParallelDecode? _tp;   // one-sequence decode as one dispatch, when the model suits it
 
     internal sealed class LayerMatrices
@@ -168,6 +168,7 @@ public sealed unsafe class LlamaModel : IDisposable
         _attention = new Attention(_pool, c.MaxPositionEmbeddings);
         _rope = new RopeTable(c.HeadDim, c.MaxPositionEmbeddings, c.RopeTheta,
             c.RopeScaling is { } s ? new Llama3Scaling(s.Factor, s.LowFreqFactor, s.HighFreqFactor, s.OriginalMaxPositionEmbeddings) : null);
+        _ropeWrite = new RopeCacheWrite(_pool, _rope);
 
         var w = files.Weights;
         var matrices = new List<TensorView> { w.Embed };
@@ -351,9 +352,6 @@ public sealed unsafe class LlamaModel : IDisposable
             fixed (float* lp = logits) _tp!.Step(tokens[0], sequences[0].Start, sequences[0].Cache, lp, Profiler);
             return;
         }
-        if (_segments.Length < sequences.Length) _segments = new AttentionSegment[sequences.Length];
-        var segments = _segments.AsSpan(0, sequences.Length);
-
         var prof = Profiler;
         long t0 = prof == null ? 0 : Stopwatch.GetTimestamp();
 
@@ -371,21 +369,8 @@ public sealed unsafe class LlamaModel : IDisposable
             // q[T × h·hd], k[T × g·hd], v[T × g·hd]: one pass, X packed once (profiled as one op: what runs)
             _matmul.Run(_xb.Pointer, T, [new(L.Wq, _q.Pointer), new(L.Wk, _k.Pointer), new(L.Wv, _v.Pointer)]);
             prof?.Record(OpKind.QProj, l, ref t0);
-            int row = 0;
-            for (int i = 0; i < sequences.Length; i++)
-            {
-                var seq = sequences[i];
-                var kv = seq.Cache.Layer(l);
-                int first = row;
-                for (int s = 0; s < seq.Count; s++, row++)
-                {
-                    int pos = seq.Start + s;
-                    _rope.Apply(_q.Pointer + (long)row * qd, h, pos);
-                    _rope.Apply(_k.Pointer + (long)row * kvd, g, pos);
-                }
-                kv.WriteRows(seq.Start, seq.Count, _k.Pointer + (long)first * kvd, _v.Pointer + (long)first * kvd);  // this sequence's cache ← k, v
-                segments[i] = new AttentionSegment(first, seq.Count, seq.Start, kv);
-            }
+            // RoPE on q and k, then each sequence's k and v rows into its cache (spread over the pool for several sequences)
+            var segments = _ropeWrite.Run(sequences, l, _q.Pointer, _k.Pointer, _v.Pointer, h, g, hd);
             prof?.Record(OpKind.Rope, l, ref t0);
             _attention.Run(_q.Pointer, h, g, hd, segments, _att.Pointer);  // att[T × h·hd], causal within each sequence
             prof?.Record(OpKind.AttnScores, l, ref t0);   // scores, softmax and ·V run fused: timed as one
