@@ -91,6 +91,16 @@ public sealed unsafe class MatMul : ParallelJob
     /// <summary>Batched decode (2 ≤ M &lt; <see cref="PackedMinRows"/>) through <see cref="SkinnyGemm"/>; off = the 4×4 tiles.</summary>
     public static bool UseSkinny { get; set; } = true;
 
+    /// <summary>
+    /// fp32 skinny GEMM over more than 8 rows with K in one block: each 8-row group runs the M ≤ 8 kernel's three
+    /// long weight streams over the whole chunk in turn (on), instead of 8 × 3 tiles of adjacent rows group after
+    /// group (off, for A/B runs). stories110m decode from DRAM, alternating in one process, medians of per-round
+    /// ratios of the step time: b10 0.90, b12 0.86, b16 0.89 and 0.94, b24 0.93 and 0.97. bf16 weights keep the
+    /// tiles (b16–b48 1.00–1.02 with the streams); so does K over 1024, where the streams (8 rows of X no longer
+    /// in L1) made a 2048-column product 8–12 % slower.
+    /// </summary>
+    public static bool SkinnyStreamGroups { get; set; } = true;
+
     private static void CheckQ8(ReadOnlySpan<Product> products)
     {
         foreach (var p in products)

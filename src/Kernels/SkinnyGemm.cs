@@ -103,6 +103,15 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
             int N = w.Rows, W = S.Width;
             long rowBytes = w.RowBytes;
             if (M <= StreamMaxRows) { RowsStreams(x, xPack, M, K, kBlock, w, y, n0, n1); return; }
+            if (kBlock >= K && typeof(TL) == typeof(F32Load) && MatMul.SkinnyStreamGroups)
+            {
+                // fp32, K in one block (≤ 1024 for M > 8): each group of 8 X rows in turn takes the chunk as M ≤ 8 does, in
+                // three long streams. The first group streams the weights from DRAM as fast as batch 8 does; the
+                // others find the chunk's whole rows (≤ ReuseBytes) still in L2.
+                for (int m = 0; m < M; m += GroupRows)
+                    RowsStreams(x + (long)m * K, xPack + (long)m * (K / W * W), Math.Min(GroupRows, M - m), K, kBlock, w, y + (long)m * N, n0, n1);
+                return;
+            }
             int tileEnd = n0 + (n1 - n0) / TileCols * TileCols;
             // Bytes of a W row per k-step and at k0, divided out here: two 64-bit divisions at the top of every tile
             // (about 1 k-step in 50 at K = 768) delayed its first loads and cost a quarter of the kernel's speed.

@@ -88,6 +88,9 @@ public unsafe class KernelTests
         data.Add(3, 4200, 11);    // M ≤ 8 streams K unblocked only up to 4096: two blocks, a tail, rows left over
         data.Add(7, 4200, 13);    // … the same through the 8-row tile
         data.Add(2, 700, 301);    // three streams over a pool-sized run, 301 = 3 · 100 + 1
+        data.Add(16, 1024, 301);  // over 8 rows with K in one block: each 8-row group streams the chunk in turn
+        data.Add(13, 1000, 97);   // … a 5-row last group, K not a multiple of the vector width
+        data.Add(12, 64, 2050);   // … Y of 64 KiB a group: the sums parked and written in runs (StreamTiles)
         return data;
     }
 
