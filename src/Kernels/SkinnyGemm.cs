@@ -13,9 +13,10 @@ namespace MiniLlm.Kernels;
 /// K is cut into blocks (see <see cref="Run"/>) so the tile's X rows stay in L1 or L2 while the weights stream
 /// past; the partial sums of a block are added into Y. Each worker takes a run of W rows. For M ≤ 8 the tiles take
 /// one row from each third of the run: three long streams, each prefetching a little ahead of itself
-/// (<see cref="Tiles{S,TV,TL}.RowsStreams"/>). For M > 8 they take adjacent rows and, while one computes, prefetch
-/// the next tile's bytes at the same offsets — the hardware prefetcher alone keeps too few lines in flight at this
-/// compute rate (2× the GEMV time at M = 8 without).
+/// (<see cref="Tiles{S,TV,TL}.RowsStreams"/>). For M > 8, fp32 weights with K in one block do the same for each
+/// group of 8 X rows in turn (<see cref="MatMul.SkinnyStreamGroups"/>); otherwise the tiles take adjacent rows and,
+/// while one computes, prefetch the next tile's bytes at the same offsets — the hardware prefetcher alone keeps too
+/// few lines in flight at this compute rate (2× the GEMV time at M = 8 without).
 /// Groups of 8 X rows beyond the first re-read their W slice from L2.
 /// </para>
 /// Every weight of a group (q/k/v, gate/up) shares X and runs in one dispatch.
