@@ -345,7 +345,7 @@ public sealed unsafe class LlamaModel : IDisposable
     {
         var c = Config;
         int T = tokens.Length, d = c.HiddenSize, f = c.IntermediateSize;
-        int h = c.NumAttentionHeads, g = c.NumKeyValueHeads, hd = c.HeadDim, qd = c.QDim, kvd = c.KvDim;
+        int h = c.NumAttentionHeads, g = c.NumKeyValueHeads, hd = c.HeadDim;
         CheckArguments(tokens, sequences, logits, which);
         if (T == 1 && sequences.Length == 1 && UsesTensorParallelDecode)
         {
