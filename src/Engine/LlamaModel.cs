@@ -168,7 +168,7 @@ public sealed unsafe class LlamaModel : IDisposable
         _attention = new Attention(_pool, c.MaxPositionEmbeddings);
         _rope = new RopeTable(c.HeadDim, c.MaxPositionEmbeddings, c.RopeTheta,
             c.RopeScaling is { } s ? new Llama3Scaling(s.Factor, s.LowFreqFactor, s.HighFreqFactor, s.OriginalMaxPositionEmbeddings) : null);
-        _ropeWrite = new RopeCacheWrite(_pool, _rope);
+        _ropeWrite = new RopeCacheWrite(_pool, _rope, c.NumAttentionHeads, c.NumKeyValueHeads);
 
         var w = files.Weights;
         var matrices = new List<TensorView> { w.Embed };
@@ -370,7 +370,7 @@ public sealed unsafe class LlamaModel : IDisposable
             _matmul.Run(_xb.Pointer, T, [new(L.Wq, _q.Pointer), new(L.Wk, _k.Pointer), new(L.Wv, _v.Pointer)]);
             prof?.Record(OpKind.QProj, l, ref t0);
             // RoPE on q and k, then each sequence's k and v rows into its cache (spread over the pool for several sequences)
-            var segments = _ropeWrite.Run(sequences, l, _q.Pointer, _k.Pointer, _v.Pointer, h, g, hd);
+            var segments = _ropeWrite.Run(sequences, l, _q.Pointer, _k.Pointer, _v.Pointer);
             prof?.Record(OpKind.Rope, l, ref t0);
             _attention.Run(_q.Pointer, h, g, hd, segments, _att.Pointer);  // att[T × h·hd], causal within each sequence
             prof?.Record(OpKind.AttnScores, l, ref t0);   // scores, softmax and ·V run fused: timed as one

@@ -15,35 +15,36 @@ namespace MiniLlm.Engine;
 internal sealed unsafe class RopeCacheWrite : ParallelJob
 {
     /// <summary>Sequences from which a step spreads the work over the pool (below: the caller alone, no dispatch).</summary>
-    public static int ParallelMinSequences = 4;   // settable for A/B runs
+    public const int ParallelMinSequences = 4;
 
     private readonly WorkerPool _pool;
     private readonly RopeTable _rope;
     private SequenceSlice[] _sequences = new SequenceSlice[1];
     private AttentionSegment[] _segments = new AttentionSegment[1];
     private int[] _firstRow = new int[1];
+    private readonly int _heads, _kvHeads, _qDim, _kvDim;   // query and KV heads; row widths of q and k/v
     private float* _q, _k, _v;
-    private int _layer, _heads, _kvHeads, _qDim, _kvDim;
+    private int _layer;
 
-    public RopeCacheWrite(WorkerPool pool, RopeTable rope)
+    public RopeCacheWrite(WorkerPool pool, RopeTable rope, int heads, int kvHeads)
     {
         _pool = pool;
         _rope = rope;
+        _heads = heads; _kvHeads = kvHeads;
+        _qDim = heads * rope.HeadDim; _kvDim = kvHeads * rope.HeadDim;
     }
 
     /// <param name="q">[T × heads·hd], rotated in place.</param>
     /// <param name="k">[T × kvHeads·hd], rotated in place, then stored.</param>
     /// <param name="v">[T × kvHeads·hd], stored.</param>
     /// <returns>Per sequence: its rows and its layer-<paramref name="layer"/> KV, for attention (valid until the next call).</returns>
-    public ReadOnlySpan<AttentionSegment> Run(ReadOnlySpan<SequenceSlice> sequences, int layer, float* q, float* k, float* v,
-        int heads, int kvHeads, int headDim)
+    public ReadOnlySpan<AttentionSegment> Run(ReadOnlySpan<SequenceSlice> sequences, int layer, float* q, float* k, float* v)
     {
         int n = sequences.Length;
         if (_sequences.Length < n) { _sequences = new SequenceSlice[n]; _segments = new AttentionSegment[n]; _firstRow = new int[n]; }
         int row = 0;
         for (int i = 0; i < n; i++) { _sequences[i] = sequences[i]; _firstRow[i] = row; row += sequences[i].Count; }
         _q = q; _k = k; _v = v; _layer = layer;
-        _heads = heads; _kvHeads = kvHeads; _qDim = heads * headDim; _kvDim = kvHeads * headDim;
         if (n >= ParallelMinSequences && _pool.Threads > 1) _pool.Run(this, n);
         else for (int i = 0; i < n; i++) Execute(i, 0);
         return _segments.AsSpan(0, n);
