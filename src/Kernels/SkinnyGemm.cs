@@ -424,6 +424,19 @@ internal static class SumTree512
     private static Vector512<float> Fold32(Vector512<float> s, Vector512<float> t) =>
         Avx512F.Shuffle(s, t, 0b10_00_10_00) + Avx512F.Shuffle(s, t, 0b11_01_11_01);
 
+    /// <summary>
+    /// The sums of a, b, c and d as [Σa, Σb, Σc, Σd]: ~10 instructions where four <see cref="Vector512.Sum"/> calls
+    /// take ~130 (.NET 10 sums each vector lane by lane in a fixed order).
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector128<float> Sums4(Vector512<float> a, Vector512<float> b, Vector512<float> c, Vector512<float> d)
+    {
+        var s = Fold128(Fold256(a, b), Fold256(c, d));           // 128-bit lane i: four partial sums of vector i
+        s += Avx512F.Shuffle(s, s, 0b01_00_11_10);               // per lane: [s0+s2, s1+s3, s2+s0, s3+s1]
+        s += Avx512F.Shuffle(s, s, 0b10_11_00_01);               // per lane: the lane's total in every element
+        return Avx512F.PermuteVar16x32(s, Vector512.Create(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)).GetLower().GetLower();
+    }
+
     /// <summary>The sums of v0…v15 as one vector, the sum of v_i in element i.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static Vector512<float> Sums16(Vector512<float> v0, Vector512<float> v1, Vector512<float> v2, Vector512<float> v3,
