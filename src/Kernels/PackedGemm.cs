@@ -8,7 +8,8 @@ namespace MiniLlm.Kernels;
 /// <summary>
 /// Y[M×N] = X[M×K] · Wᵀ for many rows (prefill), computed as Yᵀ = W · Xᵀ so the weights are never copied.
 /// Phase 1 packs X (small next to W, and shared by every weight of a group such as q/k/v) into panels of
-/// NR = 2 vectors of rows, laid out [K][NR]. Phase 2 hands each worker 32 rows of one weight: an MR × NR
+/// NR = 2 vectors of rows, laid out [K][NR] (for one or two panels each worker packs its own copy instead, at its
+/// first chunk). Phase 2 hands each worker 32 rows of one weight: an MR × NR
 /// outer-product micro-kernel broadcasts one weight from each of MR = 8 rows (widened on the fly) against two X
 /// vectors (16 accumulators, no horizontal sums). K is blocked by KC so that every panel's K slice (M × KC fp32,
 /// 768 KiB at M = 512; one or two panels take blocks of up to 2048) stays in L2 while an 8-row weight slice sits in
@@ -30,8 +31,16 @@ internal sealed unsafe class PackedGemm : ParallelJob
     private const int MicroPerChunk = RowsPerChunk / MR;
 
     private readonly WorkerPool _pool;
-    private float* _xPack;                  // [ceil(M/NR)][K][NR]
+    private readonly float*[] _xPacks;     // [ceil(M/NR)][K][NR]: shared (worker 0's) or, with _ownPack, one per worker
     private long _xPackFloats;
+    // One or two panels (batched decode): each worker packs X into its own buffer at its first chunk instead of one
+    // thread packing in a dispatch of its own, whose output the other core then read across (the two vCPUs share
+    // no cache). M = 32 × 1024 × 768 with the weights in cache, 2 threads: the separate packing phase took 19 µs
+    // of a 176 µs call (skipped, 157 µs). stories110m's products from DRAM (alternating, 7–9 rounds): fp32 M = 32
+    // 0.959 of the time, M = 64 0.980; bf16 M = 64 0.977.
+    private bool _ownPack;
+    private long _call;                     // this call's number, and the call each worker last packed X for
+    private readonly long[] _packedCall;
     private readonly float*[] _tiles;       // per worker: [MicroPerChunk][panels][MR][NR] running sums
     private readonly float*[] _dequant;     // per worker: [MR][_kc] fp32 copy of a bf16/f16/Q8 weight slice
     private long _tileFloats;
@@ -46,6 +55,8 @@ internal sealed unsafe class PackedGemm : ParallelJob
         _pool = pool;
         _tiles = new float*[pool.Threads];
         _dequant = new float*[pool.Threads];
+        _xPacks = new float*[pool.Threads];
+        _packedCall = new long[pool.Threads];
     }
 
     /// <summary>Every product shares X [m × K]; each writes its own Y.</summary>
@@ -56,18 +67,14 @@ internal sealed unsafe class PackedGemm : ParallelJob
         _panels = (m + _nr - 1) / _nr;
         _kc = Math.Min(k, _panels <= 2 ? KCFewPanels : KC);
         GrowPerWorker(_dequant, ref _dequantFloats, (long)MR * _kc);
-        long need = (long)_panels * _nr * k;
-        if (need > _xPackFloats)
-        {
-            if (_xPack != null) NativeMemory.AlignedFree(_xPack);
-            _xPack = (float*)NativeMemory.AlignedAlloc((nuint)need * sizeof(float), 64);
-            _xPackFloats = need;
-        }
+        GrowPerWorker(_xPacks, ref _xPackFloats, (long)_panels * _nr * k);
         GrowPerWorker(_tiles, ref _tileFloats, (long)MicroPerChunk * _panels * MR * _nr);
         int chunks = _chunks.Set(products, RowsPerChunk);
 
+        _ownPack = _panels <= 2;
+        _call++;
         _phase = 0;
-        _pool.Run(this, _panels);
+        if (!_ownPack) _pool.Run(this, _panels);
         _phase = isa == SimdPolicy.Isa.V512 ? 1 : 2;
         _pool.Run(this, chunks);
     }
@@ -86,7 +93,12 @@ internal sealed unsafe class PackedGemm : ParallelJob
 
     public override void Execute(int chunk, int worker)
     {
-        if (_phase == 0) { PackX(chunk); return; }
+        if (_phase == 0) { PackX(chunk, _xPacks[0]); return; }
+        if (_ownPack && _packedCall[worker] != _call)
+        {
+            for (int p = 0; p < _panels; p++) PackX(p, _xPacks[worker]);
+            _packedCall[worker] = _call;
+        }
         ref readonly var prod = ref _chunks.Find(chunk, out int local);
         switch (prod.W.Type)
         {
@@ -98,10 +110,10 @@ internal sealed unsafe class PackedGemm : ParallelJob
     }
 
     /// <summary>Panel p: X rows p·NR … p·NR+NR−1 → [K][NR], zero past M. Written sequentially, read row by row.</summary>
-    private void PackX(int p)
+    private void PackX(int p, float* xPack)
     {
         int K = _k, nr = _nr;
-        float* dst = _xPack + (long)p * K * nr;
+        float* dst = xPack + (long)p * K * nr;
         int rows = Math.Min(nr, _m - p * nr);
         float* src = _x + (long)p * nr * K;
         if (rows == nr && nr == 32 && Avx512F.IsSupported)
@@ -148,6 +160,7 @@ internal sealed unsafe class PackedGemm : ParallelJob
         int K = _k, N = w.Rows, nr = _nr, tileFloats = MR * nr;
         int r0 = chunk * RowsPerChunk, r1 = Math.Min(N, r0 + RowsPerChunk);
         float* tiles = _tiles[worker];
+        float* xPack = _xPacks[_ownPack ? worker : 0];
         int kcMax = _kc;
         for (int k0 = 0; k0 < K; k0 += kcMax)
         {
@@ -188,13 +201,13 @@ internal sealed unsafe class PackedGemm : ParallelJob
                     }
                     for (int p = 0; p < _panels; p++, tile += tileFloats)
                         Micro<S, TV>((nint)dq, (nint)(dq + kcMax), (nint)(dq + 2 * kcMax), (nint)(dq + 3 * kcMax), (nint)(dq + 4 * kcMax),
-                            (nint)(dq + 5 * kcMax), (nint)(dq + 6 * kcMax), (nint)(dq + 7 * kcMax), _xPack + ((long)p * K + k0) * nr, kc, tile, k0 > 0, 0);
+                            (nint)(dq + 5 * kcMax), (nint)(dq + 6 * kcMax), (nint)(dq + 7 * kcMax), xPack + ((long)p * K + k0) * nr, kc, tile, k0 > 0, 0);
                     continue;
                 }
                 nint w0 = Row(w, n, 0, valid, k0), w1 = Row(w, n, 1, valid, k0), w2 = Row(w, n, 2, valid, k0), w3 = Row(w, n, 3, valid, k0);
                 nint w4 = Row(w, n, 4, valid, k0), w5 = Row(w, n, 5, valid, k0), w6 = Row(w, n, 6, valid, k0), w7 = Row(w, n, 7, valid, k0);
                 for (int p = 0; p < _panels; p++, tile += tileFloats)
-                    Micro<S, TV>(w0, w1, w2, w3, w4, w5, w6, w7, _xPack + ((long)p * K + k0) * nr, kc, tile, k0 > 0, p == 0 ? ahead : 0);
+                    Micro<S, TV>(w0, w1, w2, w3, w4, w5, w6, w7, xPack + ((long)p * K + k0) * nr, kc, tile, k0 > 0, p == 0 ? ahead : 0);
             }
         }
         // Y[p·nr + j, n + i] = tile[i, j]
