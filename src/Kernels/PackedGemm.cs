@@ -8,7 +8,7 @@ namespace MiniLlm.Kernels;
 /// <summary>
 /// Y[M×N] = X[M×K] · Wᵀ for many rows (prefill), computed as Yᵀ = W · Xᵀ so the weights are never copied.
 /// Phase 1 packs X (small next to W, and shared by every weight of a group such as q/k/v) into panels of
-/// NR = 2 vectors of rows, laid out [K][NR] (for one or two panels each worker packs its own copy instead, at its
+/// NR = 2 vectors of rows, laid out [K][NR] (for a single panel each worker packs its own copy instead, at its
 /// first chunk). Phase 2 hands each worker 32 rows of one weight: an MR × NR
 /// outer-product micro-kernel broadcasts one weight from each of MR = 8 rows (widened on the fly) against two X
 /// vectors (16 accumulators, no horizontal sums). K is blocked by KC so that every panel's K slice (M × KC fp32,
@@ -33,11 +33,11 @@ internal sealed unsafe class PackedGemm : ParallelJob
     private readonly WorkerPool _pool;
     private readonly float*[] _xPacks;     // [ceil(M/NR)][K][NR]: shared (worker 0's) or, with _ownPack, one per worker
     private long _xPackFloats;
-    // One or two panels (batched decode): each worker packs X into its own buffer at its first chunk instead of one
-    // thread packing in a dispatch of its own, whose output the other core then read across (the two vCPUs share
-    // no cache). M = 32 × 1024 × 768 with the weights in cache, 2 threads: the separate packing phase took 19 µs
-    // of a 176 µs call (skipped, 157 µs). stories110m's products from DRAM (alternating, 7–9 rounds): fp32 M = 32
-    // 0.959 of the time, M = 64 0.980; bf16 M = 64 0.977.
+    // One panel (batched decode up to 32 rows): each worker packs X into its own buffer at its first chunk instead
+    // of one thread packing in a dispatch of its own, whose output the other core then read across (the two vCPUs
+    // share no cache). M = 32 × 1024 × 768 with the weights in cache, 2 threads: the separate packing phase took
+    // 19 µs of a 176 µs call (skipped, 157 µs). stories110m decode (in-process alternation, 7 rounds × 32 steps):
+    // fp32 b32 0.979 of the step time. At b64 (two panels, each worker packing both) it was neutral (1.001, 1.009).
     private bool _ownPack;
     private long _call;                     // this call's number, and the call each worker last packed X for
     private readonly long[] _packedCall;
@@ -71,7 +71,7 @@ internal sealed unsafe class PackedGemm : ParallelJob
         GrowPerWorker(_tiles, ref _tileFloats, (long)MicroPerChunk * _panels * MR * _nr);
         int chunks = _chunks.Set(products, RowsPerChunk);
 
-        _ownPack = _panels <= 2;
+        _ownPack = _panels == 1;
         _call++;
         _phase = 0;
         if (!_ownPack) _pool.Run(this, _panels);

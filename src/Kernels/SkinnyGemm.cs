@@ -41,8 +41,9 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
     private long _xPackFloats;
     // Each worker packs its own copy of X at its first chunk (as PackedGemm does for few panels): packed once on the
     // caller before the dispatch, the other core read it across (the two vCPUs share no cache), after waiting for it.
-    // stories110m's products from DRAM (alternating, 7 rounds): fp32 M = 8, 16, 24 0.964, 0.954, 0.942 of the time;
-    // bf16 M = 8, 16, 32 0.954, 0.944, 0.946.
+    // stories110m decode steps (in-process alternation, 7–11 rounds × 32 steps): fp32 b8, b16, b32 0.976, 0.978,
+    // 0.979 of the time; bf16 b16 0.993, b32 0.973. (A products-only harness showed 4–6 %, but its X never changed,
+    // so both cores kept it cached: it measured the cross-core read of the packed copy, not of X.)
     private long _call;                             // this call's number, and the call each worker last packed X for
     private readonly long[] _packedCall;
     private int _m, _k;
