@@ -577,7 +577,30 @@ public sealed unsafe class Attention : ParallelJob
     private static void RowScores<TL>(float* q, nint k, long rowBytes, int n, int hd, float scale, float* dst) where TL : IWeightLoad
     {
         n = Math.Min(n, KvView.Tile);
-        for (int r = 0; r < n; r++, k += (nint)rowBytes)
+        int r0 = 0;
+        if (SimdPolicy.Current == SimdPolicy.Isa.V512 && hd % 16 == 0)
+        {
+            // Four keys at a time, their sums in one tree (SumTree512.Sums4): one Vector512.Sum per key cost
+            // more than its hd/16 multiply-adds. stories110m fp32 decode, in-process alternation (9 rounds × 32
+            // steps): b32 0.994, b64 0.985 of the step time; an attention harness (64 sequences × 20 positions, KV
+            // in cache) 4–7 % less time a call.
+            var vs = Vector128.Create(scale);
+            for (; r0 + 4 <= n; r0 += 4, k += 4 * (nint)rowBytes)
+            {
+                Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default;
+                nint k1 = k + (nint)rowBytes, k2 = k1 + (nint)rowBytes, k3 = k2 + (nint)rowBytes;
+                for (int i = 0; i < hd; i += 16)
+                {
+                    var qv = Vector512.Load(q + i);
+                    a0 = Vector512.FusedMultiplyAdd(qv, TL.Load512(k, i), a0);
+                    a1 = Vector512.FusedMultiplyAdd(qv, TL.Load512(k1, i), a1);
+                    a2 = Vector512.FusedMultiplyAdd(qv, TL.Load512(k2, i), a2);
+                    a3 = Vector512.FusedMultiplyAdd(qv, TL.Load512(k3, i), a3);
+                }
+                (SumTree512.Sums4(a0, a1, a2, a3) * vs).Store(dst + r0);
+            }
+        }
+        for (int r = r0; r < n; r++, k += (nint)rowBytes)
         {
             int i = 0;
             float s = 0;
