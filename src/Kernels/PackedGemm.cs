@@ -31,14 +31,14 @@ internal sealed unsafe class PackedGemm : ParallelJob
     private const int MicroPerChunk = RowsPerChunk / MR;
 
     private readonly WorkerPool _pool;
-    private readonly float*[] _xPacks;     // [ceil(M/NR)][K][NR]: shared (worker 0's) or, with _ownPack, one per worker
+    private readonly float*[] _xPacks;     // [ceil(M/NR)][K][NR]: shared (worker 0's) or, with OwnPack, one per worker
     private long _xPackFloats;
     // One panel (batched decode up to 32 rows): each worker packs X into its own buffer at its first chunk instead
     // of one thread packing in a dispatch of its own, whose output the other core then read across (the two vCPUs
     // share no cache). M = 32 × 1024 × 768 with the weights in cache, 2 threads: the separate packing phase took
     // 19 µs of a 176 µs call (skipped, 157 µs). stories110m decode (in-process alternation, 7 rounds × 32 steps):
     // fp32 b32 0.979 of the step time. At b64 (two panels, each worker packing both) it was neutral (1.001, 1.009).
-    private bool _ownPack;
+    private bool OwnPack => _panels == 1;
     private long _call;                     // this call's number, and the call each worker last packed X for
     private readonly long[] _packedCall;
     private readonly float*[] _tiles;       // per worker: [MicroPerChunk][panels][MR][NR] running sums
@@ -71,16 +71,15 @@ internal sealed unsafe class PackedGemm : ParallelJob
         GrowPerWorker(_tiles, ref _tileFloats, (long)MicroPerChunk * _panels * MR * _nr);
         int chunks = _chunks.Set(products, RowsPerChunk);
 
-        _ownPack = _panels == 1;
         _call++;
         _phase = 0;
-        if (!_ownPack) _pool.Run(this, _panels);
+        if (!OwnPack) _pool.Run(this, _panels);
         _phase = isa == SimdPolicy.Isa.V512 ? 1 : 2;
         _pool.Run(this, chunks);
     }
 
     /// <summary>Every worker's buffer of <paramref name="buffers"/> holds at least <paramref name="need"/> floats (grown, contents dropped).</summary>
-    private static void GrowPerWorker(float*[] buffers, ref long floats, long need)
+    internal static void GrowPerWorker(float*[] buffers, ref long floats, long need)
     {
         if (need <= floats) return;
         for (int i = 0; i < buffers.Length; i++)
@@ -94,7 +93,7 @@ internal sealed unsafe class PackedGemm : ParallelJob
     public override void Execute(int chunk, int worker)
     {
         if (_phase == 0) { PackX(chunk, _xPacks[0]); return; }
-        if (_ownPack && _packedCall[worker] != _call)
+        if (OwnPack && _packedCall[worker] != _call)
         {
             for (int p = 0; p < _panels; p++) PackX(p, _xPacks[worker]);
             _packedCall[worker] = _call;
@@ -160,7 +159,7 @@ internal sealed unsafe class PackedGemm : ParallelJob
         int K = _k, N = w.Rows, nr = _nr, tileFloats = MR * nr;
         int r0 = chunk * RowsPerChunk, r1 = Math.Min(N, r0 + RowsPerChunk);
         float* tiles = _tiles[worker];
-        float* xPack = _xPacks[_ownPack ? worker : 0];
+        float* xPack = _xPacks[OwnPack ? worker : 0];
         int kcMax = _kc;
         for (int k0 = 0; k0 < K; k0 += kcMax)
         {
@@ -176,7 +175,7 @@ internal sealed unsafe class PackedGemm : ParallelJob
                 // The chunk's very last slice asks for the first slice of the chunk this worker most likely takes next:
                 // the pool hands chunks out in order, so with T workers finishing in turn that is T chunks on. Without
                 // it every chunk's first 8 rows (a quarter of its bytes) came from DRAM unrequested; stories110m's
-                // products at M = 32 took 5 % less time with it, at M = 64 2–3 % (fp32, alternating, 9 rounds).
+                // products at M = 32 took 4–5 % less time with it, at M = 64 2–3 % (fp32, alternating, 7–9 rounds).
                 // Asking for the next chunk instead (usually the other worker's) was 3 % slower.
                 if (ahead == 0)
                 {

@@ -39,7 +39,7 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
     private float* _x;
     private readonly float*[] _xPacks;              // per worker: X regrouped for the tiles (see Pack)
     private long _xPackFloats;
-    // Each worker packs its own copy of X at its first chunk (as PackedGemm does for few panels): packed once on the
+    // Each worker packs its own copy of X at its first chunk (as PackedGemm does for one panel): packed once on the
     // caller before the dispatch, the other core read it across (the two vCPUs share no cache), after waiting for it.
     // stories110m decode steps (in-process alternation, 7–11 rounds × 32 steps): fp32 b8, b16, b32 0.976, 0.978,
     // 0.979 of the time; bf16 b16 0.993, b32 0.973. (A products-only harness showed 4–6 %, but its X never changed,
@@ -61,15 +61,7 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
     {
         _x = x; _m = m; _k = k; _isa = isa;
         long packFloats = (long)(m + GroupRows - 1) / GroupRows * GroupRows * k;
-        if (packFloats > _xPackFloats)
-        {
-            for (int i = 0; i < _xPacks.Length; i++)
-            {
-                if (_xPacks[i] != null) System.Runtime.InteropServices.NativeMemory.AlignedFree(_xPacks[i]);
-                _xPacks[i] = (float*)System.Runtime.InteropServices.NativeMemory.AlignedAlloc((nuint)packFloats * sizeof(float), 64);
-            }
-            _xPackFloats = packFloats;
-        }
+        PackedGemm.GrowPerWorker(_xPacks, ref _xPackFloats, packFloats);
         _call++;
         // K blocks: for M ≤ 8 none up to StreamKBlock (long streams; 512 for 5–8 rows past K = 1024); beyond 8 rows, 1024 (512 was 10–20 % slower
         // at K = 768).
