@@ -1,5 +1,4 @@
 using System.Runtime.CompilerServices;
-using System.Runtime.InteropServices;
 using System.Runtime.Intrinsics;
 using System.Runtime.Intrinsics.X86;
 
@@ -31,16 +30,13 @@ internal sealed unsafe class PackedGemm : ParallelJob
     private const int MicroPerChunk = RowsPerChunk / MR;
 
     private readonly WorkerPool _pool;
-    private readonly float*[] _xPacks;     // [ceil(M/NR)][K][NR]: shared (worker 0's) or, with OwnPack, one per worker
-    private long _xPackFloats;
+    private readonly PerWorkerBuffers _xPacks;   // [ceil(M/NR)][K][NR]: shared (worker 0's) or, with OwnPack, one per worker
     // One panel (batched decode up to 32 rows): each worker packs X into its own buffer at its first chunk instead
     // of one thread packing in a dispatch of its own, whose output the other core then read across (the two vCPUs
     // share no cache). M = 32 × 1024 × 768 with the weights in cache, 2 threads: the separate packing phase took
     // 19 µs of a 176 µs call (skipped, 157 µs). stories110m decode (in-process alternation, 7 rounds × 32 steps):
     // fp32 b32 0.979 of the step time. At b64 (two panels, each worker packing both) it was neutral (1.001, 1.009).
     private bool OwnPack => _panels == 1;
-    private long _call;                     // this call's number, and the call each worker last packed X for
-    private readonly long[] _packedCall;
     private readonly float*[] _tiles;       // per worker: [MicroPerChunk][panels][MR][NR] running sums
     private readonly float*[] _dequant;     // per worker: [MR][_kc] fp32 copy of a bf16/f16/Q8 weight slice
     private long _tileFloats;
@@ -55,8 +51,7 @@ internal sealed unsafe class PackedGemm : ParallelJob
         _pool = pool;
         _tiles = new float*[pool.Threads];
         _dequant = new float*[pool.Threads];
-        _xPacks = new float*[pool.Threads];
-        _packedCall = new long[pool.Threads];
+        _xPacks = new PerWorkerBuffers(pool.Threads);
     }
 
     /// <summary>Every product shares X [m × K]; each writes its own Y.</summary>
@@ -66,38 +61,22 @@ internal sealed unsafe class PackedGemm : ParallelJob
         _nr = isa == SimdPolicy.Isa.V512 ? 32 : 16;
         _panels = (m + _nr - 1) / _nr;
         _kc = Math.Min(k, _panels <= 2 ? KCFewPanels : KC);
-        GrowPerWorker(_dequant, ref _dequantFloats, (long)MR * _kc);
-        GrowPerWorker(_xPacks, ref _xPackFloats, (long)_panels * _nr * k);
-        GrowPerWorker(_tiles, ref _tileFloats, (long)MicroPerChunk * _panels * MR * _nr);
+        PerWorkerBuffers.Grow(_dequant, ref _dequantFloats, (long)MR * _kc);
+        PerWorkerBuffers.Grow(_tiles, ref _tileFloats, (long)MicroPerChunk * _panels * MR * _nr);
+        _xPacks.NewCall((long)_panels * _nr * k);
         int chunks = _chunks.Set(products, RowsPerChunk);
 
-        _call++;
         _phase = 0;
         if (!OwnPack) _pool.Run(this, _panels);
         _phase = isa == SimdPolicy.Isa.V512 ? 1 : 2;
         _pool.Run(this, chunks);
     }
 
-    /// <summary>Every worker's buffer of <paramref name="buffers"/> holds at least <paramref name="need"/> floats (grown, contents dropped).</summary>
-    internal static void GrowPerWorker(float*[] buffers, ref long floats, long need)
-    {
-        if (need <= floats) return;
-        for (int i = 0; i < buffers.Length; i++)
-        {
-            if (buffers[i] != null) NativeMemory.AlignedFree(buffers[i]);
-            buffers[i] = (float*)NativeMemory.AlignedAlloc((nuint)need * sizeof(float), 64);
-        }
-        floats = need;
-    }
-
     public override void Execute(int chunk, int worker)
     {
         if (_phase == 0) { PackX(chunk, _xPacks[0]); return; }
-        if (OwnPack && _packedCall[worker] != _call)
-        {
+        if (OwnPack && _xPacks.FirstUse(worker))
             for (int p = 0; p < _panels; p++) PackX(p, _xPacks[worker]);
-            _packedCall[worker] = _call;
-        }
         ref readonly var prod = ref _chunks.Find(chunk, out int local);
         switch (prod.W.Type)
         {

@@ -37,23 +37,19 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
     private readonly ProductChunks _chunks = new();
     private int _kBlock;
     private float* _x;
-    private readonly float*[] _xPacks;              // per worker: X regrouped for the tiles (see Pack)
-    private long _xPackFloats;
+    private readonly PerWorkerBuffers _xPacks;      // per worker: X regrouped for the tiles (see Pack)
     // Each worker packs its own copy of X at its first chunk (as PackedGemm does for one panel): packed once on the
     // caller before the dispatch, the other core read it across (the two vCPUs share no cache), after waiting for it.
     // stories110m decode steps (in-process alternation, 7–11 rounds × 32 steps): fp32 b8, b16, b32 0.976, 0.978,
     // 0.979 of the time; bf16 b16 0.993, b32 0.973. (A products-only harness showed 4–6 %, but its X never changed,
     // so both cores kept it cached: it measured the cross-core read of the packed copy, not of X.)
-    private long _call;                             // this call's number, and the call each worker last packed X for
-    private readonly long[] _packedCall;
     private int _m, _k;
     private SimdPolicy.Isa _isa;
 
     public SkinnyGemm(WorkerPool pool)
     {
         _pool = pool;
-        _xPacks = new float*[pool.Threads];
-        _packedCall = new long[pool.Threads];
+        _xPacks = new PerWorkerBuffers(pool.Threads);
     }
 
     /// <summary>Every product shares X [m × k]; each writes its own Y [m × W.Rows].</summary>
@@ -61,8 +57,7 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
     {
         _x = x; _m = m; _k = k; _isa = isa;
         long packFloats = (long)(m + GroupRows - 1) / GroupRows * GroupRows * k;
-        PackedGemm.GrowPerWorker(_xPacks, ref _xPackFloats, packFloats);
-        _call++;
+        _xPacks.NewCall(packFloats);
         // K blocks: for M ≤ 8 none up to StreamKBlock (long streams; 512 for 5–8 rows past K = 1024); beyond 8 rows, 1024 (512 was 10–20 % slower
         // at K = 768).
         int kb = m <= StreamMaxRows ? (m > 4 && k > 1024 ? StreamKBlock8 : StreamKBlock) : KBlock;
@@ -99,11 +94,10 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
     private void Rows<TL>(in WeightMatrix w, float* y, int n0, int n1, int worker) where TL : IWeightLoad
     {
         float* xPack = _xPacks[worker];
-        if (_packedCall[worker] != _call)
+        if (_xPacks.FirstUse(worker))
         {
             if (_isa == SimdPolicy.Isa.V512) Tiles<Simd512, Vector512<float>, F32Load>.Pack(_x, _m, _k, xPack);
             else Tiles<Simd256, Vector256<float>, F32Load>.Pack(_x, _m, _k, xPack);
-            _packedCall[worker] = _call;
         }
         if (_isa == SimdPolicy.Isa.V512) Tiles<Simd512, Vector512<float>, TL>.Rows(_x, xPack, _m, _k, _kBlock, w, y, n0, n1);
         else Tiles<Simd256, Vector256<float>, TL>.Rows(_x, xPack, _m, _k, _kBlock, w, y, n0, n1);
