@@ -79,8 +79,10 @@ public sealed class WorkerPool : IDisposable
         if (Volatile.Read(ref _sleeping) != 0)
             lock (_gate) Monitor.PulseAll(_gate);
         RunChunks(job, 0);
-        var spin = new SpinWait();
-        while (Volatile.Read(ref _running) != 0) spin.SpinOnce(-1);
+        // A fixed short pause between reads: SpinWait.SpinOnce backs off exponentially, so the caller noticed the
+        // last worker 0.3–1.4 µs after it finished (0.14–0.36 µs so; timestamps around a 768 × 768 bf16 GEMV, alternating;
+        // an empty dispatch 0.35 µs against 0.40).
+        while (Volatile.Read(ref _running) != 0) Thread.SpinWait(1);
         _job = null;
         if (_error is { } e) throw new AggregateException("a worker failed", e);
     }
