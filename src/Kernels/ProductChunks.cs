@@ -108,6 +108,37 @@ internal sealed class ProductChunks
         return _guidedCount;
     }
 
+    /// <summary>
+    /// Two-thread cut: each product's rows [0, split) for worker 0 and [split, rows) for worker 1, the split at
+    /// <paramref name="share0"/> of the rows rounded to a multiple of <paramref name="align"/>; read back by
+    /// <see cref="Guided"/>, dispatched pinned. Returns the rows worker 0 got.
+    /// </summary>
+    public long SetSplit(ReadOnlySpan<MatMul.Product> products, double share0, int align)
+    {
+        if (_products.Length < products.Length) _products = new MatMul.Product[products.Length];
+        products.CopyTo(_products);
+        Count = products.Length;
+        _guidedCount = 0;
+        long first = 0;
+        for (int pi = 0; pi < products.Length; pi++)
+        {
+            int rows = products[pi].W.Rows;
+            int split = Math.Clamp((int)Math.Round(rows * share0 / align) * align, 0, rows);
+            first += split;
+            for (int t = 0; t < 2; t++)
+            {
+                if (_guidedCount == _guidedRow.Length)
+                {
+                    Array.Resize(ref _guidedRow, 2 * _guidedCount);
+                    Array.Resize(ref _guidedProduct, 2 * _guidedCount);
+                }
+                _guidedProduct[_guidedCount] = pi;
+                _guidedRow[_guidedCount++] = t == 0 ? 0 : split;
+            }
+        }
+        return first;
+    }
+
     /// <summary>Chunk <paramref name="chunk"/> of a guided plan: its product and rows [r0, r1).</summary>
     public ref readonly MatMul.Product Guided(int chunk, out int r0, out int r1)
     {

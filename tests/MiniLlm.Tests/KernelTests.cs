@@ -246,6 +246,48 @@ public unsafe class KernelTests
         for (int i = 0; i < shapes.Length; i++) Assert.Equal(separate[i], grouped[i]);
     }
 
+    /// <summary>
+    /// A GEMV from DRAM on two threads is cut once per product at a split that follows the cores' speeds
+    /// (<see cref="MatMul.SplitDramGemv"/>): every split gives the naive result within its bound and the same bits,
+    /// so a row's sum never depends on timing; grouped products (q/k/v-like) and each weight type.
+    /// </summary>
+    [Theory]
+    [InlineData(768, 384)]   // fp32: 16-row parked groups; bf16: four-row kernel
+    [InlineData(300, 128)]   // K not a multiple of 16 or 32: the two-row kernels
+    public void SplitGemvMatchesNaiveAtEverySplit(int K, int N)
+    {
+        var x = Random(K, K);
+        var rows = new[] { N, 64, 128 };
+        using var pool = new WorkerPool(2);
+        foreach (var type in new[] { WeightType.F32, WeightType.BF16, WeightType.F16 })
+        {
+            var raw = rows.Select((n, i) => Random(n * K, 7 * n + i)).ToArray();
+            var stored = new float[rows.Length][];
+            var bytes = raw.Select((w, i) => Store(w, type, out stored[i])).ToArray();
+            var mm = new MatMul(pool);
+            float[][]? first = null;
+            foreach (double share in new[] { 0.5, 0.25, 0.4, 0.75, 0.6 })
+            {
+                mm.SplitShare = share;
+                var ys = rows.Select(n => new float[n]).ToArray();
+                fixed (float* xp = x, y0 = ys[0], y1 = ys[1], y2 = ys[2])
+                fixed (byte* w0 = bytes[0], w1 = bytes[1], w2 = bytes[2])
+                    mm.Run(xp, 1, [new MatMul.Product(new WeightMatrix((nint)w0, type, rows[0], K), y0),
+                        new MatMul.Product(new WeightMatrix((nint)w1, type, rows[1], K), y1),
+                        new MatMul.Product(new WeightMatrix((nint)w2, type, rows[2], K), y2)]);
+                for (int p = 0; p < rows.Length; p++)
+                    for (int n = 0; n < rows[p]; n++)
+                    {
+                        double s = 0, a = 0;
+                        for (int k = 0; k < K; k++) { s += (double)x[k] * stored[p][n * K + k]; a += Math.Abs((double)x[k] * stored[p][n * K + k]); }
+                        Assert.True(Math.Abs(ys[p][n] - s) <= 1e-5 * a + 1e-6, $"{type} share {share} product {p} row {n}: {ys[p][n]} vs {s}");
+                    }
+                first ??= ys;
+                for (int p = 0; p < rows.Length; p++) Assert.Equal(first[p], ys[p]);
+            }
+        }
+    }
+
     [Fact]
     public void F16WideningHandlesSubnormalsInfinityAndNaN()
     {
