@@ -1,4 +1,3 @@
-using System.Diagnostics;
 using System.Runtime.CompilerServices;
 using System.Runtime.Intrinsics;
 using System.Runtime.Intrinsics.X86;
@@ -209,7 +208,7 @@ public sealed unsafe class MatMul : ParallelJob
         long firstRows = 0, allRows = 0;
         foreach (var p in products) allRows += p.W.Rows;
         int chunks = pinned ? _group.SetPinned(products, _pool.Threads, 16)
-            : split ? SplitChunks(products, out firstRows)
+            : split ? _group.SetSplit(products, _split.Share, SplitAlign, out firstRows)
             : _group.SetGuided(products, GemvMinRows(products[0].W.RowBytes), _pool.Threads);
         var isa = SimdPolicy.Current;
         _x = x; _m = 1; _invariant = false;
@@ -222,20 +221,18 @@ public sealed unsafe class MatMul : ParallelJob
             else if (pinned) _pool.RunPinned(this, chunks);
             else if (split)
             {
-                _splitTiming = true;
-                long start = Stopwatch.GetTimestamp();
+                _split.Begin((double)firstRows / allRows);
                 _pool.RunPinned(this, chunks);
-                AdjustSplit(start, (double)firstRows / allRows);
+                _split.End();
             }
             else _pool.Run(this, chunks);
         }
-        finally { _group.Clear(); _splitTiming = false; }
+        finally { _group.Clear(); }
     }
 
     /// <summary>
-    /// A GEMV from DRAM on two threads cuts every product once, at a split that follows the two cores' speeds:
-    /// after each call, worker 0's share moves a quarter of the way to the one that would have ended both halves
-    /// together (each side's rows over its time since the dispatch). One chunk a thread starts its weight streams
+    /// A GEMV from DRAM on two threads cuts every product once, at a split that follows the two cores' speeds
+    /// (<see cref="TwoWaySplit"/>). One chunk a thread starts its weight streams
     /// once per product; the guided chunks (large first, 64 KiB last, the next free thread taking each) start them
     /// ~10 times a product and fetch every index from a counter line the other core wrote. Fixed halves instead took
     /// 0.91–0.98 of the guided step's time in some minutes and 1.03–1.06 in others (stories110m decode, batch 1,
@@ -243,40 +240,28 @@ public sealed unsafe class MatMul : ParallelJob
     /// </summary>
     public static bool SplitDramGemv { get; set; } = true;
 
+    /// <summary>The same two-way split for the skinny GEMM's 2–8 rows (instead of 8 chunks a call from a counter). Off = the chunks.</summary>
+    public static bool SplitDramSkinny { get; set; } = true;
+
     /// <summary>
     /// Split points are multiples of this many rows (and split GEMVs need every product's rows to be one), so every
     /// chunk fills the kernels' 4- and 16-row groups whatever the split: a row's sum never depends on the timing.
     /// </summary>
     private const int SplitAlign = 64;
 
-    private double _share0 = 0.5;
+    private readonly TwoWaySplit _split = new();
 
     /// <summary>Worker 0's share of the rows of the next split GEMV (<see cref="SplitDramGemv"/>), 0.25–0.75; settable so
     /// tests and harnesses can pin it.</summary>
-    public double SplitShare { get => _share0; set => _share0 = Math.Clamp(value, 0.25, 0.75); }
-    private readonly long[] _splitEnd = new long[16]; // each worker's last chunk end (Stopwatch ticks), 64 bytes apart
-    private bool _splitTiming;
+    public double SplitShare { get => _split.Share; set => _split.Share = value; }
 
-    private int SplitChunks(ReadOnlySpan<Product> products, out long firstRows)
-    {
-        firstRows = _group.SetSplit(products, _share0, SplitAlign);
-        _splitEnd[0] = _splitEnd[8] = 0;
-        return 2 * products.Length;
-    }
+    /// <summary>The same for the skinny GEMM's split calls (<see cref="SplitDramSkinny"/>).</summary>
+    public double SkinnySplitShare { get => _skinny.SplitShare; set => _skinny.SplitShare = value; }
 
     private static bool AllRowsAligned(ReadOnlySpan<Product> products, int align)
     {
         foreach (var p in products) if (p.W.Rows % align != 0) return false;
         return true;
-    }
-
-    private void AdjustSplit(long start, double first)
-    {
-        long d0 = _splitEnd[0] - start, d1 = _splitEnd[8] - start;
-        if (d0 <= 0 || d1 <= 0 || first <= 0 || first >= 1) { _share0 = 0.5; return; }
-        double v0 = first / d0, v1 = (1 - first) / d1;   // rows per tick, as fractions of the call
-        double target = v0 / (v0 + v1);
-        _share0 = Math.Clamp(_share0 + 0.25 * (target - _share0), 0.25, 0.75);
     }
 
     /// <summary>Y = X·Wᵀ. x: [m × w.Cols] row-major, y: [m × w.Rows] row-major.</summary>
@@ -767,7 +752,7 @@ public sealed unsafe class MatMul : ParallelJob
         {
             var p = _group.Guided(chunk, out int r0, out int r1);
             Rows(p.W, p.Y, 0, 1, r0, r1);
-            if (_splitTiming) _splitEnd[8 * worker] = Stopwatch.GetTimestamp();
+            _split.ChunkDone(worker);
             return;
         }
         int mb = chunk % _mBlocks, nb = chunk / _mBlocks;

@@ -111,15 +111,16 @@ internal sealed class ProductChunks
     /// <summary>
     /// Two-thread cut: each product's rows [0, split) for worker 0 and [split, rows) for worker 1, the split at
     /// <paramref name="share0"/> of the rows rounded to a multiple of <paramref name="align"/>; read back by
-    /// <see cref="Guided"/>, dispatched pinned. Returns the rows worker 0 got.
+    /// <see cref="Guided"/>, dispatched pinned. Returns the chunk count (two a product); <paramref name="first"/>: the
+    /// rows worker 0 got.
     /// </summary>
-    public long SetSplit(ReadOnlySpan<MatMul.Product> products, double share0, int align)
+    public int SetSplit(ReadOnlySpan<MatMul.Product> products, double share0, int align, out long first)
     {
         if (_products.Length < products.Length) _products = new MatMul.Product[products.Length];
         products.CopyTo(_products);
         Count = products.Length;
         _guidedCount = 0;
-        long first = 0;
+        first = 0;
         for (int pi = 0; pi < products.Length; pi++)
         {
             int rows = products[pi].W.Rows;
@@ -136,7 +137,7 @@ internal sealed class ProductChunks
                 _guidedRow[_guidedCount++] = t == 0 ? 0 : split;
             }
         }
-        return first;
+        return _guidedCount;
     }
 
     /// <summary>Chunk <paramref name="chunk"/> of a guided plan: its product and rows [r0, r1).</summary>

@@ -69,19 +69,37 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
         // enough that a chunk's slice of one K block is still in L2 when the next group comes round.
         long perChunk = Math.Max(TileCols, rows / (4 * _pool.Threads));
         if (m > 8) perChunk = Math.Min(perChunk, Math.Max(TileCols, ReuseBytes * k / (maxRowBytes * _kBlock)));
-        int chunks = _chunks.Set(products, (int)((perChunk + TileCols - 1) / TileCols * TileCols));
+        _splitPlan = m <= StreamMaxRows && MatMul.SplitDramSkinny && _pool.Threads == 2 && macs >= MatMul.SerialMacs;
+        long first = 0;
+        int chunks = _splitPlan ? _chunks.SetSplit(products, _split.Share, SplitAlign, out first)
+            : _chunks.Set(products, (int)((perChunk + TileCols - 1) / TileCols * TileCols));
         try
         {
             if (macs < MatMul.SerialMacs) for (int c = 0; c < chunks; c++) Execute(c, 0);
+            else if (_splitPlan)
+            {
+                _split.Begin((double)first / rows);
+                _pool.RunPinned(this, chunks);
+                _split.End();
+            }
             else _pool.Run(this, chunks);
         }
         finally { _chunks.Clear(); }
     }
 
+    // Up to 8 rows, two threads: each product cut once between them (TwoWaySplit), at a multiple of SplitAlign rows
+    // (of the 3-row tiles and 16-row parked batches, so no row's sum depends on where the cut falls).
+    private const int SplitAlign = 48;
+    private bool _splitPlan;
+    private readonly TwoWaySplit _split = new();
+
+    /// <summary>Worker 0's share of the rows of the next split call (<see cref="MatMul.SplitDramSkinny"/>).</summary>
+    public double SplitShare { get => _split.Share; set => _split.Share = value; }
+
     public override void Execute(int chunk, int worker)
     {
-        var p = _chunks.Find(chunk, out int local);
-        int n0 = local * _chunks.RowsPerChunk, n1 = Math.Min(p.W.Rows, n0 + _chunks.RowsPerChunk);
+        int n0, n1;
+        ref readonly var p = ref _splitPlan ? ref _chunks.Guided(chunk, out n0, out n1) : ref ChunkRows(chunk, out n0, out n1);
         switch (p.W.Type)
         {
             case WeightType.F32: Rows<F32Load>(p.W, p.Y, n0, n1, worker); break;
@@ -89,6 +107,15 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
             case WeightType.F16: Rows<F16Load>(p.W, p.Y, n0, n1, worker); break;
             case WeightType.Q8: Rows<Q8Load>(p.W, p.Y, n0, n1, worker); break;
         }
+        _split.ChunkDone(worker);
+    }
+
+    private ref readonly MatMul.Product ChunkRows(int chunk, out int n0, out int n1)
+    {
+        ref readonly var p = ref _chunks.Find(chunk, out int local);
+        n0 = local * _chunks.RowsPerChunk;
+        n1 = Math.Min(p.W.Rows, n0 + _chunks.RowsPerChunk);
+        return ref p;
     }
 
     private void Rows<TL>(in WeightMatrix w, float* y, int n0, int n1, int worker) where TL : IWeightLoad

@@ -254,10 +254,19 @@ public unsafe class KernelTests
     [Theory]
     [InlineData(768, 384)]   // fp32: 16-row parked groups; bf16: four-row kernel
     [InlineData(300, 128)]   // K not a multiple of 16 or 32: the two-row kernels
-    public void SplitGemvMatchesNaiveAtEverySplit(int K, int N)
+    public void SplitGemvMatchesNaiveAtEverySplit(int K, int N) => SplitMatchesNaiveAtEverySplit(1, K, [N, 64, 128]);
+
+    /// <summary>The same for the skinny GEMM's 2–8 rows (<see cref="MatMul.SplitDramSkinny"/>): 4- and 8-row tiles, rows
+    /// past the 3-row tiles, K blocks that add (5–8 rows over K > 1024).</summary>
+    [Theory]
+    [InlineData(2, 768)]
+    [InlineData(5, 2100)]
+    [InlineData(8, 300)]
+    public void SplitSkinnyMatchesNaiveAtEverySplit(int M, int K) => SplitMatchesNaiveAtEverySplit(M, K, [300, 97, 2050]);
+
+    private void SplitMatchesNaiveAtEverySplit(int M, int K, int[] rows)
     {
-        var x = Random(K, K);
-        var rows = new[] { N, 64, 128 };
+        var x = Random(M * K, M * K);
         using var pool = new WorkerPool(2);
         foreach (var type in new[] { WeightType.F32, WeightType.BF16, WeightType.F16 })
         {
@@ -268,20 +277,22 @@ public unsafe class KernelTests
             float[][]? first = null;
             foreach (double share in new[] { 0.5, 0.25, 0.4, 0.75, 0.6 })
             {
-                mm.SplitShare = share;
-                var ys = rows.Select(n => new float[n]).ToArray();
+                if (M == 1) mm.SplitShare = share;
+                else mm.SkinnySplitShare = share;
+                var ys = rows.Select(n => new float[M * n]).ToArray();
                 fixed (float* xp = x, y0 = ys[0], y1 = ys[1], y2 = ys[2])
                 fixed (byte* w0 = bytes[0], w1 = bytes[1], w2 = bytes[2])
-                    mm.Run(xp, 1, [new MatMul.Product(new WeightMatrix((nint)w0, type, rows[0], K), y0),
+                    mm.Run(xp, M, [new MatMul.Product(new WeightMatrix((nint)w0, type, rows[0], K), y0),
                         new MatMul.Product(new WeightMatrix((nint)w1, type, rows[1], K), y1),
                         new MatMul.Product(new WeightMatrix((nint)w2, type, rows[2], K), y2)]);
                 for (int p = 0; p < rows.Length; p++)
-                    for (int n = 0; n < rows[p]; n++)
-                    {
-                        double s = 0, a = 0;
-                        for (int k = 0; k < K; k++) { s += (double)x[k] * stored[p][n * K + k]; a += Math.Abs((double)x[k] * stored[p][n * K + k]); }
-                        Assert.True(Math.Abs(ys[p][n] - s) <= 1e-5 * a + 1e-6, $"{type} share {share} product {p} row {n}: {ys[p][n]} vs {s}");
-                    }
+                    for (int m = 0; m < M; m++)
+                        for (int n = 0; n < rows[p]; n++)
+                        {
+                            double s = 0, a = 0;
+                            for (int k = 0; k < K; k++) { s += (double)x[m * K + k] * stored[p][n * K + k]; a += Math.Abs((double)x[m * K + k] * stored[p][n * K + k]); }
+                            Assert.True(Math.Abs(ys[p][m * rows[p] + n] - s) <= 1e-5 * a + 1e-6, $"{type} M {M} share {share} product {p} row {m}, {n}: {ys[p][m * rows[p] + n]} vs {s}");
+                        }
                 first ??= ys;
                 for (int p = 0; p < rows.Length; p++) Assert.Equal(first[p], ys[p]);
             }
