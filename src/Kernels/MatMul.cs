@@ -243,6 +243,9 @@ public sealed unsafe class MatMul : ParallelJob
     /// <summary>The same two-way split for the skinny GEMM's 2–8 rows (instead of 8 chunks a call from a counter). Off = the chunks.</summary>
     public static bool SplitDramSkinny { get; set; } = true;
 
+    /// <summary>… and for 9 rows and more, each half in pieces that stay in L2 for the next 8-row group.</summary>
+    public static bool SplitSkinnyGroups { get; set; } = true;
+
     /// <summary>
     /// Split points are multiples of this many rows (and split GEMVs need every product's rows to be one), so every
     /// chunk fills the kernels' 4- and 16-row groups whatever the split: a row's sum never depends on the timing.

@@ -69,10 +69,10 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
         // enough that a chunk's slice of one K block is still in L2 when the next group comes round.
         long perChunk = Math.Max(TileCols, rows / (4 * _pool.Threads));
         if (m > 8) perChunk = Math.Min(perChunk, Math.Max(TileCols, ReuseBytes * k / (maxRowBytes * _kBlock)));
-        _splitPlan = m <= StreamMaxRows && MatMul.SplitDramSkinny && _pool.Threads == 2 && macs >= MatMul.SerialMacs;
+        _splitPlan = (m <= StreamMaxRows || MatMul.SplitSkinnyGroups) && MatMul.SplitDramSkinny && _pool.Threads == 2 && macs >= MatMul.SerialMacs;
+        _subRows = (int)((perChunk + TileCols - 1) / TileCols * TileCols);
         long first = 0;
-        int chunks = _splitPlan ? _chunks.SetSplit(products, _split.Share, SplitAlign, out first)
-            : _chunks.Set(products, (int)((perChunk + TileCols - 1) / TileCols * TileCols));
+        int chunks = _splitPlan ? _chunks.SetSplit(products, _split.Share, SplitAlign, out first) : _chunks.Set(products, _subRows);
         try
         {
             if (macs < MatMul.SerialMacs) for (int c = 0; c < chunks; c++) Execute(c, 0);
@@ -91,6 +91,7 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
     // (of the 3-row tiles and 16-row parked batches, so no row's sum depends on where the cut falls).
     private const int SplitAlign = 48;
     private bool _splitPlan;
+    private int _subRows;   // over 8 rows, a split half runs in pieces of this many rows (each piece's rows stay in L2 for the next group)
     private readonly TwoWaySplit _split = new();
 
     /// <summary>Worker 0's share of the rows of the next split call (<see cref="MatMul.SplitDramSkinny"/>).</summary>
@@ -100,12 +101,17 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
     {
         int n0, n1;
         ref readonly var p = ref _splitPlan ? ref _chunks.Guided(chunk, out n0, out n1) : ref ChunkRows(chunk, out n0, out n1);
-        switch (p.W.Type)
+        int piece = _splitPlan && _m > StreamMaxRows ? _subRows : n1 - n0;
+        for (int r = n0; r < n1; r += piece)
         {
-            case WeightType.F32: Rows<F32Load>(p.W, p.Y, n0, n1, worker); break;
-            case WeightType.BF16: Rows<Bf16Load>(p.W, p.Y, n0, n1, worker); break;
-            case WeightType.F16: Rows<F16Load>(p.W, p.Y, n0, n1, worker); break;
-            case WeightType.Q8: Rows<Q8Load>(p.W, p.Y, n0, n1, worker); break;
+            int r1 = Math.Min(n1, r + piece);
+            switch (p.W.Type)
+            {
+                case WeightType.F32: Rows<F32Load>(p.W, p.Y, r, r1, worker); break;
+                case WeightType.BF16: Rows<Bf16Load>(p.W, p.Y, r, r1, worker); break;
+                case WeightType.F16: Rows<F16Load>(p.W, p.Y, r, r1, worker); break;
+                case WeightType.Q8: Rows<Q8Load>(p.W, p.Y, r, r1, worker); break;
+            }
         }
         _split.ChunkDone(worker);
     }

@@ -256,12 +256,14 @@ public unsafe class KernelTests
     [InlineData(300, 128)]   // K not a multiple of 16 or 32: the two-row kernels
     public void SplitGemvMatchesNaiveAtEverySplit(int K, int N) => SplitMatchesNaiveAtEverySplit(1, K, [N, 64, 128]);
 
-    /// <summary>The same for the skinny GEMM's 2–8 rows (<see cref="MatMul.SplitDramSkinny"/>): 4- and 8-row tiles, rows
-    /// past the 3-row tiles, K blocks that add (5–8 rows over K > 1024).</summary>
+    /// <summary>The same for the skinny GEMM (<see cref="MatMul.SplitDramSkinny"/>): 4- and 8-row tiles, rows past the
+    /// 3-row tiles, K blocks that add (5–8 rows over K > 1024), several 8-row groups over each half's pieces.</summary>
     [Theory]
     [InlineData(2, 768)]
     [InlineData(5, 2100)]
     [InlineData(8, 300)]
+    [InlineData(12, 768)]     // over 8 rows: each half in pieces; fp32 streams each 8-row group, bf16 and f16 take tiles
+    [InlineData(16, 1100)]    // … K over one block
     public void SplitSkinnyMatchesNaiveAtEverySplit(int M, int K) => SplitMatchesNaiveAtEverySplit(M, K, [300, 97, 2050]);
 
     private void SplitMatchesNaiveAtEverySplit(int M, int K, int[] rows)
