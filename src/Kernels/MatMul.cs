@@ -246,6 +246,12 @@ public sealed unsafe class MatMul : ParallelJob
     /// <summary>… and for 9 rows and more, each half in pieces that stay in L2 for the next 8-row group.</summary>
     public static bool SplitSkinnyGroups { get; set; } = true;
 
+    /// <summary>The same two-way split for the packed GEMM (instead of 32-row chunks from a counter). Off = the chunks.</summary>
+    public static bool SplitPacked { get; set; } = true;
+
+    /// <summary>Worker 0's share of the packed GEMM's next split call (<see cref="SplitPacked"/>).</summary>
+    public double PackedSplitShare { get => _packed.SplitShare; set => _packed.SplitShare = value; }
+
     /// <summary>
     /// Split points are multiples of this many rows (and split GEMVs need every product's rows to be one), so every
     /// chunk fills the kernels' 4- and 16-row groups whatever the split: a row's sum never depends on the timing.

@@ -64,20 +64,51 @@ internal sealed unsafe class PackedGemm : ParallelJob
         PerWorkerBuffers.Grow(_dequant, ref _dequantFloats, (long)MR * _kc);
         PerWorkerBuffers.Grow(_tiles, ref _tileFloats, (long)MicroPerChunk * _panels * MR * _nr);
         _xPacks.NewCall((long)_panels * _nr * k);
-        int chunks = _chunks.Set(products, RowsPerChunk);
+        _splitPlan = MatMul.SplitPacked && _pool.Threads == 2;
+        long first = 0, rows = 0;
+        foreach (var p in products) rows += p.W.Rows;
+        int chunks = _splitPlan ? _chunks.SetSplit(products, _split.Share, SplitAlign, out first) : _chunks.Set(products, RowsPerChunk);
 
         _phase = 0;
         if (!OwnPack) _pool.Run(this, _panels);
         _phase = isa == SimdPolicy.Isa.V512 ? 1 : 2;
-        _pool.Run(this, chunks);
+        if (!_splitPlan)
+        {
+            _pool.Run(this, chunks);
+            return;
+        }
+        _split.Begin((double)first / rows);
+        _pool.RunPinned(this, chunks);
+        _split.End();
     }
+
+    // Two threads: each product cut once between them (TwoWaySplit) at a multiple of SplitAlign rows, each half run
+    // chunk after chunk (so the chunk a worker takes next is the adjacent one, and no chunk index crosses cores).
+    private const int SplitAlign = 64;
+    private bool _splitPlan;
+    private readonly TwoWaySplit _split = new();
+
+    /// <summary>Worker 0's share of the rows of the next split call (<see cref="MatMul.SplitPacked"/>).</summary>
+    public double SplitShare { get => _split.Share; set => _split.Share = value; }
 
     public override void Execute(int chunk, int worker)
     {
         if (_phase == 0) { PackX(chunk, _xPacks[0]); return; }
         if (OwnPack && _xPacks.FirstUse(worker))
             for (int p = 0; p < _panels; p++) PackX(p, _xPacks[worker]);
-        ref readonly var prod = ref _chunks.Find(chunk, out int local);
+        if (!_splitPlan)
+        {
+            ref readonly var prod = ref _chunks.Find(chunk, out int local);
+            Rows(prod, local, worker);
+            return;
+        }
+        ref readonly var half = ref _chunks.Guided(chunk, out int r0, out int r1);
+        for (int c = r0 / RowsPerChunk; c * RowsPerChunk < r1; c++) Rows(half, c, worker);
+        _split.ChunkDone(worker);
+    }
+
+    private void Rows(in MatMul.Product prod, int local, int worker)
+    {
         switch (prod.W.Type)
         {
             case WeightType.F32: Rows<F32Load>(prod, local, worker); break;
@@ -158,7 +189,7 @@ internal sealed unsafe class PackedGemm : ParallelJob
                 // Asking for the next chunk instead (usually the other worker's) was 3 % slower.
                 if (ahead == 0)
                 {
-                    int next = r1 + (_pool.Threads - 1) * RowsPerChunk;
+                    int next = _splitPlan ? r1 : r1 + (_pool.Threads - 1) * RowsPerChunk;   // a split half: the adjacent chunk
                     if (next + MR <= N) ahead = (nint)((next - n) * w.RowBytes - w.RowBytes * k0 / K);
                 }
                 float* tile = tiles + (long)mp * _panels * tileFloats;
