@@ -219,12 +219,7 @@ public sealed unsafe class MatMul : ParallelJob
         {
             if (macs < SerialMacs) for (int c = 0; c < chunks; c++) Execute(c, 0);
             else if (pinned) _pool.RunPinned(this, chunks);
-            else if (split)
-            {
-                _split.Begin((double)firstRows / allRows);
-                _pool.RunPinned(this, chunks);
-                _split.End();
-            }
+            else if (split) _split.Run(_pool, this, chunks, (double)firstRows / allRows);
             else _pool.Run(this, chunks);
         }
         finally { _group.Clear(); }

@@ -66,7 +66,8 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
         long rows = 0, macs = 0, maxRowBytes = 0;
         foreach (var p in products) { rows += p.W.Rows; macs += (long)p.W.Rows * k * m; maxRowBytes = Math.Max(maxRowBytes, p.W.RowBytes); }
         // Several chunks per thread for balance, each a whole number of tiles; with several X row groups, small
-        // enough that a chunk's slice of one K block is still in L2 when the next group comes round.
+        // enough that a chunk's slice of one K block is still in L2 when the next group comes round (with the two-way
+        // split below, the size of the pieces each half runs in).
         long perChunk = Math.Max(TileCols, rows / (4 * _pool.Threads));
         if (m > 8) perChunk = Math.Min(perChunk, Math.Max(TileCols, ReuseBytes * k / (maxRowBytes * _kBlock)));
         _splitPlan = (m <= StreamMaxRows || MatMul.SplitSkinnyGroups) && MatMul.SplitDramSkinny && _pool.Threads == 2 && macs >= MatMul.SerialMacs;
@@ -76,19 +77,15 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
         try
         {
             if (macs < MatMul.SerialMacs) for (int c = 0; c < chunks; c++) Execute(c, 0);
-            else if (_splitPlan)
-            {
-                _split.Begin((double)first / rows);
-                _pool.RunPinned(this, chunks);
-                _split.End();
-            }
+            else if (_splitPlan) _split.Run(_pool, this, chunks, (double)first / rows);
             else _pool.Run(this, chunks);
         }
         finally { _chunks.Clear(); }
     }
 
-    // Up to 8 rows, two threads: each product cut once between them (TwoWaySplit), at a multiple of SplitAlign rows
-    // (of the 3-row tiles and 16-row parked batches, so no row's sum depends on where the cut falls).
+    // Two threads: each product cut once between them (TwoWaySplit), at a multiple of SplitAlign rows (of the 3-row
+    // tiles and 16-row parked batches, so no row's sum depends on where the cut falls); over 8 rows each half runs in
+    // pieces of _subRows, as the chunks were. Other thread counts take the chunks from the pool's counter.
     private const int SplitAlign = 48;
     private bool _splitPlan;
     private int _subRows;   // over 8 rows, a split half runs in pieces of this many rows (each piece's rows stay in L2 for the next group)

@@ -8,7 +8,7 @@ namespace MiniLlm.Kernels;
 /// side's rows over its time since the dispatch). The host's two vCPUs are not always equally fast, so fixed halves
 /// win in some minutes and lose in others (see <see cref="MatMul.SplitDramGemv"/>).
 /// </summary>
-internal sealed class TwoWaySplit
+public sealed class TwoWaySplit
 {
     public const double MinShare = 0.25, MaxShare = 0.75;
 
@@ -25,8 +25,18 @@ internal sealed class TwoWaySplit
         set => _share = Math.Clamp(value, MinShare, MaxShare);
     }
 
-    /// <summary>Starts timing a call in which worker 0 takes <paramref name="firstFraction"/> of the rows.</summary>
-    public void Begin(double firstFraction)
+    /// <summary>
+    /// Runs a two-chunks-a-product plan (chunk c on worker c mod 2) in which worker 0 takes
+    /// <paramref name="firstFraction"/> of the rows, timed; the job calls <see cref="ChunkDone"/> after each chunk.
+    /// </summary>
+    public void Run(WorkerPool pool, ParallelJob job, int chunks, double firstFraction)
+    {
+        Begin(firstFraction);
+        pool.RunPinned(job, chunks);
+        End();
+    }
+
+    private void Begin(double firstFraction)
     {
         _first = firstFraction;
         _end[0] = _end[8] = 0;
@@ -41,13 +51,23 @@ internal sealed class TwoWaySplit
     }
 
     /// <summary>Ends the call's timing and moves the share.</summary>
-    public void End()
+    private void End()
     {
         if (!_timing) return;
         _timing = false;
-        long d0 = _end[0] - _start, d1 = _end[8] - _start;
-        if (d0 <= 0 || d1 <= 0 || _first <= 0 || _first >= 1) { _share = 0.5; return; }
-        double v0 = _first / d0, v1 = (1 - _first) / d1;   // fractions of the call's rows per tick
-        _share = Math.Clamp(_share + 0.25 * (v0 / (v0 + v1) - _share), MinShare, MaxShare);
+        _share = NextShare(_share, _first, _end[0] - _start, _end[8] - _start);
+    }
+
+    /// <summary>
+    /// The share after a call in which worker 0 took <paramref name="first"/> of the rows and the workers finished
+    /// <paramref name="d0"/> and <paramref name="d1"/> ticks after the dispatch: a quarter of the way from
+    /// <paramref name="share"/> to the share that would have ended both together. Back to halves when a side did
+    /// nothing or was not timed.
+    /// </summary>
+    public static double NextShare(double share, double first, long d0, long d1)
+    {
+        if (d0 <= 0 || d1 <= 0 || first <= 0 || first >= 1) return 0.5;
+        double v0 = first / d0, v1 = (1 - first) / d1;   // fractions of the call's rows per tick
+        return Math.Clamp(share + 0.25 * (v0 / (v0 + v1) - share), MinShare, MaxShare);
     }
 }

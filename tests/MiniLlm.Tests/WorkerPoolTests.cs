@@ -67,4 +67,21 @@ public class WorkerPoolTests
             Thread.SpinWait(2000);
         }
     }
+
+    /// <summary>The two-way split moves a quarter of the way toward the cut that would have ended both workers together.</summary>
+    [Fact]
+    public void TwoWaySplitFollowsTheFasterWorker()
+    {
+        // Equal halves, worker 1 twice as slow: both would end together with 2/3 to worker 0.
+        Assert.Equal(0.5 + 0.25 * (2.0 / 3 - 0.5), TwoWaySplit.NextShare(0.5, 0.5, 1000, 2000), 12);
+        // Already balanced (worker 0 took 0.6 of the rows and both took as long): no move.
+        Assert.Equal(0.6, TwoWaySplit.NextShare(0.6, 0.6, 1500, 1500), 12);
+        // Worker 0 much slower: the share falls, but never below the floor.
+        double s = 0.5;
+        for (int i = 0; i < 50; i++) s = TwoWaySplit.NextShare(s, s, 100_000, 1000);
+        Assert.Equal(TwoWaySplit.MinShare, s, 12);
+        // A side that did nothing or was not timed: back to halves.
+        Assert.Equal(0.5, TwoWaySplit.NextShare(0.7, 0.7, 0, 1000));
+        Assert.Equal(0.5, TwoWaySplit.NextShare(0.3, 0, 1000, 1000));
+    }
 }
