@@ -230,22 +230,19 @@ public sealed unsafe class MatMul : ParallelJob
     /// (<see cref="TwoWaySplit"/>). One chunk a thread starts its weight streams
     /// once per product; the guided chunks (large first, 64 KiB last, the next free thread taking each) start them
     /// ~10 times a product and fetch every index from a counter line the other core wrote. Fixed halves instead took
-    /// 0.91–0.98 of the guided step's time in some minutes and 1.03–1.06 in others (stories110m decode, batch 1,
+    /// 0.91–0.99 of the guided step's time in some minutes and 1.01–1.06 in others (stories110m decode, batch 1,
     /// in-process alternation): the host's two vCPUs are not always equally fast. Off = the guided chunks.
     /// </summary>
     public static bool SplitDramGemv { get; set; } = true;
 
     /// <summary>The same two-way split for the skinny GEMM's 2–8 rows (instead of 8 chunks a call from a counter). Off = the chunks.</summary>
-    public static bool SplitDramSkinny { get; set; } = true;
+    public static bool SplitSkinny { get; set; } = true;
 
     /// <summary>… and for 9 rows and more, each half in pieces that stay in L2 for the next 8-row group.</summary>
     public static bool SplitSkinnyGroups { get; set; } = true;
 
     /// <summary>The same two-way split for the packed GEMM (instead of 32-row chunks from a counter). Off = the chunks.</summary>
     public static bool SplitPacked { get; set; } = true;
-
-    /// <summary>Worker 0's share of the packed GEMM's next split call (<see cref="SplitPacked"/>).</summary>
-    public double PackedSplitShare { get => _packed.SplitShare; set => _packed.SplitShare = value; }
 
     /// <summary>
     /// Split points are multiples of this many rows (and split GEMVs need every product's rows to be one), so every
@@ -259,8 +256,11 @@ public sealed unsafe class MatMul : ParallelJob
     /// tests and harnesses can pin it.</summary>
     public double SplitShare { get => _split.Share; set => _split.Share = value; }
 
-    /// <summary>The same for the skinny GEMM's split calls (<see cref="SplitDramSkinny"/>).</summary>
+    /// <summary>The same for the skinny GEMM's split calls (<see cref="SplitSkinny"/>).</summary>
     public double SkinnySplitShare { get => _skinny.SplitShare; set => _skinny.SplitShare = value; }
+
+    /// <summary>The same for the packed GEMM's split calls (<see cref="SplitPacked"/>).</summary>
+    public double PackedSplitShare { get => _packed.SplitShare; set => _packed.SplitShare = value; }
 
     private static bool AllRowsAligned(ReadOnlySpan<Product> products, int align)
     {

@@ -70,7 +70,7 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
         // split below, the size of the pieces each half runs in).
         long perChunk = Math.Max(TileCols, rows / (4 * _pool.Threads));
         if (m > 8) perChunk = Math.Min(perChunk, Math.Max(TileCols, ReuseBytes * k / (maxRowBytes * _kBlock)));
-        _splitPlan = (m <= StreamMaxRows || MatMul.SplitSkinnyGroups) && MatMul.SplitDramSkinny && _pool.Threads == 2 && macs >= MatMul.SerialMacs;
+        _splitPlan = (m <= StreamMaxRows || MatMul.SplitSkinnyGroups) && MatMul.SplitSkinny && _pool.Threads == 2 && macs >= MatMul.SerialMacs;
         _subRows = (int)((perChunk + TileCols - 1) / TileCols * TileCols);
         long first = 0;
         int chunks = _splitPlan ? _chunks.SetSplit(products, _split.Share, SplitAlign, out first) : _chunks.Set(products, _subRows);
@@ -91,7 +91,7 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
     private int _subRows;   // over 8 rows, a split half runs in pieces of this many rows (each piece's rows stay in L2 for the next group)
     private readonly TwoWaySplit _split = new();
 
-    /// <summary>Worker 0's share of the rows of the next split call (<see cref="MatMul.SplitDramSkinny"/>).</summary>
+    /// <summary>Worker 0's share of the rows of the next split call (<see cref="MatMul.SplitSkinny"/>).</summary>
     public double SplitShare { get => _split.Share; set => _split.Share = value; }
 
     public override void Execute(int chunk, int worker)

@@ -256,7 +256,7 @@ public unsafe class KernelTests
     [InlineData(300, 128)]   // K not a multiple of 16 or 32: the two-row kernels
     public void SplitGemvMatchesNaiveAtEverySplit(int K, int N) => SplitMatchesNaiveAtEverySplit(1, K, [N, 64, 128]);
 
-    /// <summary>The same for the skinny GEMM (<see cref="MatMul.SplitDramSkinny"/>: 4- and 8-row tiles, rows past the
+    /// <summary>The same for the skinny GEMM (<see cref="MatMul.SplitSkinny"/>: 4- and 8-row tiles, rows past the
     /// 3-row tiles, K blocks that add, several 8-row groups over each half's pieces) and the packed GEMM
     /// (<see cref="MatMul.SplitPacked"/>).</summary>
     [Theory]
