@@ -205,10 +205,9 @@ public sealed unsafe class MatMul : ParallelJob
         // Weights in the cache: every thread takes the same rows every call, so each core's cache keeps its share.
         bool pinned = CacheResidentWeights && PinCacheResidentGemv;
         bool split = !pinned && SplitDramGemv && _pool.Threads == 2 && macs >= SerialMacs && AllRowsAligned(products, SplitAlign);
-        long firstRows = 0, allRows = 0;
-        foreach (var p in products) allRows += p.W.Rows;
+        double firstShare = 0;
         int chunks = pinned ? _group.SetPinned(products, _pool.Threads, 16)
-            : split ? _group.SetSplit(products, _split.Share, SplitAlign, out firstRows)
+            : split ? _group.SetSplit(products, _split.Share, SplitAlign, out firstShare)
             : _group.SetGuided(products, GemvMinRows(products[0].W.RowBytes), _pool.Threads);
         var isa = SimdPolicy.Current;
         _x = x; _m = 1; _invariant = false;
@@ -219,7 +218,7 @@ public sealed unsafe class MatMul : ParallelJob
         {
             if (macs < SerialMacs) for (int c = 0; c < chunks; c++) Execute(c, 0);
             else if (pinned) _pool.RunPinned(this, chunks);
-            else if (split) _split.Run(_pool, this, chunks, (double)firstRows / allRows);
+            else if (split) _split.Run(_pool, this, chunks, firstShare);
             else _pool.Run(this, chunks);
         }
         finally { _group.Clear(); }

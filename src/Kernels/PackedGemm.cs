@@ -66,14 +66,13 @@ internal sealed unsafe class PackedGemm : ParallelJob
         PerWorkerBuffers.Grow(_tiles, ref _tileFloats, (long)MicroPerChunk * _panels * MR * _nr);
         _xPacks.NewCall((long)_panels * _nr * k);
         _splitPlan = MatMul.SplitPacked && _pool.Threads == 2;
-        long first = 0, rows = 0;
-        foreach (var p in products) rows += p.W.Rows;
+        double first = 0;
         int chunks = _splitPlan ? _chunks.SetSplit(products, _split.Share, SplitAlign, out first) : _chunks.Set(products, RowsPerChunk);
 
         _phase = 0;
         if (!OwnPack) _pool.Run(this, _panels);
         _phase = isa == SimdPolicy.Isa.V512 ? 1 : 2;
-        if (_splitPlan) _split.Run(_pool, this, chunks, (double)first / rows);
+        if (_splitPlan) _split.Run(_pool, this, chunks, first);
         else _pool.Run(this, chunks);
     }
 

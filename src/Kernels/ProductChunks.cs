@@ -55,23 +55,14 @@ internal sealed class ProductChunks
     /// </summary>
     public int SetGuided(ReadOnlySpan<MatMul.Product> products, int minRows, int threads)
     {
-        if (_products.Length < products.Length) _products = new MatMul.Product[products.Length];
-        products.CopyTo(_products);
-        Count = products.Length;
+        Begin(products);
         long left = 0;
         foreach (var p in products) left += p.W.Rows;
-        _guidedCount = 0;
         for (int pi = 0; pi < products.Length; pi++)
             for (int r = 0, rows = products[pi].W.Rows; r < rows;)
             {
                 int take = (int)Math.Min(rows - r, Math.Max(minRows, left / (2 * threads) + 3 & ~3L));
-                if (_guidedCount == _guidedRow.Length)
-                {
-                    Array.Resize(ref _guidedRow, 2 * _guidedCount);
-                    Array.Resize(ref _guidedProduct, 2 * _guidedCount);
-                }
-                _guidedProduct[_guidedCount] = pi;
-                _guidedRow[_guidedCount++] = r;
+                Add(pi, r);
                 r += take;
                 left -= take;
             }
@@ -86,24 +77,12 @@ internal sealed class ProductChunks
     /// </summary>
     public int SetPinned(ReadOnlySpan<MatMul.Product> products, int threads, int align)
     {
-        if (_products.Length < products.Length) _products = new MatMul.Product[products.Length];
-        products.CopyTo(_products);
-        Count = products.Length;
-        _guidedCount = 0;
+        Begin(products);
         for (int pi = 0; pi < products.Length; pi++)
         {
             int rows = products[pi].W.Rows;
             int units = (rows + align - 1) / align;
-            for (int t = 0; t < threads; t++)
-            {
-                if (_guidedCount == _guidedRow.Length)
-                {
-                    Array.Resize(ref _guidedRow, 2 * _guidedCount);
-                    Array.Resize(ref _guidedProduct, 2 * _guidedCount);
-                }
-                _guidedProduct[_guidedCount] = pi;
-                _guidedRow[_guidedCount++] = Math.Min(rows, (int)((long)units * t / threads) * align);
-            }
+            for (int t = 0; t < threads; t++) Add(pi, Math.Min(rows, (int)((long)units * t / threads) * align));
         }
         return _guidedCount;
     }
@@ -111,33 +90,46 @@ internal sealed class ProductChunks
     /// <summary>
     /// Two-thread cut: each product's rows [0, split) for worker 0 and [split, rows) for worker 1, the split at
     /// <paramref name="share0"/> of the rows rounded to a multiple of <paramref name="align"/>; read back by
-    /// <see cref="Guided"/>, dispatched pinned. Returns the chunk count (two a product); <paramref name="first"/>: the
-    /// rows worker 0 got.
+    /// <see cref="Guided"/>, dispatched pinned. Returns the chunk count (two a product); <paramref name="firstShare"/>:
+    /// the fraction of all rows worker 0 got.
     /// </summary>
-    public int SetSplit(ReadOnlySpan<MatMul.Product> products, double share0, int align, out long first)
+    public int SetSplit(ReadOnlySpan<MatMul.Product> products, double share0, int align, out double firstShare)
     {
-        if (_products.Length < products.Length) _products = new MatMul.Product[products.Length];
-        products.CopyTo(_products);
-        Count = products.Length;
-        _guidedCount = 0;
-        first = 0;
+        Begin(products);
+        long first = 0, all = 0;
         for (int pi = 0; pi < products.Length; pi++)
         {
             int rows = products[pi].W.Rows;
             int split = Math.Clamp((int)Math.Round(rows * share0 / align) * align, 0, rows);
             first += split;
-            for (int t = 0; t < 2; t++)
-            {
-                if (_guidedCount == _guidedRow.Length)
-                {
-                    Array.Resize(ref _guidedRow, 2 * _guidedCount);
-                    Array.Resize(ref _guidedProduct, 2 * _guidedCount);
-                }
-                _guidedProduct[_guidedCount] = pi;
-                _guidedRow[_guidedCount++] = t == 0 ? 0 : split;
-            }
+            all += rows;
+            Add(pi, 0);
+            Add(pi, split);
         }
+        firstShare = all > 0 ? (double)first / all : 0;
         return _guidedCount;
+    }
+
+    /// <summary>Takes the products of a plan of chunks (each a product and a first row), starting it empty.</summary>
+    private void Begin(ReadOnlySpan<MatMul.Product> products)
+    {
+        if (_products.Length < products.Length) _products = new MatMul.Product[products.Length];
+        products.CopyTo(_products);
+        Count = products.Length;
+        _guidedCount = 0;
+    }
+
+    /// <summary>Appends a chunk: product <paramref name="product"/> from <paramref name="row"/> (to the next chunk's
+    /// first row of the same product, or its end).</summary>
+    private void Add(int product, int row)
+    {
+        if (_guidedCount == _guidedRow.Length)
+        {
+            Array.Resize(ref _guidedRow, 2 * _guidedCount);
+            Array.Resize(ref _guidedProduct, 2 * _guidedCount);
+        }
+        _guidedProduct[_guidedCount] = product;
+        _guidedRow[_guidedCount++] = row;
     }
 
     /// <summary>Chunk <paramref name="chunk"/> of a guided plan: its product and rows [r0, r1).</summary>

@@ -72,12 +72,12 @@ internal sealed unsafe class SkinnyGemm : ParallelJob
         if (m > 8) perChunk = Math.Min(perChunk, Math.Max(TileCols, ReuseBytes * k / (maxRowBytes * _kBlock)));
         _splitPlan = (m <= StreamMaxRows || MatMul.SplitSkinnyGroups) && MatMul.SplitSkinny && _pool.Threads == 2 && macs >= MatMul.SerialMacs;
         _subRows = (int)((perChunk + TileCols - 1) / TileCols * TileCols);
-        long first = 0;
+        double first = 0;
         int chunks = _splitPlan ? _chunks.SetSplit(products, _split.Share, SplitAlign, out first) : _chunks.Set(products, _subRows);
         try
         {
             if (macs < MatMul.SerialMacs) for (int c = 0; c < chunks; c++) Execute(c, 0);
-            else if (_splitPlan) _split.Run(_pool, this, chunks, (double)first / rows);
+            else if (_splitPlan) _split.Run(_pool, this, chunks, first);
             else _pool.Run(this, chunks);
         }
         finally { _chunks.Clear(); }
