@@ -20,7 +20,7 @@ public static class BatchCommand
         var maxSeqs = new Option<int>("--max-seqs") { Description = "Most sequences running at once", DefaultValueFactory = _ => 64 };
         var maxBatched = new Option<int>("--max-batched-tokens") { Description = "Token budget per step (prefill chunks + decode tokens)", DefaultValueFactory = _ => 512 };
         var kvMemory = new Option<string?>("--kv-memory") { Description = "KV pool size: bytes (e.g. 64M, 2G) or a fraction of free RAM (e.g. 0.25); default: room for max-seqs full contexts" };
-        var kvDtype = new Option<string>("--kv-dtype") { Description = "KV cache element type: f32, or bf16 (half the memory)", DefaultValueFactory = _ => "f32" }.AcceptOnlyFromAmong("f32", "bf16");
+        var kvDtype = CommonOptions.KvDtype();
         var noPrefix = new Option<bool>("--no-prefix-cache") { Description = "Turn prefix caching off" };
         var rate = new Option<double>("--request-rate") { Description = "Poisson arrivals at this many requests/s (seeded); 0 = all at once", DefaultValueFactory = _ => 0 };
         var seed = new Option<ulong>("--seed") { Description = "Seed for arrivals and for requests without their own", DefaultValueFactory = _ => 0 };
@@ -51,7 +51,7 @@ public static class BatchCommand
                 MaxBatchedTokens = budget,
                 PrefixCaching = !r.GetValue(noPrefix),
                 KvMemoryBytes = ParseMemory(r.GetValue(kvMemory)),
-                KvType = r.GetValue(kvDtype) == "bf16" ? MiniLlm.Kernels.KvType.BF16 : MiniLlm.Kernels.KvType.F32,
+                KvType = CommonOptions.KvType(r.GetValue(kvDtype)!),
             };
             llm.Warmup();
             using var engine = new LlmEngine(llm, options);

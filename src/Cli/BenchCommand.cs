@@ -27,9 +27,10 @@ public static class BenchCommand
         var q8Act = CommonOptions.Q8Activations();
         var plot = new Option<string?>("--plot") { Description = "With --batch-sweep: write batch-sweep.png/.svg into this directory" };
         var kernels = new Option<bool>("--kernels") { Description = "Benchmark the GEMM/GEMV kernels alone (no model) against the ceilings" };
+        var kvDtype = CommonOptions.KvDtype();
         var cmd = new Command("bench", "Benchmark prefill (ppN) and decode (tgN, batch B) against this machine's measured roofs")
         {
-            model, prompts, gens, batches, reps, threads, roofFile, output, kernels, sweep, plot, weightsOpt, mmap, q8Act,
+            model, prompts, gens, batches, reps, threads, roofFile, output, kernels, sweep, plot, weightsOpt, mmap, q8Act, kvDtype,
         };
         cmd.SetAction(r =>
         {
@@ -54,6 +55,7 @@ public static class BenchCommand
             var dir = ModelLocator.Resolve(r.GetValue(model));
             using var llm = LlamaModel.Load(dir, t, maxTokens: Math.Max(512, Math.Max(ps.DefaultIfEmpty(0).Max(), bs.Max())), format: CommonOptions.Format(r.GetValue(weightsOpt)!), mapWeights: r.GetValue(mmap));
             llm.Q8Int8Activations = r.GetValue(q8Act) == "int8";
+            var kv = CommonOptions.KvType(r.GetValue(kvDtype)!);
 
             var roof = RooflineCommand.LoadOrMeasure(r.GetValue(roofFile), t, 5, fmt == "text" ? io.Err : null);
 
@@ -63,15 +65,15 @@ public static class BenchCommand
             foreach (int p in ps.Where(p => p > 0))
             {
                 if (fmt == "text") io.Err.WriteLine($"running pp{p}…");
-                results.Add(Benchmark.Prefill(llm, p, rp));
+                results.Add(Benchmark.Prefill(llm, p, rp, kv));
             }
             foreach (int n in ns.Where(n => n > 0))
                 foreach (int b in bs)
                 {
                     if (fmt == "text") io.Err.WriteLine($"running tg{n} batch {b}…");
-                    results.Add(Benchmark.Generate(llm, n, b, rp, probe));
+                    results.Add(Benchmark.Generate(llm, n, b, rp, probe, kv));
                 }
-            var info = new BenchInfo(Path.GetFileName(dir.TrimEnd('/')), llm.WeightLabel, llm.WeightBytes, t, roof);
+            var info = new BenchInfo(Path.GetFileName(dir.TrimEnd('/')), llm.WeightLabel, llm.WeightBytes, t, roof, kv);
             if (r.GetValue(plot) is { } plotDir)
             {
                 Plots.BatchSweep(plotDir, "batch-sweep", results.Where(x => x.Test.StartsWith("tg", StringComparison.Ordinal)).ToList(), roof, $"{info.Model} ({info.DType})");
@@ -118,7 +120,7 @@ public static class BenchCommand
         return sb.ToString();
     }
 
-    private sealed record BenchInfo(string Model, string DType, long WeightBytes, int Threads, Roofline Roof);
+    private sealed record BenchInfo(string Model, string DType, long WeightBytes, int Threads, Roofline Roof, KvType Kv);
 
     private static int[] ParseList(string s, string name)
     {
@@ -126,13 +128,15 @@ public static class BenchCommand
         catch (FormatException) { throw new ArgumentException($"-{name} expects comma-separated integers, got '{s}'", name); }
     }
 
+    private static string KvName(KvType kv) => kv == KvType.BF16 ? "bf16" : "f32";
+
     private static string F(double v, string f = "F1") => v.ToString(f, CultureInfo.InvariantCulture);
 
     private static string Table(BenchInfo i, List<BenchResult> rs, bool markdown)
     {
         var sb = new StringBuilder();
         var roof = i.Roof;
-        sb.AppendLine($"model {i.Model} ({i.DType}, {i.WeightBytes / 1048576.0:F1} MiB of weights), {i.Threads} threads, {roof.Cpu}");
+        sb.AppendLine($"model {i.Model} ({i.DType}, {i.WeightBytes / 1048576.0:F1} MiB of weights, KV cache {KvName(i.Kv)}), {i.Threads} threads, {roof.Cpu}");
         sb.AppendLine($"ceilings measured {(roof.MeasuredUtc > DateTime.UtcNow.AddMinutes(-10) ? "in this run" : "at " + roof.MeasuredUtc.ToString("u"))}: " +
                       $"FMA peak {F(roof.PeakGflops)} GFLOP/s, DRAM read {F(roof.BandwidthGBps)} GB/s, ridge {F(roof.Ridge, "F2")} FLOP/byte");
         if (i.WeightBytes < roof.LastLevelCacheBytes)
@@ -160,13 +164,13 @@ public static class BenchCommand
 
     private static string Csv(BenchInfo i, List<BenchResult> rs)
     {
-        var sb = new StringBuilder("model,dtype,threads,test,batch,tok_s,sd,gflops,pct_fma_peak,gbps,pct_bw,roof_tok_s,pct_roof,peak_gflops,bw_gbps,probe_gbps,probe_roof_tok_s,pct_probe_roof\n");
+        var sb = new StringBuilder("model,dtype,threads,test,batch,tok_s,sd,gflops,pct_fma_peak,gbps,pct_bw,roof_tok_s,pct_roof,peak_gflops,bw_gbps,probe_gbps,probe_roof_tok_s,pct_probe_roof,kv_dtype\n");
         foreach (var r in rs)
             sb.AppendLine(string.Join(",", i.Model, i.DType, i.Threads, r.Test, r.Batch, F(r.MeanTokensPerSecond, "F2"), F(r.SdTokensPerSecond, "F2"),
                 F(r.Gflops, "F2"), F(100 * r.Gflops / i.Roof.PeakGflops, "F2"), F(r.GBps, "F2"), F(100 * r.GBps / i.Roof.BandwidthGBps, "F2"),
                 F(r.BoundTokensPerSecond(i.Roof), "F2"), F(100 * r.MeanTokensPerSecond / r.BoundTokensPerSecond(i.Roof), "F2"), F(i.Roof.PeakGflops, "F2"), F(i.Roof.BandwidthGBps, "F2"),
                 r.ProbeMedianGBps > 0 ? F(r.ProbeMedianGBps, "F2") : "", r.ProbeMedianGBps > 0 ? F(r.ProbeBoundTokensPerSecond(i.Roof), "F2") : "",
-                r.ProbeMedianGBps > 0 ? F(100 * r.MeanTokensPerSecond / r.ProbeBoundTokensPerSecond(i.Roof), "F2") : ""));
+                r.ProbeMedianGBps > 0 ? F(100 * r.MeanTokensPerSecond / r.ProbeBoundTokensPerSecond(i.Roof), "F2") : "", KvName(i.Kv)));
         return sb.ToString();
     }
 
@@ -174,7 +178,7 @@ public static class BenchCommand
     {
         var o = new
         {
-            model = i.Model, dtype = i.DType, weight_bytes = i.WeightBytes, threads = i.Threads,
+            model = i.Model, dtype = i.DType, weight_bytes = i.WeightBytes, threads = i.Threads, kv_dtype = KvName(i.Kv),
             ceilings = new { peak_gflops = i.Roof.PeakGflops, bandwidth_gbps = i.Roof.BandwidthGBps, ridge = i.Roof.Ridge, cpu = i.Roof.Cpu },
             results = rs.Select(r => new
             {

@@ -33,6 +33,14 @@ public static class CommonOptions
         Description = "Read the weights in place from the memory-mapped checkpoint (4 KiB pages) instead of copying them onto 2 MiB pages at load (less memory, slower decode)",
     };
 
+    public static Option<string> KvDtype() => new Option<string>("--kv-dtype")
+    {
+        Description = "KV cache element type: f32, or bf16 (half the memory and half the attention bytes, keys and values rounded to nearest even)",
+        DefaultValueFactory = _ => "f32",
+    }.AcceptOnlyFromAmong("f32", "bf16");
+
+    public static MiniLlm.Kernels.KvType KvType(string s) => s == "bf16" ? MiniLlm.Kernels.KvType.BF16 : MiniLlm.Kernels.KvType.F32;
+
     public static MiniLlm.Engine.WeightFormat Format(string s) => s == "q8" ? MiniLlm.Engine.WeightFormat.Q8 : MiniLlm.Engine.WeightFormat.Stored;
 
     public static Option<string> Output() => new Option<string>("--output", "-o")

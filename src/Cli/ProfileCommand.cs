@@ -24,9 +24,10 @@ public static class ProfileCommand
         var weights = CommonOptions.Weights();
         var mmap = CommonOptions.Mmap();
         var q8Act = CommonOptions.Q8Activations();
+        var kvDtype = CommonOptions.KvDtype();
         var cmd = new Command("profile", "Time every op of prefill and decode and set it against the measured roofline")
         {
-            prompt, tokens, batch, model, threads, roofFile, output, plot, weights, mmap, q8Act,
+            prompt, tokens, batch, model, threads, roofFile, output, plot, weights, mmap, q8Act, kvDtype,
         };
         cmd.SetAction(r =>
         {
@@ -42,9 +43,10 @@ public static class ProfileCommand
             if (b * ids.Length > llm.MaxTokens) throw new ArgumentException($"batch × prompt = {b * ids.Length} tokens exceeds one step's {llm.MaxTokens}", "batch");
             bool json = r.GetValue(output) == "json";
             var roof = RooflineCommand.LoadOrMeasure(r.GetValue(roofFile), t, 3, json ? null : io.Err);
-            var (prefill, decode, decodeProfiler) = Run(llm, ids, n, b, roof);
-            if (json) io.Out.WriteLine(Json(llm, dir, roof, prefill, decode));
-            else Render(io.Out, llm, dir, roof, prefill, decode);
+            var (prefill, decode, decodeProfiler) = Run(llm, ids, n, b, roof, CommonOptions.KvType(r.GetValue(kvDtype)!));
+            string kvName = r.GetValue(kvDtype)!;
+            if (json) io.Out.WriteLine(Json(llm, dir, roof, prefill, decode, kvName));
+            else Render(io.Out, llm, dir, roof, prefill, decode, kvName);
             if (r.GetValue(plot) is { } plotDir)
             {
                 string name = Path.GetFileName(dir.TrimEnd('/'));
@@ -61,17 +63,17 @@ public static class ProfileCommand
     public const int PrefillPasses = 3;
 
     /// <summary>Prefill of b copies of the prompt in one pass, then n decode steps for all b; each phase profiled on its own.</summary>
-    public static (PhaseProfile Prefill, PhaseProfile Decode, OpProfiler DecodeProfiler) Run(LlamaModel llm, int[] ids, int n, int b, Roofline roof)
+    public static (PhaseProfile Prefill, PhaseProfile Decode, OpProfiler DecodeProfiler) Run(LlamaModel llm, int[] ids, int n, int b, Roofline roof, KvType kv = KvType.F32)
     {
         llm.Warmup();
-        var caches = Enumerable.Range(0, b).Select(_ => llm.NewKvCache(ids.Length + n + 1)).ToArray();
+        var caches = Enumerable.Range(0, b).Select(_ => llm.NewKvCache(ids.Length + n + 1, kv)).ToArray();
         try
         {
             int V = llm.Config.VocabSize, L = llm.Config.NumHiddenLayers;
             var logits = new float[b * V];
             var tokens = Enumerable.Range(0, b).SelectMany(_ => ids).ToArray();
             var slices = caches.Select(c => new SequenceSlice(0, ids.Length, c)).ToArray();
-            var cost = CostModel.For(llm);
+            var cost = CostModel.For(llm, kv);
             long weightBytes = llm.WeightBytes;
             bool fits = weightBytes < roof.LastLevelCacheBytes;
 
@@ -150,11 +152,11 @@ public static class ProfileCommand
 
     private static string F(double v, string f = "F1") => v.ToString(f, CultureInfo.InvariantCulture);
 
-    private static void Render(TextWriter w, LlamaModel llm, string dir, Roofline roof, PhaseProfile pre, PhaseProfile dec)
+    private static void Render(TextWriter w, LlamaModel llm, string dir, Roofline roof, PhaseProfile pre, PhaseProfile dec, string kvDtype)
     {
         var console = AnsiConsole.Create(new AnsiConsoleSettings { Out = new AnsiConsoleOutput(w), Ansi = AnsiSupport.No, ColorSystem = ColorSystemSupport.NoColors, Interactive = InteractionSupport.No });
         console.Profile.Width = 160;
-        console.WriteLine($"model {Path.GetFileName(dir.TrimEnd('/'))} ({llm.WeightLabel}): {pre.WeightBytes / PrefillPasses / 1048576.0:F1} MiB of weights read per step, {llm.Threads} threads, {roof.Cpu}");
+        console.WriteLine($"model {Path.GetFileName(dir.TrimEnd('/'))} ({llm.WeightLabel}, KV cache {kvDtype}): {pre.WeightBytes / PrefillPasses / 1048576.0:F1} MiB of weights read per step, {llm.Threads} threads, {roof.Cpu}");
         console.WriteLine($"roofline (measured {(roof.MeasuredUtc > DateTime.UtcNow.AddMinutes(-10) ? "in this run" : roof.MeasuredUtc.ToString("u"))}): FMA peak {F(roof.PeakGflops)} GFLOP/s, DRAM {F(roof.BandwidthGBps)} GB/s, ridge {F(roof.Ridge, "F2")} FLOP/byte");
         foreach (var p in new[] { pre, dec })
         {
@@ -194,7 +196,7 @@ public static class ProfileCommand
         return t;
     }
 
-    private static string Json(LlamaModel llm, string dir, Roofline roof, PhaseProfile pre, PhaseProfile dec)
+    private static string Json(LlamaModel llm, string dir, Roofline roof, PhaseProfile pre, PhaseProfile dec, string kvDtype)
     {
         object Phase(PhaseProfile p) => new
         {
@@ -206,7 +208,7 @@ public static class ProfileCommand
         };
         return JsonSerializer.Serialize(new
         {
-            model = dir, threads = llm.Threads,
+            model = dir, threads = llm.Threads, kv_dtype = kvDtype,
             roofline = new { peak_gflops = roof.PeakGflops, bandwidth_gbps = roof.BandwidthGBps, ridge = roof.Ridge },
             prefill = Phase(pre), decode = Phase(dec), prefill_to_decode = pre.TokensPerSecond / dec.TokensPerSecond,
         }, new JsonSerializerOptions { WriteIndented = true });

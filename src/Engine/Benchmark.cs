@@ -49,12 +49,12 @@ public sealed record BenchResult(string Test, int Batch, int TokensPerRep, doubl
 /// </summary>
 public static class Benchmark
 {
-    public static BenchResult Prefill(LlamaModel m, int tokens, int reps)
+    public static BenchResult Prefill(LlamaModel m, int tokens, int reps, KvType kv = KvType.F32)
     {
         if (tokens < 1 || tokens > m.Context) throw new ArgumentException($"prompt length {tokens} must be in [1, {m.Context}] (the model's context)", "p");
         var ids = Tokens(m, tokens, 1);
         var logits = new float[m.Config.VocabSize];
-        using var cache = m.NewKvCache(tokens);
+        using var cache = m.NewKvCache(tokens, kv);
         var times = new double[reps];
         for (int r = -1; r < reps; r++)   // r = −1: untimed warm-up
         {
@@ -66,7 +66,7 @@ public static class Benchmark
             }
             if (r >= 0) times[r] = sw.Elapsed.TotalSeconds;
         }
-        var cost = CostModel.For(m);
+        var cost = CostModel.For(m, kv);
         // Chunks of MaxTokens: sum each chunk's cost.
         double fl = 0, by = 0, wb = 0;
         for (int done = 0; done < tokens; done += m.MaxTokens)
@@ -79,11 +79,11 @@ public static class Benchmark
     }
 
     /// <param name="probe">When given, timed on the model's threads before every repetition (<see cref="BenchResult.ProbeGBps"/>).</param>
-    public static BenchResult Generate(LlamaModel m, int steps, int batch, int reps, Ceilings.ReadProbe? probe = null)
+    public static BenchResult Generate(LlamaModel m, int steps, int batch, int reps, Ceilings.ReadProbe? probe = null, KvType kv = KvType.F32)
     {
         if (steps < 1 || steps + 1 > m.Context) throw new ArgumentException($"generation length {steps} must be in [1, {m.Context - 1}]", "n");
         if (batch < 1 || batch > m.MaxTokens) throw new ArgumentException($"batch {batch} must be in [1, {m.MaxTokens}]", "b");
-        var caches = Enumerable.Range(0, batch).Select(_ => m.NewKvCache(steps + 1)).ToArray();
+        var caches = Enumerable.Range(0, batch).Select(_ => m.NewKvCache(steps + 1, kv)).ToArray();
         try
         {
             int V = m.Config.VocabSize;
@@ -111,7 +111,7 @@ public static class Benchmark
                 }
                 if (r >= 0) times[r] = sw.Elapsed.TotalSeconds;
             }
-            var cost = CostModel.For(m);
+            var cost = CostModel.For(m, kv);
             double fl = 0, by = 0, wb = 0;
             for (int s = 1; s <= steps; s++)
             {

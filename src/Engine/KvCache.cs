@@ -14,22 +14,28 @@ public interface IKvCache : IDisposable
     KvView Layer(int layer);
 }
 
-/// <summary>The simplest cache: for each layer, K and V as consecutive 16-position tiles, enough for the capacity.</summary>
+/// <summary>
+/// The simplest cache: for each layer, K and V as consecutive 16-position tiles, enough for the capacity, in fp32
+/// or bf16 (<see cref="KvType"/>).
+/// </summary>
 public sealed unsafe class ContiguousKvCache : IKvCache
 {
     private readonly NativeBuffer[] _k, _v;
     private readonly int _rowStride;
 
     public int Capacity { get; }
-    public long Bytes => 2L * _k.Length * Capacity * _rowStride * sizeof(float);
+    public KvType Type { get; }
+    public long Bytes => 2L * _k.Length * Capacity * _rowStride * KvView.SizeOf(Type);
 
-    public ContiguousKvCache(int layers, int kvDim, int capacity)
+    public ContiguousKvCache(int layers, int kvDim, int capacity, KvType type = KvType.F32)
     {
         Capacity = capacity;
+        Type = type;
         _rowStride = kvDim;
         _k = new NativeBuffer[layers];
         _v = new NativeBuffer[layers];
-        long floats = (long)(capacity + KvView.Tile - 1) / KvView.Tile * KvView.Tile * kvDim;
+        long elements = (long)(capacity + KvView.Tile - 1) / KvView.Tile * KvView.Tile * kvDim;
+        long floats = (elements * KvView.SizeOf(type) + sizeof(float) - 1) / sizeof(float);
         for (int l = 0; l < layers; l++)
         {
             _k[l] = new NativeBuffer(floats);
@@ -37,7 +43,7 @@ public sealed unsafe class ContiguousKvCache : IKvCache
         }
     }
 
-    public KvView Layer(int layer) => new(_k[layer].Pointer, _v[layer].Pointer, _rowStride);
+    public KvView Layer(int layer) => new((byte*)_k[layer].Pointer, (byte*)_v[layer].Pointer, _rowStride, Type);
 
     public void Dispose()
     {

@@ -221,8 +221,8 @@ public sealed unsafe class LlamaModel : IDisposable
         new(ModelFiles.Open(dir, requireTokenizer: false), threads, maxTokens, ownsFiles: true, format, mapWeights);
 
     /// <summary>A KV cache for one sequence of up to <paramref name="capacity"/> positions (default: the full context).</summary>
-    public ContiguousKvCache NewKvCache(int capacity = 0) =>
-        new(Config.NumHiddenLayers, Config.KvDim, capacity <= 0 ? Context : Math.Min(capacity, Context));
+    public ContiguousKvCache NewKvCache(int capacity = 0, KvType type = KvType.F32) =>
+        new(Config.NumHiddenLayers, Config.KvDim, capacity <= 0 ? Context : Math.Min(capacity, Context), type);
 
     /// <summary>Every projection matrix of every layer.</summary>
     private IEnumerable<WeightMatrix> ProjectionMatrices() =>

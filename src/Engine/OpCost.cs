@@ -1,3 +1,4 @@
+using MiniLlm.Kernels;
 using MiniLlm.Loader;
 
 namespace MiniLlm.Engine;
@@ -50,7 +51,7 @@ public sealed class CostModel
     }
 
     /// <summary>For a loaded model: weight width from its stored projection weights.</summary>
-    public static CostModel For(LlamaModel model) => new(model.Config, model.WeightBytesPerElement, 4);
+    public static CostModel For(LlamaModel model, KvType kv = KvType.F32) => new(model.Config, model.WeightBytesPerElement, KvView.SizeOf(kv));
 
     /// <summary>Every op of one step over <paramref name="sequences"/>; <paramref name="logitRows"/> rows go through the LM head.</summary>
     public List<OpCost> Step(IReadOnlyList<StepSequence> sequences, int logitRows)

@@ -94,4 +94,40 @@ public class TensorParallelDecodeTests
                 }
         }
     }
+
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public void ContiguousBf16CacheGivesThePagedBf16CachesLogits(bool tensorParallel)
+    {
+        // The same keys and values rounded to bf16, held contiguously or in blocks out of order: the same bits.
+        var rm = Make("contiguous-bf16", 4, 2, "F32");
+        using var model = LlamaModel.Load(rm.Dir, threads: 2);
+        model.TensorParallel = tensorParallel;
+        var c = model.Config;
+        using var pool = new KvBlockPool(c.NumHiddenLayers, c.KvDim, blocks: 8, KvType.BF16);
+        using var paged = new PagedKvCache(pool, 64);
+        for (int b = 0; b < 4; b++) paged.Add((b * 3) % 4);
+        using var bf16 = model.NewKvCache(64, KvType.BF16);
+        using var f32 = model.NewKvCache(64);
+        Assert.Equal(f32.Bytes, 2 * bf16.Bytes);
+        float[][] Run(IKvCache cache)
+        {
+            var all = new float[Tokens.Length][];
+            var logits = new float[c.VocabSize];
+            model.Forward(Tokens.AsSpan(0, 5), 0, cache, logits);
+            all[4] = (float[])logits.Clone();
+            for (int pos = 5; pos < Tokens.Length; pos++)
+            {
+                model.Forward(Tokens.AsSpan(pos, 1), pos, cache, logits);
+                all[pos] = (float[])logits.Clone();
+            }
+            return all;
+        }
+        var fromPaged = Run(paged);
+        var fromContiguous = Run(bf16);
+        var fromF32 = Run(f32);
+        for (int pos = 4; pos < Tokens.Length; pos++) Assert.Equal(fromPaged[pos], fromContiguous[pos]);
+        Assert.Contains(Enumerable.Range(4, Tokens.Length - 4), pos => !fromF32[pos].SequenceEqual(fromContiguous[pos]));   // bf16 really rounds
+    }
 }

@@ -96,6 +96,20 @@ public class ToolCommandTests
             // GB/s and % of bandwidth are consistent with the ceilings passed in
             Assert.Equal(r.GetProperty("gbps").GetDouble() * 10, r.GetProperty("pct_bandwidth").GetDouble(), 6);
         }
+        // A bf16 KV cache: the same tests, half the KV bytes counted (prefill writes 16 positions, decode reads them)
+        var half = Run("bench", "-p", "16", "-n", "4", "-b", "1,3", "-r", "2", "--roofline", roofPath, "--output", "json", "-t", "2", "--kv-dtype", "bf16");
+        Assert.True(half.Code == 0, half.Err);
+        using var halfDoc = JsonDocument.Parse(half.Out);
+        Assert.Equal("bf16", halfDoc.RootElement.GetProperty("kv_dtype").GetString());
+        Assert.Equal("f32", doc.RootElement.GetProperty("kv_dtype").GetString());
+        var halfResults = halfDoc.RootElement.GetProperty("results").EnumerateArray().ToList();
+        for (int i = 0; i < results.Count; i++)
+        {
+            double bytes = results[i].GetProperty("bytes").GetDouble(), halfBytes = halfResults[i].GetProperty("bytes").GetDouble();
+            Assert.True(halfBytes < bytes, $"{results[i].GetProperty("test")}: {halfBytes} bytes with a bf16 cache, {bytes} with fp32");
+            Assert.Equal(results[i].GetProperty("weight_bytes").GetDouble(), halfResults[i].GetProperty("weight_bytes").GetDouble());
+        }
+        Assert.NotEqual(0, Run("bench", "-n", "2", "--kv-dtype", "f16", "--roofline", roofPath).Code);
         var md = Run("bench", "-p", "8", "-n", "2", "-r", "1", "--roofline", roofPath, "--output", "md");
         Assert.Contains("| pp8", md.Out);
         Assert.NotEqual(0, Run("bench", "-p", "x", "--roofline", roofPath).Code);
@@ -216,6 +230,9 @@ public class ToolCommandTests
         Assert.Equal(3 * 2 * 4, Op(OpKind.KProj).KvWriteBytes);        // T·g·hd·4
         Assert.Equal(2 * 2 * 2 * 6, Op(OpKind.AttnScores).Flops);     // 2·h·hd·pairs
         Assert.Equal(3 * 2 * 4, Op(OpKind.AttnScores).KvReadBytes);    // ctx·g·hd·4
+        var bf16Kv = new CostModel(c, weightBytesPerElement: 4, kvBytesPerElement: KvView.SizeOf(KvType.BF16)).Step([new StepSequence(3, 3)], logitRows: 1);
+        Assert.Equal(3 * 2 * 2, bf16Kv.Single(o => o.Op == OpKind.KProj).KvWriteBytes);       // T·g·hd·2
+        Assert.Equal(3 * 2 * 2, bf16Kv.Single(o => o.Op == OpKind.AttnScores).KvReadBytes);   // ctx·g·hd·2
         Assert.Equal(2 * 3 * 4 * 6, Op(OpKind.Gate).Flops);
         Assert.Equal(2 * 1 * 4 * 10, Op(OpKind.LmHead).Flops);        // one logit row
         Assert.Equal(10 * 4 * 4, Op(OpKind.LmHead).WeightBytes);
