@@ -53,7 +53,7 @@ public static class BatchCommand
                 KvMemoryBytes = ParseMemory(r.GetValue(kvMemory)),
                 KvType = CommonOptions.KvType(r.GetValue(kvDtype)!),
             };
-            llm.Warmup();
+            llm.Warmup(options.KvType);
             using var engine = new LlmEngine(llm, options);
             var tok = llm.Tokenizer;
             var encoded = requests.Select(q => tok.Encode(q.Prompt)).ToArray();

@@ -1,6 +1,7 @@
 using System.CommandLine;
 using System.Text.Json;
 using MiniLlm.Engine;
+using MiniLlm.Kernels;
 using MiniLlm.Loader;
 
 namespace MiniLlm.Cli;
@@ -23,18 +24,20 @@ public static class GenerateCommand
         var weights = CommonOptions.Weights();
         var mmap = CommonOptions.Mmap();
         var q8Act = CommonOptions.Q8Activations();
+        var kvDtype = CommonOptions.KvDtype();
         var profile = new Option<bool>("--profile") { Description = "Time every op per layer, prefill and decode separately, and print where the time went" };
         var noWarmup = new Option<bool>("--no-warmup") { Description = "Skip the untimed warm-up pass (then TTFT includes JIT compilation)" };
 
         var cmd = new Command("generate", "Generate text from a prompt, streaming it, then print the speed")
         {
-            prompt, model, maxTokens, temperature, topK, topP, minP, seed, threads, output, weights, mmap, q8Act, noWarmup, profile,
+            prompt, model, maxTokens, temperature, topK, topP, minP, seed, threads, output, weights, mmap, q8Act, kvDtype, noWarmup, profile,
         };
         cmd.SetAction(r =>
         {
             var options = new GenerationOptions
             {
                 MaxTokens = r.GetValue(maxTokens),
+                KvType = CommonOptions.KvType(r.GetValue(kvDtype)!),
                 Sampling = new SamplingParams
                 {
                     Temperature = r.GetValue(temperature),
@@ -53,7 +56,7 @@ public static class GenerateCommand
             var dir = ModelLocator.Resolve(r.GetValue(model));
             using var llm = LlamaModel.Load(dir, t, format: CommonOptions.Format(r.GetValue(weights)!), mapWeights: r.GetValue(mmap));
             llm.Q8Int8Activations = r.GetValue(q8Act) == "int8";
-            if (!r.GetValue(noWarmup)) llm.Warmup();
+            if (!r.GetValue(noWarmup)) llm.Warmup(options.KvType);
             var gen = new Generator(llm);
             bool profiling = r.GetValue(profile);
             if (profiling)
@@ -121,6 +124,7 @@ public static class GenerateCommand
             j.WriteNumber("seed", o.Sampling.Seed);
             j.WriteNumber("max_tokens", o.MaxTokens);
             j.WriteEndObject();
+            j.WriteString("kv_dtype", o.KvType == KvType.BF16 ? "bf16" : "f32");
             j.WriteStartObject("timings");
             j.WriteNumber("prefill_ms", r.Timings.PrefillMs);
             j.WriteNumber("ttft_ms", r.Timings.TtftMs);

@@ -65,7 +65,7 @@ public static class ProfileCommand
     /// <summary>Prefill of b copies of the prompt in one pass, then n decode steps for all b; each phase profiled on its own.</summary>
     public static (PhaseProfile Prefill, PhaseProfile Decode, OpProfiler DecodeProfiler) Run(LlamaModel llm, int[] ids, int n, int b, Roofline roof, KvType kv = KvType.F32)
     {
-        llm.Warmup();
+        llm.Warmup(kv);
         var caches = Enumerable.Range(0, b).Select(_ => llm.NewKvCache(ids.Length + n + 1, kv)).ToArray();
         try
         {

@@ -1,3 +1,4 @@
+using MiniLlm.Kernels;
 using System.Diagnostics;
 using MiniLlm.Loader;
 
@@ -25,6 +26,8 @@ public sealed record GenerationOptions
     public int MaxTokens { get; init; } = 128;
     public SamplingParams Sampling { get; init; } = new();
     public bool StopAtEos { get; init; } = true;
+    /// <summary>Element type of the KV cache (bf16: half the memory and attention bytes).</summary>
+    public KvType KvType { get; init; } = KvType.F32;
 
     public void Validate()
     {
@@ -88,7 +91,7 @@ public sealed class Generator(LlamaModel model)
         var logits = new float[cfg.VocabSize];
         var decoder = tok?.NewStreamingDecoder(continuation: true);
         var text = new System.Text.StringBuilder();
-        using var cache = Model.NewKvCache(Math.Min(ctx, promptIds.Length + options.MaxTokens));
+        using var cache = Model.NewKvCache(Math.Min(ctx, promptIds.Length + options.MaxTokens), options.KvType);
         // Compile the sampling path before the clock starts, on a throwaway sampler (the real one's RNG stays untouched).
         new Sampler(options.Sampling, cfg.VocabSize).Sample(logits);
 

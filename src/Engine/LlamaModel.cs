@@ -311,12 +311,12 @@ public sealed unsafe class LlamaModel : IDisposable
     /// Runs a short prefill and a decode step on a scratch cache so the JIT has compiled every kernel path
     /// before anything is timed (otherwise TTFT measures the compiler).
     /// </summary>
-    public void Warmup()
+    public void Warmup(KvType kv = KvType.F32)
     {
         // 15 prompt positions and one decoded: the decode step fills the first KV tile, so the one-off compilation
         // of its key transpose (milliseconds) happens here, not inside a timed decode.
         int n = Math.Min(KvView.Tile - 1, Math.Min(MaxTokens, Context - 1));
-        using var cache = NewKvCache(n + 1);
+        using var cache = NewKvCache(n + 1, kv);
         var tokens = new int[n];
         var logits = new float[Config.VocabSize];
         for (int rep = 0; rep < 2; rep++)

@@ -26,6 +26,20 @@ public class CliTests
         Assert.Equal("max_tokens", r.GetProperty("stop_reason").GetString());
         Assert.StartsWith(", I am the LORD.", r.GetProperty("text").GetString());
         Assert.True(r.GetProperty("timings").GetProperty("ttft_ms").GetDouble() > 0);
+        Assert.Equal("f32", r.GetProperty("kv_dtype").GetString());
+    }
+
+    [Fact]
+    public void GenerateWithABf16KvCacheKeepsTheGreedyTokens()
+    {
+        // Keys and values rounded to bf16 move the logits far less than these 12 greedy steps' top-1/top-2 margins
+        // (0.16 and up in tiny-kjv's expected.json), so the tokens stay those of the fp32 reference.
+        var (code, stdout, stderr) = Run("generate", "--prompt", "And God said", "--temperature", "0", "--max-tokens", "12", "--output", "json", "--threads", "2", "--kv-dtype", "bf16");
+        Assert.True(code == 0, stderr);
+        using var doc = JsonDocument.Parse(stdout);
+        var r = doc.RootElement;
+        Assert.Equal("bf16", r.GetProperty("kv_dtype").GetString());
+        Assert.Equal([4003, 300, 538, 262, 384, 4007, 13, 1841, 262, 384, 425, 353], r.GetProperty("output_ids").EnumerateArray().Select(e => e.GetInt32()));
     }
 
     [Fact]
