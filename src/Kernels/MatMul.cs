@@ -58,7 +58,8 @@ public sealed unsafe class MatMul : ParallelJob
     /// at M = 48 (a 64-row panel, a quarter empty) it lost 55–60 % to 68–73 %. At 29–31 rows it also wins: stories110m's
     /// products from DRAM took 10–11 % less time (M = 29, 31), tiny-kjv's from cache 16 % less (M = 29; a 29-token
     /// prefill); at 24 (three quarters full) it took 4 % more, at 40 (two panels, 62 % full) 18 % more (session 12,
-    /// in-process alternation, 9–31 rounds).
+    /// in-process alternation, 9–31 rounds). Up to 16 rows a panel is one Vector512 of X rows
+    /// (<see cref="PackedNarrow"/>): fp32 weights from DRAM take it at M = 15 and 16.
     /// </summary>
     /// <remarks>
     /// bf16 weights stay on the skinny tiles below <see cref="Bf16PackedMinRows"/>. With the packed GEMM's K blocks of
@@ -70,7 +71,8 @@ public sealed unsafe class MatMul : ParallelJob
     {
         if (isa == SimdPolicy.Isa.Scalar || BatchInvariant) return false;
         if (m >= PackedMinRows) return m >= Bf16PackedMinRows || !All(products, WeightType.BF16);
-        if (isa != SimdPolicy.Isa.V512 || m * 10 < (m + 31) / 32 * 32 * 9) return false;   // panels under 90 % full
+        int panel = m <= 16 ? 16 : 32;   // X rows of a panel: one Vector512 up to 16 rows, two beyond
+        if (isa != SimdPolicy.Isa.V512 || m * 10 < (m + panel - 1) / panel * panel * 9 || (panel == 16 && (!PackedNarrow || CacheResidentWeights))) return false;   // panels under 90 % full
         return All(products, WeightType.F32);
     }
 
@@ -100,6 +102,18 @@ public sealed unsafe class MatMul : ParallelJob
     /// in L1) made a 2048-column product 8–12 % slower.
     /// </summary>
     public static bool SkinnyStreamGroups { get; set; } = true;
+
+    /// <summary>
+    /// fp32 weights from DRAM at 15–16 rows (a 16-row X panel at least 90 % full) go to the packed GEMM with one X
+    /// vector per panel (8 weight rows broadcast against it, 8 accumulators), instead of the skinny tiles' two 8-row
+    /// groups, the second re-reading each piece from L2 while DRAM idles: one pass streams each weight once with all 16
+    /// rows' arithmetic behind it. stories110m-f32 decode, in-process alternation: b16 0.952, 0.933 and (order
+    /// reversed) 0.921 of the step time, b15 0.976 and 0.981, a 16-token prefill 0.958 and 0.944; the products alone
+    /// at M = 16 0.966 and 0.990, M = 14 (a panel 12 % empty, not taken) 0.979, M = 12 1.128. Off for weights in the
+    /// cache (tiny-kjv b15/b16 and its 16-token prefill 1.19–1.23: from L2/L3 the skinny tiles are faster) and bf16
+    /// (1.58: the packed kernel widens each 8-row slice into a buffer first). Off = the skinny tiles (A/B runs).
+    /// </summary>
+    public static bool PackedNarrow { get; set; } = true;
 
     private static void CheckQ8(ReadOnlySpan<Product> products)
     {

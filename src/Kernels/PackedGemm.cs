@@ -7,8 +7,8 @@ namespace MiniLlm.Kernels;
 /// <summary>
 /// Y[M×N] = X[M×K] · Wᵀ for many rows (prefill), computed as Yᵀ = W · Xᵀ so the weights are never copied.
 /// Phase 1 packs X (small next to W, and shared by every weight of a group such as q/k/v) into panels of
-/// NR = 2 vectors of rows, laid out [K][NR] (for a single panel each worker packs its own copy instead, at its
-/// first chunk). Phase 2 hands each worker 32 rows of one weight at a time (on two threads, each its half of every
+/// NR = 2 vectors of rows (one vector for at most 16 rows: <see cref="Micro1{S,TV}"/>), laid out [K][NR] (for a
+/// single panel each worker packs its own copy instead, at its first chunk). Phase 2 hands each worker 32 rows of one weight at a time (on two threads, each its half of every
 /// weight, 32 rows after 32: see <see cref="TwoWaySplit"/>): an MR × NR
 /// outer-product micro-kernel broadcasts one weight from each of MR = 8 rows (widened on the fly) against two X
 /// vectors (16 accumulators, no horizontal sums). K is blocked by KC so that every panel's K slice (M × KC fp32,
@@ -59,7 +59,7 @@ internal sealed unsafe class PackedGemm : ParallelJob
     public void Run(float* x, int m, int k, ReadOnlySpan<MatMul.Product> products, SimdPolicy.Isa isa)
     {
         _x = x; _m = m; _k = k;
-        _nr = isa == SimdPolicy.Isa.V512 ? 32 : 16;
+        _nr = isa == SimdPolicy.Isa.V512 ? (m <= 16 ? 16 : 32) : 16;   // up to 16 rows, one Vector512 of X rows (MatMul.PackedNarrow)
         _panels = (m + _nr - 1) / _nr;
         _kc = Math.Min(k, _panels <= 2 ? KCFewPanels : KC);
         PerWorkerBuffers.Grow(_dequant, ref _dequantFloats, (long)MR * _kc);
@@ -203,14 +203,17 @@ internal sealed unsafe class PackedGemm : ParallelJob
                         for (; k < kc; k++) dq[i * kcMax + k] = TL.Load1(row, k0 + k);
                     }
                     for (int p = 0; p < _panels; p++, tile += tileFloats)
-                        Micro<S, TV>((nint)dq, (nint)(dq + kcMax), (nint)(dq + 2 * kcMax), (nint)(dq + 3 * kcMax), (nint)(dq + 4 * kcMax),
+                        if (nr == S.Width) Micro1<S, TV>((nint)dq, (nint)(dq + kcMax), (nint)(dq + 2 * kcMax), (nint)(dq + 3 * kcMax), (nint)(dq + 4 * kcMax),
+                            (nint)(dq + 5 * kcMax), (nint)(dq + 6 * kcMax), (nint)(dq + 7 * kcMax), xPack + ((long)p * K + k0) * nr, kc, tile, k0 > 0, 0);
+                        else Micro<S, TV>((nint)dq, (nint)(dq + kcMax), (nint)(dq + 2 * kcMax), (nint)(dq + 3 * kcMax), (nint)(dq + 4 * kcMax),
                             (nint)(dq + 5 * kcMax), (nint)(dq + 6 * kcMax), (nint)(dq + 7 * kcMax), xPack + ((long)p * K + k0) * nr, kc, tile, k0 > 0, 0);
                     continue;
                 }
                 nint w0 = Row(w, n, 0, valid, k0), w1 = Row(w, n, 1, valid, k0), w2 = Row(w, n, 2, valid, k0), w3 = Row(w, n, 3, valid, k0);
                 nint w4 = Row(w, n, 4, valid, k0), w5 = Row(w, n, 5, valid, k0), w6 = Row(w, n, 6, valid, k0), w7 = Row(w, n, 7, valid, k0);
                 for (int p = 0; p < _panels; p++, tile += tileFloats)
-                    Micro<S, TV>(w0, w1, w2, w3, w4, w5, w6, w7, xPack + ((long)p * K + k0) * nr, kc, tile, k0 > 0, p == 0 ? ahead : 0);
+                    if (nr == S.Width) Micro1<S, TV>(w0, w1, w2, w3, w4, w5, w6, w7, xPack + ((long)p * K + k0) * nr, kc, tile, k0 > 0, p == 0 ? ahead : 0);
+                    else Micro<S, TV>(w0, w1, w2, w3, w4, w5, w6, w7, xPack + ((long)p * K + k0) * nr, kc, tile, k0 > 0, p == 0 ? ahead : 0);
             }
         }
         // Y[p·nr + j, n + i] = tile[i, j]
@@ -306,5 +309,39 @@ internal sealed unsafe class PackedGemm : ParallelJob
         S.Store(c50, tile); S.Store(c51, tile + W); tile += nr;
         S.Store(c60, tile); S.Store(c61, tile + W); tile += nr;
         S.Store(c70, tile); S.Store(c71, tile + W);
+    }
+
+    /// <summary>
+    /// <see cref="Micro{S,TV}"/> for a panel of one X vector (NR = W: up to 16 rows with Vector512, see
+    /// <see cref="MatMul.PackedNarrow"/>): 8 weight rows broadcast against it, 8 accumulators (two FMA pipes × a
+    /// 4-cycle latency), one X load per 8 FMAs.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void Micro1<S, TV>(nint w0, nint w1, nint w2, nint w3, nint w4, nint w5, nint w6, nint w7, float* x, int kc, float* tile, bool accumulate, nint ahead)
+        where S : ISimd<TV> where TV : struct
+    {
+        int W = S.Width;
+        TV c0 = S.Zero, c1 = S.Zero, c2 = S.Zero, c3 = S.Zero, c4 = S.Zero, c5 = S.Zero, c6 = S.Zero, c7 = S.Zero;
+        if (accumulate)
+        {
+            c0 = S.Load(tile); c1 = S.Load(tile + W); c2 = S.Load(tile + 2 * W); c3 = S.Load(tile + 3 * W);
+            c4 = S.Load(tile + 4 * W); c5 = S.Load(tile + 5 * W); c6 = S.Load(tile + 6 * W); c7 = S.Load(tile + 7 * W);
+        }
+        for (int k = 0; k < kc; k++, x += W)
+        {
+            if (ahead != 0 && (k & 15) == 0 && Sse.IsSupported)
+            {
+                Sse.Prefetch0((void*)(w0 + ahead)); Sse.Prefetch0((void*)(w1 + ahead)); Sse.Prefetch0((void*)(w2 + ahead)); Sse.Prefetch0((void*)(w3 + ahead));
+                Sse.Prefetch0((void*)(w4 + ahead)); Sse.Prefetch0((void*)(w5 + ahead)); Sse.Prefetch0((void*)(w6 + ahead)); Sse.Prefetch0((void*)(w7 + ahead));
+                ahead += 16 * sizeof(float);
+            }
+            TV b = S.Load(x);
+            c0 = S.Fma(S.BroadcastW<F32Load>(w0, k), b, c0); c1 = S.Fma(S.BroadcastW<F32Load>(w1, k), b, c1);
+            c2 = S.Fma(S.BroadcastW<F32Load>(w2, k), b, c2); c3 = S.Fma(S.BroadcastW<F32Load>(w3, k), b, c3);
+            c4 = S.Fma(S.BroadcastW<F32Load>(w4, k), b, c4); c5 = S.Fma(S.BroadcastW<F32Load>(w5, k), b, c5);
+            c6 = S.Fma(S.BroadcastW<F32Load>(w6, k), b, c6); c7 = S.Fma(S.BroadcastW<F32Load>(w7, k), b, c7);
+        }
+        S.Store(c0, tile); S.Store(c1, tile + W); S.Store(c2, tile + 2 * W); S.Store(c3, tile + 3 * W);
+        S.Store(c4, tile + 4 * W); S.Store(c5, tile + 5 * W); S.Store(c6, tile + 6 * W); S.Store(c7, tile + 7 * W);
     }
 }

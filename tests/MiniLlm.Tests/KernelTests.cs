@@ -82,7 +82,7 @@ public unsafe class KernelTests
     public static TheoryData<int, int, int> SkinnyShapes()
     {
         var data = new TheoryData<int, int, int>();
-        foreach (int m in new[] { 4, 5, 8, 9, 12, 16, 31, 32, 40, 63 })
+        foreach (int m in new[] { 4, 5, 8, 9, 12, 15, 16, 31, 32, 40, 63 })   // fp32 15–16: the packed GEMM's 16-row panel
             foreach (var (k, n) in new[] { (33, 2), (64, 13), (1030, 10), (2100, 4) })
                 data.Add(m, k, n);
         data.Add(3, 4200, 11);    // M ≤ 8 streams K unblocked only up to 4096: two blocks, a tail, rows left over
@@ -264,7 +264,8 @@ public unsafe class KernelTests
     [InlineData(5, 2100)]
     [InlineData(8, 300)]
     [InlineData(12, 768)]     // over 8 rows: each half in pieces; fp32 streams each 8-row group, bf16 and f16 take tiles
-    [InlineData(16, 1100)]    // … K over one block
+    [InlineData(16, 1100)]    // … K over one block (fp32: the packed GEMM's 16-row panel)
+    [InlineData(15, 768)]     // fp32: a 16-row panel with one row empty
     [InlineData(32, 300)]     // fp32: the packed GEMM's one panel (bf16 and f16: the skinny tiles)
     [InlineData(64, 2100)]    // the packed GEMM's two panels over a K block and a tail
     public void SplitSkinnyMatchesNaiveAtEverySplit(int M, int K) => SplitMatchesNaiveAtEverySplit(M, K, [300, 97, 2050]);
