@@ -8,8 +8,9 @@ namespace MiniLlm.Kernels;
 /// Y[M×N] = X[M×K] · Wᵀ for many rows (prefill), computed as Yᵀ = W · Xᵀ so the weights are never copied.
 /// Phase 1 packs X (small next to W, and shared by every weight of a group such as q/k/v) into panels of
 /// NR = 2 vectors of rows (one vector for at most 16 rows: <see cref="Micro1{S,TV}"/>), laid out [K][NR] (for a
-/// single panel each worker packs its own copy instead, at its first chunk). Phase 2 hands each worker 32 rows of one weight at a time (on two threads, each its half of every
-/// weight, 32 rows after 32: see <see cref="TwoWaySplit"/>): an MR × NR
+/// single panel each worker packs its own copy instead, at its first chunk). Phase 2 hands each worker 32 rows of
+/// one weight at a time (on two threads, each its half of every weight, 32 rows after 32: see
+/// <see cref="TwoWaySplit"/>): an MR × NR
 /// outer-product micro-kernel broadcasts one weight from each of MR = 8 rows (widened on the fly) against two X
 /// vectors (16 accumulators, no horizontal sums). K is blocked by KC so that every panel's K slice (M × KC fp32,
 /// 768 KiB at M = 512; one or two panels take blocks of up to 2048) stays in L2 while an 8-row weight slice sits in
