@@ -22,6 +22,7 @@ public sealed unsafe class LlamaModel : IDisposable
 {
     private readonly ModelFiles? _owned;
     private readonly WorkerPool _pool;
+    private readonly RowOps _rowOps;               // norms, residual adds and SwiGLU over many rows, spread over the pool
     private readonly MatMul _matmul;
     private readonly Attention _attention;
     private readonly RopeTable _rope;
@@ -169,6 +170,7 @@ public sealed unsafe class LlamaModel : IDisposable
         _rope = new RopeTable(c.HeadDim, c.MaxPositionEmbeddings, c.RopeTheta,
             c.RopeScaling is { } s ? new Llama3Scaling(s.Factor, s.LowFreqFactor, s.HighFreqFactor, s.OriginalMaxPositionEmbeddings) : null);
         _ropeWrite = new RopeCacheWrite(_pool, _rope, c.NumAttentionHeads, c.NumKeyValueHeads);
+        _rowOps = new RowOps(_pool);
 
         var w = files.Weights;
         var matrices = new List<TensorView> { w.Embed };
@@ -364,7 +366,7 @@ public sealed unsafe class LlamaModel : IDisposable
             var L = _layers[l];
 
             // ── attention ──
-            fixed (float* wn = L.AttnNorm) Ops.RmsNorm(_x.Pointer, wn, _xb.Pointer, T, d, (float)c.RmsNormEps);  // xb[T × d]
+            fixed (float* wn = L.AttnNorm) _rowOps.RmsNorm(_x.Pointer, wn, _xb.Pointer, T, d, (float)c.RmsNormEps);  // xb[T × d]
             prof?.Record(OpKind.AttnNorm, l, ref t0);
             // q[T × h·hd], k[T × g·hd], v[T × g·hd]: one pass, X packed once (profiled as one op: what runs)
             _matmul.Run(_xb.Pointer, T, [new(L.Wq, _q.Pointer), new(L.Wk, _k.Pointer), new(L.Wv, _v.Pointer)]);
@@ -376,19 +378,19 @@ public sealed unsafe class LlamaModel : IDisposable
             prof?.Record(OpKind.AttnScores, l, ref t0);   // scores, softmax and ·V run fused: timed as one
             _matmul.Run(_att.Pointer, T, L.Wo, _xb2.Pointer);            // xb2[T × d]
             prof?.Record(OpKind.OProj, l, ref t0);
-            Ops.AddInPlace(_x.Pointer, _xb2.Pointer, (long)T * d);        // x += attention
+            _rowOps.AddInPlace(_x.Pointer, _xb2.Pointer, (long)T * d);    // x += attention
             prof?.Record(OpKind.AttnResidual, l, ref t0);
 
             // ── MLP ──
-            fixed (float* wn = L.FfnNorm) Ops.RmsNorm(_x.Pointer, wn, _xb.Pointer, T, d, (float)c.RmsNormEps);
+            fixed (float* wn = L.FfnNorm) _rowOps.RmsNorm(_x.Pointer, wn, _xb.Pointer, T, d, (float)c.RmsNormEps);
             prof?.Record(OpKind.FfnNorm, l, ref t0);
             _matmul.Run(_xb.Pointer, T, [new(L.Wgate, _hb.Pointer), new(L.Wup, _hb2.Pointer)]);  // hb[T × f] = gate, hb2[T × f] = up
             prof?.Record(OpKind.Gate, l, ref t0);   // gate and up run as one dispatch: timed as one
-            Ops.SwiGlu(_hb.Pointer, _hb2.Pointer, (long)T * f);  // hb = silu(hb)·hb2
+            _rowOps.SwiGlu(_hb.Pointer, _hb2.Pointer, (long)T * f);  // hb = silu(hb)·hb2
             prof?.Record(OpKind.SwiGlu, l, ref t0);
             _matmul.Run(_hb.Pointer, T, L.Wdown, _xb2.Pointer);  // xb2[T × d]
             prof?.Record(OpKind.Down, l, ref t0);
-            Ops.AddInPlace(_x.Pointer, _xb2.Pointer, (long)T * d);  // x += MLP
+            _rowOps.AddInPlace(_x.Pointer, _xb2.Pointer, (long)T * d);  // x += MLP
             prof?.Record(OpKind.FfnResidual, l, ref t0);
         }
 
@@ -399,7 +401,7 @@ public sealed unsafe class LlamaModel : IDisposable
             if (which == LogitsFor.AllTokens)
             {
                 rows = T;
-                Ops.RmsNorm(_x.Pointer, wn, _xb.Pointer, T, d, (float)c.RmsNormEps);
+                _rowOps.RmsNorm(_x.Pointer, wn, _xb.Pointer, T, d, (float)c.RmsNormEps);
             }
             else
             {
