@@ -128,15 +128,13 @@ public static class BenchCommand
         catch (FormatException) { throw new ArgumentException($"-{name} expects comma-separated integers, got '{s}'", name); }
     }
 
-    private static string KvName(KvType kv) => kv == KvType.BF16 ? "bf16" : "f32";
-
     private static string F(double v, string f = "F1") => v.ToString(f, CultureInfo.InvariantCulture);
 
     private static string Table(BenchInfo i, List<BenchResult> rs, bool markdown)
     {
         var sb = new StringBuilder();
         var roof = i.Roof;
-        sb.AppendLine($"model {i.Model} ({i.DType}, {i.WeightBytes / 1048576.0:F1} MiB of weights, KV cache {KvName(i.Kv)}), {i.Threads} threads, {roof.Cpu}");
+        sb.AppendLine($"model {i.Model} ({i.DType}, {i.WeightBytes / 1048576.0:F1} MiB of weights, KV cache {CommonOptions.KvName(i.Kv)}), {i.Threads} threads, {roof.Cpu}");
         sb.AppendLine($"ceilings measured {(roof.MeasuredUtc > DateTime.UtcNow.AddMinutes(-10) ? "in this run" : "at " + roof.MeasuredUtc.ToString("u"))}: " +
                       $"FMA peak {F(roof.PeakGflops)} GFLOP/s, DRAM read {F(roof.BandwidthGBps)} GB/s, ridge {F(roof.Ridge, "F2")} FLOP/byte");
         if (i.WeightBytes < roof.LastLevelCacheBytes)
@@ -170,7 +168,7 @@ public static class BenchCommand
                 F(r.Gflops, "F2"), F(100 * r.Gflops / i.Roof.PeakGflops, "F2"), F(r.GBps, "F2"), F(100 * r.GBps / i.Roof.BandwidthGBps, "F2"),
                 F(r.BoundTokensPerSecond(i.Roof), "F2"), F(100 * r.MeanTokensPerSecond / r.BoundTokensPerSecond(i.Roof), "F2"), F(i.Roof.PeakGflops, "F2"), F(i.Roof.BandwidthGBps, "F2"),
                 r.ProbeMedianGBps > 0 ? F(r.ProbeMedianGBps, "F2") : "", r.ProbeMedianGBps > 0 ? F(r.ProbeBoundTokensPerSecond(i.Roof), "F2") : "",
-                r.ProbeMedianGBps > 0 ? F(100 * r.MeanTokensPerSecond / r.ProbeBoundTokensPerSecond(i.Roof), "F2") : "", KvName(i.Kv)));
+                r.ProbeMedianGBps > 0 ? F(100 * r.MeanTokensPerSecond / r.ProbeBoundTokensPerSecond(i.Roof), "F2") : "", CommonOptions.KvName(i.Kv)));
         return sb.ToString();
     }
 
@@ -178,7 +176,7 @@ public static class BenchCommand
     {
         var o = new
         {
-            model = i.Model, dtype = i.DType, weight_bytes = i.WeightBytes, threads = i.Threads, kv_dtype = KvName(i.Kv),
+            model = i.Model, dtype = i.DType, weight_bytes = i.WeightBytes, threads = i.Threads, kv_dtype = CommonOptions.KvName(i.Kv),
             ceilings = new { peak_gflops = i.Roof.PeakGflops, bandwidth_gbps = i.Roof.BandwidthGBps, ridge = i.Roof.Ridge, cpu = i.Roof.Cpu },
             results = rs.Select(r => new
             {

@@ -1,7 +1,6 @@
 using System.CommandLine;
 using System.Text.Json;
 using MiniLlm.Engine;
-using MiniLlm.Kernels;
 using MiniLlm.Loader;
 
 namespace MiniLlm.Cli;
@@ -124,7 +123,7 @@ public static class GenerateCommand
             j.WriteNumber("seed", o.Sampling.Seed);
             j.WriteNumber("max_tokens", o.MaxTokens);
             j.WriteEndObject();
-            j.WriteString("kv_dtype", o.KvType == KvType.BF16 ? "bf16" : "f32");
+            j.WriteString("kv_dtype", CommonOptions.KvName(o.KvType));
             j.WriteStartObject("timings");
             j.WriteNumber("prefill_ms", r.Timings.PrefillMs);
             j.WriteNumber("ttft_ms", r.Timings.TtftMs);

@@ -41,6 +41,9 @@ public static class CommonOptions
 
     public static MiniLlm.Kernels.KvType KvType(string s) => s == "bf16" ? MiniLlm.Kernels.KvType.BF16 : MiniLlm.Kernels.KvType.F32;
 
+    /// <summary>The <c>--kv-dtype</c> value naming a KV type, as the reports print it.</summary>
+    public static string KvName(MiniLlm.Kernels.KvType kv) => kv == MiniLlm.Kernels.KvType.BF16 ? "bf16" : "f32";
+
     public static MiniLlm.Engine.WeightFormat Format(string s) => s == "q8" ? MiniLlm.Engine.WeightFormat.Q8 : MiniLlm.Engine.WeightFormat.Stored;
 
     public static Option<string> Output() => new Option<string>("--output", "-o")

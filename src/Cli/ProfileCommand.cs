@@ -43,10 +43,10 @@ public static class ProfileCommand
             if (b * ids.Length > llm.MaxTokens) throw new ArgumentException($"batch × prompt = {b * ids.Length} tokens exceeds one step's {llm.MaxTokens}", "batch");
             bool json = r.GetValue(output) == "json";
             var roof = RooflineCommand.LoadOrMeasure(r.GetValue(roofFile), t, 3, json ? null : io.Err);
-            var (prefill, decode, decodeProfiler) = Run(llm, ids, n, b, roof, CommonOptions.KvType(r.GetValue(kvDtype)!));
-            string kvName = r.GetValue(kvDtype)!;
-            if (json) io.Out.WriteLine(Json(llm, dir, roof, prefill, decode, kvName));
-            else Render(io.Out, llm, dir, roof, prefill, decode, kvName);
+            var kv = CommonOptions.KvType(r.GetValue(kvDtype)!);
+            var (prefill, decode, decodeProfiler) = Run(llm, ids, n, b, roof, kv);
+            if (json) io.Out.WriteLine(Json(llm, dir, roof, prefill, decode, CommonOptions.KvName(kv)));
+            else Render(io.Out, llm, dir, roof, prefill, decode, CommonOptions.KvName(kv));
             if (r.GetValue(plot) is { } plotDir)
             {
                 string name = Path.GetFileName(dir.TrimEnd('/'));

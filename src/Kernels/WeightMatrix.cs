@@ -26,11 +26,13 @@ public readonly unsafe struct WeightMatrix(nint pointer, WeightType type, int ro
     /// in a helper so this getter, and <see cref="Row"/>, inline into the kernels: with the throw inside it was a call
     /// (3.6 % of a tiny-kjv 29-token prefill's samples, from the packed GEMM's row pointers).
     /// </summary>
-    public int ElementSize => Type == WeightType.F32 ? 4 : Type == WeightType.Q8 ? NoElementSize() : 2;
+    public int ElementSize => Type == WeightType.Q8 ? NoElementSize() : PlainElementSize(Type);
     /// <summary>Bytes of one row (computed once: every kernel asks for row pointers in its loops).</summary>
-    public long RowBytes { get; } = type == WeightType.Q8 ? (long)cols / Q8Load.Block * Q8Load.BlockBytes : (long)cols * (type == WeightType.F32 ? 4 : 2);
+    public long RowBytes { get; } = type == WeightType.Q8 ? (long)cols / Q8Load.Block * Q8Load.BlockBytes : (long)cols * PlainElementSize(type);
     public long ByteLength => Rows * RowBytes;
     public nint Row(int r) => Pointer + (nint)(r * RowBytes);
+
+    private static int PlainElementSize(WeightType type) => type == WeightType.F32 ? 4 : 2;
 
     [System.Diagnostics.CodeAnalysis.DoesNotReturn, System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.NoInlining)]
     private static int NoElementSize() => throw new InvalidOperationException("Q8 rows are blocks; use RowBytes");
