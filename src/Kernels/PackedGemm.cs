@@ -60,7 +60,11 @@ internal sealed unsafe class PackedGemm : ParallelJob
     public void Run(float* x, int m, int k, ReadOnlySpan<MatMul.Product> products, SimdPolicy.Isa isa)
     {
         _x = x; _m = m; _k = k;
-        _nr = isa == SimdPolicy.Isa.V512 ? (m <= 16 ? 16 : 32) : 16;   // up to 16 rows, one Vector512 of X rows (MatMul.PackedNarrow)
+        // fp32 weights up to 16 rows: a panel of one Vector512 of X rows (MatMul.PackedNarrow); other types keep two
+        // vectors, their widened slices going to Micro.
+        bool narrow = m <= 16;
+        foreach (var p in products) narrow &= p.W.Type == WeightType.F32;
+        _nr = isa == SimdPolicy.Isa.V512 ? (narrow ? 16 : 32) : 16;
         _panels = (m + _nr - 1) / _nr;
         _kc = Math.Min(k, _panels <= 2 ? KCFewPanels : KC);
         PerWorkerBuffers.Grow(_dequant, ref _dequantFloats, (long)MR * _kc);
@@ -213,9 +217,7 @@ internal sealed unsafe class PackedGemm : ParallelJob
                         for (; k < kc; k++) dq[i * kcMax + k] = TL.Load1(row, k0 + k);
                     }
                     for (int p = 0; p < _panels; p++, tile += tileFloats)
-                        if (nr == S.Width) Micro1<S, TV>((nint)dq, (nint)(dq + kcMax), (nint)(dq + 2 * kcMax), (nint)(dq + 3 * kcMax), (nint)(dq + 4 * kcMax),
-                            (nint)(dq + 5 * kcMax), (nint)(dq + 6 * kcMax), (nint)(dq + 7 * kcMax), xPack + ((long)p * K + k0) * nr, kc, tile, k0 > 0, 0);
-                        else Micro<S, TV>((nint)dq, (nint)(dq + kcMax), (nint)(dq + 2 * kcMax), (nint)(dq + 3 * kcMax), (nint)(dq + 4 * kcMax),
+                        Micro<S, TV>((nint)dq, (nint)(dq + kcMax), (nint)(dq + 2 * kcMax), (nint)(dq + 3 * kcMax), (nint)(dq + 4 * kcMax),
                             (nint)(dq + 5 * kcMax), (nint)(dq + 6 * kcMax), (nint)(dq + 7 * kcMax), xPack + ((long)p * K + k0) * nr, kc, tile, k0 > 0, 0);
                     continue;
                 }
