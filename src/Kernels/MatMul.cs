@@ -71,9 +71,10 @@ public sealed unsafe class MatMul : ParallelJob
     {
         if (isa == SimdPolicy.Isa.Scalar || BatchInvariant) return false;
         if (m >= PackedMinRows) return m >= Bf16PackedMinRows || !All(products, WeightType.BF16);
-        int panel = m <= 16 ? 16 : 32;   // X rows of a panel: one Vector512 up to 16 rows, two beyond
-        if (isa != SimdPolicy.Isa.V512 || m * 10 < (m + panel - 1) / panel * panel * 9 || (panel == 16 && (!PackedNarrow || CacheResidentWeights))) return false;   // panels under 90 % full
-        return All(products, WeightType.F32);
+        if (isa != SimdPolicy.Isa.V512 || !All(products, WeightType.F32)) return false;
+        int panel = PackedGemm.PanelRows(m, products, isa);
+        if (panel == 16 && (!PackedNarrow || CacheResidentWeights)) return false;
+        return m * 10 >= (m + panel - 1) / panel * panel * 9;   // panels at least 90 % full
     }
 
     private const int Bf16PackedMinRows = 64;

@@ -60,11 +60,7 @@ internal sealed unsafe class PackedGemm : ParallelJob
     public void Run(float* x, int m, int k, ReadOnlySpan<MatMul.Product> products, SimdPolicy.Isa isa)
     {
         _x = x; _m = m; _k = k;
-        // fp32 weights up to 16 rows: a panel of one Vector512 of X rows (MatMul.PackedNarrow); other types keep two
-        // vectors, their widened slices going to Micro.
-        bool narrow = m <= 16;
-        foreach (var p in products) narrow &= p.W.Type == WeightType.F32;
-        _nr = isa == SimdPolicy.Isa.V512 ? (narrow ? 16 : 32) : 16;
+        _nr = PanelRows(m, products, isa);
         _panels = (m + _nr - 1) / _nr;
         _kc = Math.Min(k, _panels <= 2 ? KCFewPanels : KC);
         PerWorkerBuffers.Grow(_dequant, ref _dequantFloats, (long)MR * _kc);
@@ -79,6 +75,18 @@ internal sealed unsafe class PackedGemm : ParallelJob
         _phase = isa == SimdPolicy.Isa.V512 ? 1 : 2;
         if (_splitPlan) _split.Run(_pool, this, chunks, first);
         else _pool.Run(this, chunks);
+    }
+
+    /// <summary>
+    /// X rows per panel: two vectors, or with Vector512 one (16 rows) for fp32 weights up to 16 rows
+    /// (<see cref="MatMul.PackedNarrow"/>); other types keep two, their widened slices going to <see cref="Micro{S,TV}"/>.
+    /// </summary>
+    public static int PanelRows(int m, ReadOnlySpan<MatMul.Product> products, SimdPolicy.Isa isa)
+    {
+        if (isa != SimdPolicy.Isa.V512) return 16;
+        if (m > 16) return 32;
+        foreach (var p in products) if (p.W.Type != WeightType.F32) return 32;
+        return 16;
     }
 
     // Two threads: each product cut once between them (TwoWaySplit) at a multiple of SplitAlign rows, each half run
