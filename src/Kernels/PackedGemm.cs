@@ -7,7 +7,8 @@ namespace MiniLlm.Kernels;
 /// <summary>
 /// Y[M×N] = X[M×K] · Wᵀ for many rows (prefill), computed as Yᵀ = W · Xᵀ so the weights are never copied.
 /// Phase 1 packs X (small next to W, and shared by every weight of a group such as q/k/v) into panels of
-/// NR = 2 vectors of rows (one vector for at most 16 rows: <see cref="Micro1{S,TV}"/>), laid out [K][NR] (for a
+/// NR = 2 vectors of rows, laid out [K][NR] (up to 16 rows with Vector512 and fp32 weights: one panel of k pairs,
+/// <see cref="PackPairs"/> and <see cref="MicroPairs"/>) (for a
 /// single panel each worker packs its own copy instead, at its first chunk). Phase 2 hands each worker 32 rows of
 /// one weight at a time (on two threads, each its half of every weight, 32 rows after 32: see
 /// <see cref="TwoWaySplit"/>): an MR × NR
@@ -45,6 +46,8 @@ internal sealed unsafe class PackedGemm : ParallelJob
     private long _dequantFloats;            // floats each _dequant buffer holds (MR × the largest K block so far)
     private float* _x;
     private int _m, _k, _panels, _nr, _phase;
+    private bool _pairs;                    // 16-row panels held as k pairs (see PackPairs)
+    private int PanelK => _pairs ? (_k + 1) & ~1 : _k;   // K rounded up to whole pairs
     private int _kc;                        // this call's K block: KC, or KCFewPanels for one or two panels
     private readonly ProductChunks _chunks = new();
 
@@ -62,10 +65,11 @@ internal sealed unsafe class PackedGemm : ParallelJob
         _x = x; _m = m; _k = k;
         _nr = PanelRows(m, products, isa);
         _panels = (m + _nr - 1) / _nr;
+        _pairs = _nr == 16 && isa == SimdPolicy.Isa.V512;
         _kc = Math.Min(k, _panels <= 2 ? KCFewPanels : KC);
         PerWorkerBuffers.Grow(_dequant, ref _dequantFloats, (long)MR * _kc);
         PerWorkerBuffers.Grow(_tiles, ref _tileFloats, (long)MicroPerChunk * _panels * MR * _nr);
-        _xPacks.NewCall((long)_panels * _nr * k);
+        _xPacks.NewCall((long)_panels * _nr * PanelK);
         _splitPlan = MatMul.SplitPacked && _pool.Threads == 2;
         double first = 0;
         int chunks = _splitPlan ? _chunks.SetSplit(products, _split.Share, SplitAlign, out first) : _chunks.Set(products, RowsPerChunk);
@@ -78,8 +82,9 @@ internal sealed unsafe class PackedGemm : ParallelJob
     }
 
     /// <summary>
-    /// X rows per panel: two vectors, or with Vector512 one (16 rows) for fp32 weights up to 16 rows
-    /// (<see cref="MatMul.PackedNarrow"/>); other types keep two, their widened slices going to <see cref="Micro{S,TV}"/>.
+    /// X rows per panel: two vectors, or with Vector512 16 rows (held as k pairs, two vectors a pair) for fp32 weights
+    /// up to 16 rows (<see cref="MatMul.PackedNarrow"/>); other types keep two vectors, their widened slices going to
+    /// <see cref="Micro{S,TV}"/>.
     /// </summary>
     public static int PanelRows(int m, ReadOnlySpan<MatMul.Product> products, SimdPolicy.Isa isa)
     {
@@ -128,6 +133,7 @@ internal sealed unsafe class PackedGemm : ParallelJob
     /// <summary>Panel p: X rows p·NR … p·NR+NR−1 → [K][NR], zero past M. Written sequentially, read row by row.</summary>
     private void PackX(int p, float* xPack)
     {
+        if (_pairs) { PackPairs(xPack); return; }
         int K = _k, nr = _nr;
         float* dst = xPack + (long)p * K * nr;
         int rows = Math.Min(nr, _m - p * nr);
@@ -232,15 +238,16 @@ internal sealed unsafe class PackedGemm : ParallelJob
                 nint w0 = Row(w, n, 0, valid, k0), w1 = Row(w, n, 1, valid, k0), w2 = Row(w, n, 2, valid, k0), w3 = Row(w, n, 3, valid, k0);
                 nint w4 = Row(w, n, 4, valid, k0), w5 = Row(w, n, 5, valid, k0), w6 = Row(w, n, 6, valid, k0), w7 = Row(w, n, 7, valid, k0);
                 for (int p = 0; p < _panels; p++, tile += tileFloats)
-                    if (nr == S.Width) Micro1<S, TV>(w0, w1, w2, w3, w4, w5, w6, w7, xPack + ((long)p * K + k0) * nr, kc, tile, k0 > 0, p == 0 ? ahead : 0);
+                    if (_pairs) MicroPairs(w0, w1, w2, w3, w4, w5, w6, w7, xPack + (long)k0 * nr, kc, tile, k0 > 0, ahead);
                     else Micro<S, TV>(w0, w1, w2, w3, w4, w5, w6, w7, xPack + ((long)p * K + k0) * nr, kc, tile, k0 > 0, p == 0 ? ahead : 0);
             }
         }
         // Y[p·nr + j, n + i] = tile[i, j]
         int mp0 = 0;
-        if (nr == 32 && Avx512F.IsSupported)
+        if (nr % 16 == 0 && Avx512F.IsSupported)
         {
-            // Two full 8-row tiles side by side are 16 columns of Y: transposed 16 × 16 in registers and stored a row at a time.
+            // Two full 8-row tiles side by side are 16 columns of Y: transposed 16 × 16 in registers and stored a row at a
+            // time. For 16-row tiles too: against the gathers below, stories110m-f32 b16 0.974 and 0.985 of the step time.
             float* t = stackalloc float[16 * 16];
             for (int n = r0; n + 2 * MR <= r1; n += 2 * MR, mp0 += 2)
             {
@@ -332,36 +339,105 @@ internal sealed unsafe class PackedGemm : ParallelJob
     }
 
     /// <summary>
-    /// <see cref="Micro{S,TV}"/> for a panel of one X vector (NR = W: up to 16 rows with Vector512, see
-    /// <see cref="MatMul.PackedNarrow"/>): 8 weight rows broadcast against it, 8 accumulators (two FMA pipes × a
-    /// 4-cycle latency), one X load per 8 FMAs.
+    /// The one panel of up to 16 rows (fp32 weights, Vector512) as k pairs: [ceil(K/2)][32], pair kp holding
+    /// X[i, 2kp] and X[i, 2kp+1] side by side for rows 0–7 (lanes 0–15), then rows 8–15 (lanes 16–31); zero past
+    /// M and past K. Each 16 × 16 block is transposed in registers, then its k columns interleaved two by two.
+    /// </summary>
+    private void PackPairs(float* dst)
+    {
+        int K = _k, rows = Math.Min(16, _m);
+        float* tile = stackalloc float[16 * 16];
+        float* t = stackalloc float[16 * 16];
+        var lo = Vector512.Create(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        var hi = Vector512.Create(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        int k = 0;
+        for (; k + 16 <= K; k += 16, dst += 16 * 16)
+        {
+            float* s = _x + k;
+            if (rows == 16) Transpose.Block16(s, s + 8L * K, K, t, 16);
+            else
+            {
+                for (int j = 0; j < 16; j++) (j < rows ? Vector512.Load(s + (long)j * K) : Vector512<float>.Zero).Store(tile + 16 * j);
+                Transpose.Block16(tile, tile + 8 * 16, 16, t, 16);
+            }
+            for (int j = 0; j < 16; j += 2)
+            {
+                var even = Vector512.Load(t + 16 * j);
+                var odd = Vector512.Load(t + 16 * (j + 1));
+                Avx512F.PermuteVar16x32x2(even, lo, odd).Store(dst + 16 * j);
+                Avx512F.PermuteVar16x32x2(even, hi, odd).Store(dst + 16 * j + 16);
+            }
+        }
+        for (int kk = k; kk < PanelK; kk++)
+            for (int i = 0; i < 16; i++)
+                dst[(kk - k) / 2 * 32 + i / 8 * 16 + i % 8 * 2 + (kk - k) % 2] = i < rows && kk < K ? _x[(long)i * K + kk] : 0;
+    }
+
+    /// <summary>
+    /// tile[8 × 16] (+)= 8 fp32 weight rows (from k0) · a pair panel's slice (<see cref="PackPairs"/>): per k pair,
+    /// each row's two weights are broadcast as one 64-bit load against both halves of the pair (rows 0–7 and 8–15),
+    /// so 10 loads feed 16 FMAs into 16 accumulators, as in <see cref="Micro{S,TV}"/>. Even and odd k are summed in
+    /// separate lanes and added at the end. The kernel it replaced broadcast one weight against one vector of 16 rows
+    /// (9 loads for 8 FMAs, 8 accumulators): stories110m's products at M = 16 took 0.90–0.94 of its time (weights in
+    /// L2 or from DRAM), the b16 decode step 0.957 and 0.947 (in-process alternation, both orders, 15 rounds each).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void Micro1<S, TV>(nint w0, nint w1, nint w2, nint w3, nint w4, nint w5, nint w6, nint w7, float* x, int kc, float* tile, bool accumulate, nint ahead)
-        where S : ISimd<TV> where TV : struct
+    private static void MicroPairs(nint w0, nint w1, nint w2, nint w3, nint w4, nint w5, nint w6, nint w7, float* x, int kc, float* tile, bool accumulate, nint ahead)
     {
-        int W = S.Width;
-        TV c0 = S.Zero, c1 = S.Zero, c2 = S.Zero, c3 = S.Zero, c4 = S.Zero, c5 = S.Zero, c6 = S.Zero, c7 = S.Zero;
-        if (accumulate)
+        var z = Vector512<float>.Zero;
+        Vector512<float> a0 = z, b0 = z, a1 = z, b1 = z, a2 = z, b2 = z, a3 = z, b3 = z, a4 = z, b4 = z, a5 = z, b5 = z, a6 = z, b6 = z, a7 = z, b7 = z;
+        int k = 0;
+        for (; k + 2 <= kc; k += 2, x += 32)
         {
-            c0 = S.Load(tile); c1 = S.Load(tile + W); c2 = S.Load(tile + 2 * W); c3 = S.Load(tile + 3 * W);
-            c4 = S.Load(tile + 4 * W); c5 = S.Load(tile + 5 * W); c6 = S.Load(tile + 6 * W); c7 = S.Load(tile + 7 * W);
-        }
-        for (int k = 0; k < kc; k++, x += W)
-        {
-            if (ahead != 0 && (k & 15) == 0 && Sse.IsSupported)
+            if (ahead != 0 && (k & 15) == 0)
             {
                 Sse.Prefetch0((void*)(w0 + ahead)); Sse.Prefetch0((void*)(w1 + ahead)); Sse.Prefetch0((void*)(w2 + ahead)); Sse.Prefetch0((void*)(w3 + ahead));
                 Sse.Prefetch0((void*)(w4 + ahead)); Sse.Prefetch0((void*)(w5 + ahead)); Sse.Prefetch0((void*)(w6 + ahead)); Sse.Prefetch0((void*)(w7 + ahead));
                 ahead += 16 * sizeof(float);
             }
-            TV b = S.Load(x);
-            c0 = S.Fma(S.BroadcastW<F32Load>(w0, k), b, c0); c1 = S.Fma(S.BroadcastW<F32Load>(w1, k), b, c1);
-            c2 = S.Fma(S.BroadcastW<F32Load>(w2, k), b, c2); c3 = S.Fma(S.BroadcastW<F32Load>(w3, k), b, c3);
-            c4 = S.Fma(S.BroadcastW<F32Load>(w4, k), b, c4); c5 = S.Fma(S.BroadcastW<F32Load>(w5, k), b, c5);
-            c6 = S.Fma(S.BroadcastW<F32Load>(w6, k), b, c6); c7 = S.Fma(S.BroadcastW<F32Load>(w7, k), b, c7);
+            var lo = Vector512.Load(x); var hi = Vector512.Load(x + 16);
+            var w = Pair(w0, k); a0 = Avx512F.FusedMultiplyAdd(w, lo, a0); b0 = Avx512F.FusedMultiplyAdd(w, hi, b0);
+            w = Pair(w1, k); a1 = Avx512F.FusedMultiplyAdd(w, lo, a1); b1 = Avx512F.FusedMultiplyAdd(w, hi, b1);
+            w = Pair(w2, k); a2 = Avx512F.FusedMultiplyAdd(w, lo, a2); b2 = Avx512F.FusedMultiplyAdd(w, hi, b2);
+            w = Pair(w3, k); a3 = Avx512F.FusedMultiplyAdd(w, lo, a3); b3 = Avx512F.FusedMultiplyAdd(w, hi, b3);
+            w = Pair(w4, k); a4 = Avx512F.FusedMultiplyAdd(w, lo, a4); b4 = Avx512F.FusedMultiplyAdd(w, hi, b4);
+            w = Pair(w5, k); a5 = Avx512F.FusedMultiplyAdd(w, lo, a5); b5 = Avx512F.FusedMultiplyAdd(w, hi, b5);
+            w = Pair(w6, k); a6 = Avx512F.FusedMultiplyAdd(w, lo, a6); b6 = Avx512F.FusedMultiplyAdd(w, hi, b6);
+            w = Pair(w7, k); a7 = Avx512F.FusedMultiplyAdd(w, lo, a7); b7 = Avx512F.FusedMultiplyAdd(w, hi, b7);
         }
-        S.Store(c0, tile); S.Store(c1, tile + W); S.Store(c2, tile + 2 * W); S.Store(c3, tile + 3 * W);
-        S.Store(c4, tile + 4 * W); S.Store(c5, tile + 5 * W); S.Store(c6, tile + 6 * W); S.Store(c7, tile + 7 * W);
+        if (k < kc)
+        {
+            // An odd K's last weight, broadcast alone: the panel's odd lanes of this pair are zero.
+            var lo = Vector512.Load(x); var hi = Vector512.Load(x + 16);
+            var w = One(w0, k); a0 = Avx512F.FusedMultiplyAdd(w, lo, a0); b0 = Avx512F.FusedMultiplyAdd(w, hi, b0);
+            w = One(w1, k); a1 = Avx512F.FusedMultiplyAdd(w, lo, a1); b1 = Avx512F.FusedMultiplyAdd(w, hi, b1);
+            w = One(w2, k); a2 = Avx512F.FusedMultiplyAdd(w, lo, a2); b2 = Avx512F.FusedMultiplyAdd(w, hi, b2);
+            w = One(w3, k); a3 = Avx512F.FusedMultiplyAdd(w, lo, a3); b3 = Avx512F.FusedMultiplyAdd(w, hi, b3);
+            w = One(w4, k); a4 = Avx512F.FusedMultiplyAdd(w, lo, a4); b4 = Avx512F.FusedMultiplyAdd(w, hi, b4);
+            w = One(w5, k); a5 = Avx512F.FusedMultiplyAdd(w, lo, a5); b5 = Avx512F.FusedMultiplyAdd(w, hi, b5);
+            w = One(w6, k); a6 = Avx512F.FusedMultiplyAdd(w, lo, a6); b6 = Avx512F.FusedMultiplyAdd(w, hi, b6);
+            w = One(w7, k); a7 = Avx512F.FusedMultiplyAdd(w, lo, a7); b7 = Avx512F.FusedMultiplyAdd(w, hi, b7);
+        }
+        Fold(a0, b0, tile, accumulate); Fold(a1, b1, tile + 16, accumulate); Fold(a2, b2, tile + 32, accumulate); Fold(a3, b3, tile + 48, accumulate);
+        Fold(a4, b4, tile + 64, accumulate); Fold(a5, b5, tile + 80, accumulate); Fold(a6, b6, tile + 96, accumulate); Fold(a7, b7, tile + 112, accumulate);
+    }
+
+    /// <summary>Weights k and k+1 of a row in every lane pair.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<float> Pair(nint row, int k) => Vector512.Create(*(double*)(row + 4 * k)).AsSingle();
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<float> One(nint row, int k) => Vector512.Create(*(float*)(row + 4 * k));
+
+    /// <summary>16 sums of one weight row (rows 0–7 from <paramref name="lo"/>, 8–15 from <paramref name="hi"/>), each
+    /// its even-k and odd-k lanes added, stored to (or added to) one 16-float tile row.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Fold(Vector512<float> lo, Vector512<float> hi, float* row, bool accumulate)
+    {
+        var even = Avx512F.PermuteVar16x32x2(lo, Vector512.Create(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30), hi);
+        var odd = Avx512F.PermuteVar16x32x2(lo, Vector512.Create(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31), hi);
+        var sum = even + odd;
+        if (accumulate) sum += Vector512.Load(row);
+        sum.Store(row);
     }
 }
