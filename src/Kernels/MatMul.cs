@@ -47,12 +47,13 @@ public sealed unsafe class MatMul : ParallelJob
     /// <summary>From this many rows on, the packed outer-product GEMM beats the dot-product tiles.</summary>
     /// <remarks>
     /// Measured (weights from DRAM, interleaved): at M = 32–48 the skinny tiles match or beat the packed GEMM in fp32
-    /// and take 20–35 % less time in bf16 (whose packed kernel widens every broadcast weight); at 64 packed fp32 wins.
+    /// and took 20–35 % less time in bf16 (whose packed kernel then widened every broadcast weight alone); at 64 packed
+    /// fp32 wins. Fuller panels below 64 rows go to the packed GEMM too (<see cref="UsePacked"/>).
     /// </remarks>
     public static int PackedMinRows { get; set; } = 64;
 
     /// <summary>
-    /// Whether M rows go to the packed GEMM: from <see cref="PackedMinRows"/>, and for fp32 weights also whenever its
+    /// Whether M rows go to the packed GEMM: from <see cref="PackedMinRows"/>, and for fp32 and bf16 weights also whenever its
     /// 32-row X panels would be at least 90 % full (M = 29–32, 58–63), or at 13–16 rows its 16-row panel. With its next-slice prefetch, packed fp32
     /// at M = 32 ran at 70–74 % of FMA peak against the skinny tiles' 67–71 % (interleaved, 768 × 2048 from DRAM);
     /// at M = 48 (a 64-row panel, a quarter empty) it lost 55–60 % to 68–73 %. At 29–31 rows it also wins: stories110m's
@@ -62,22 +63,21 @@ public sealed unsafe class MatMul : ParallelJob
     /// weights from DRAM take it at M = 13–16.
     /// </summary>
     /// <remarks>
-    /// bf16 weights stay on the skinny tiles below <see cref="Bf16PackedMinRows"/>. With the packed GEMM's K blocks of
-    /// 384 they were 3–11 % faster at 64 rows too; since one or two panels run K unblocked (up to 2048), the packed
-    /// GEMM takes 5 % less time at M = 64 over stories110m's products (bf16 from DRAM, alternating, 7 rounds) and 4–12 %
-    /// more at 60 and below (48: 26 % more, a panel a quarter empty).
+    /// bf16 weights follow the same rule since the packed kernel widens them in registers (PackedGemm.MicroBf16):
+    /// at M = 29–32, in-process alternation (both orders, 9 rounds), stories110m-bf16 b32 decode steps took 0.878 and
+    /// 0.887 (1 / 1.128) of the skinny tiles' time, b30 0.902 and 0.907; tiny-kjv-bf16 (weights in the cache) b32
+    /// 0.844 and 0.84, a 29-token prefill 0.865 and 0.837. Before, with each 8-row slice widened into a buffer first,
+    /// bf16 kept the tiles below 64 rows (the packed GEMM 4–12 % slower at 60 and below).
     /// </remarks>
     private bool UsePacked(int m, ReadOnlySpan<Product> products, SimdPolicy.Isa isa)
     {
         if (isa == SimdPolicy.Isa.Scalar || BatchInvariant) return false;
-        if (m >= PackedMinRows) return m >= Bf16PackedMinRows || !All(products, WeightType.BF16);
-        if (isa != SimdPolicy.Isa.V512 || !All(products, WeightType.F32)) return false;
+        if (m >= PackedMinRows) return true;
+        if (isa != SimdPolicy.Isa.V512 || !(All(products, WeightType.F32) || All(products, WeightType.BF16))) return false;
         int panel = PackedGemm.PanelRows(m, products, isa);
         if (panel == 16) return PackedNarrow && !CacheResidentWeights && m >= PackedNarrowMinRows;
         return m * 10 >= (m + panel - 1) / panel * panel * 9;   // panels at least 90 % full
     }
-
-    private const int Bf16PackedMinRows = 64;
 
     private static bool All(ReadOnlySpan<Product> products, WeightType type)
     {

@@ -215,10 +215,18 @@ internal sealed unsafe class PackedGemm : ParallelJob
                     if (next + MR <= N) ahead = (nint)((next - n) * w.RowBytes - w.RowBytes * k0 / K);
                 }
                 float* tile = tiles + (long)mp * _panels * tileFloats;
+                if (typeof(TL) == typeof(Bf16Load) && nr == 32 && _phase == 1)
+                {
+                    nint b0 = Row(w, n, 0, valid, k0), b1 = Row(w, n, 1, valid, k0), b2 = Row(w, n, 2, valid, k0), b3 = Row(w, n, 3, valid, k0);
+                    nint b4 = Row(w, n, 4, valid, k0), b5 = Row(w, n, 5, valid, k0), b6 = Row(w, n, 6, valid, k0), b7 = Row(w, n, 7, valid, k0);
+                    for (int p = 0; p < _panels; p++, tile += tileFloats)
+                        MicroBf16(b0, b1, b2, b3, b4, b5, b6, b7, xPack + ((long)p * K + k0) * nr, kc, tile, k0 > 0, p == 0 ? ahead : 0);
+                    continue;
+                }
                 if (typeof(TL) != typeof(F32Load))
                 {
-                    // bf16, f16 and Q8: widen the 8 × kc slice to fp32 once (vector loads), so the micro-kernel's
-                    // broadcasts are plain fp32 loads instead of a load, shift and broadcast per weight and panel.
+                    // f16, Q8 (and bf16 without Vector512): widen the 8 × kc slice to fp32 once (vector loads), so the
+                    // micro-kernel's broadcasts are plain fp32 loads instead of a load, shift and broadcast per weight and panel.
                     float* dq = _dequant[worker];
                     for (int i = 0; i < MR; i++)
                     {
@@ -439,5 +447,79 @@ internal sealed unsafe class PackedGemm : ParallelJob
         var sum = even + odd;
         if (accumulate) sum += Vector512.Load(row);
         sum.Store(row);
+    }
+
+    /// <summary>
+    /// <see cref="Micro{S,TV}"/> for bf16 weights read in place (Vector512, 32-row panels): each row's weights k and
+    /// k+1 are one 32-bit broadcast, widened in registers (a shift and a mask, which need no FMA pipe) and multiplied
+    /// into the panel's columns k and k+1. Against widening each 8-row slice into an fp32 buffer first: stories110m-bf16
+    /// products at M = 64 0.868 of the time from DRAM (84 % of FMA peak), 0.899 from L2, M = 512 0.987; the b64 decode
+    /// step 0.890 and 0.879 (1 / 1.138), a 128-token prefill 0.924 and 0.916 (in-process alternation, both orders).
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void MicroBf16(nint w0, nint w1, nint w2, nint w3, nint w4, nint w5, nint w6, nint w7, float* x, int kc, float* tile, bool accumulate, nint ahead)
+    {
+        var z = Vector512<float>.Zero;
+        Vector512<float> c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z, c40 = z, c41 = z, c50 = z, c51 = z, c60 = z, c61 = z, c70 = z, c71 = z;
+        if (accumulate)
+        {
+            c00 = Vector512.Load(tile + 0); c01 = Vector512.Load(tile + 16);
+            c10 = Vector512.Load(tile + 32); c11 = Vector512.Load(tile + 48);
+            c20 = Vector512.Load(tile + 64); c21 = Vector512.Load(tile + 80);
+            c30 = Vector512.Load(tile + 96); c31 = Vector512.Load(tile + 112);
+            c40 = Vector512.Load(tile + 128); c41 = Vector512.Load(tile + 144);
+            c50 = Vector512.Load(tile + 160); c51 = Vector512.Load(tile + 176);
+            c60 = Vector512.Load(tile + 192); c61 = Vector512.Load(tile + 208);
+            c70 = Vector512.Load(tile + 224); c71 = Vector512.Load(tile + 240);
+        }
+        var himask = Vector512.Create(unchecked((int)0xFFFF0000));
+        Vector512<int> p; Vector512<float> lo, hi;
+        int k = 0;
+        for (; k + 2 <= kc; k += 2, x += 64)
+        {
+            if (ahead != 0 && (k & 31) == 0)
+            {
+                Sse.Prefetch0((void*)(w0 + ahead)); Sse.Prefetch0((void*)(w1 + ahead)); Sse.Prefetch0((void*)(w2 + ahead)); Sse.Prefetch0((void*)(w3 + ahead));
+                Sse.Prefetch0((void*)(w4 + ahead)); Sse.Prefetch0((void*)(w5 + ahead)); Sse.Prefetch0((void*)(w6 + ahead)); Sse.Prefetch0((void*)(w7 + ahead));
+                ahead += 64;
+            }
+            var x0 = Vector512.Load(x); var x1 = Vector512.Load(x + 16); var x2 = Vector512.Load(x + 32); var x3 = Vector512.Load(x + 48);
+            p = Vector512.Create(*(int*)(w0 + 2 * k)); lo = (p << 16).AsSingle(); hi = (p & himask).AsSingle();
+            c00 = Avx512F.FusedMultiplyAdd(lo, x0, c00); c01 = Avx512F.FusedMultiplyAdd(lo, x1, c01); c00 = Avx512F.FusedMultiplyAdd(hi, x2, c00); c01 = Avx512F.FusedMultiplyAdd(hi, x3, c01);
+            p = Vector512.Create(*(int*)(w1 + 2 * k)); lo = (p << 16).AsSingle(); hi = (p & himask).AsSingle();
+            c10 = Avx512F.FusedMultiplyAdd(lo, x0, c10); c11 = Avx512F.FusedMultiplyAdd(lo, x1, c11); c10 = Avx512F.FusedMultiplyAdd(hi, x2, c10); c11 = Avx512F.FusedMultiplyAdd(hi, x3, c11);
+            p = Vector512.Create(*(int*)(w2 + 2 * k)); lo = (p << 16).AsSingle(); hi = (p & himask).AsSingle();
+            c20 = Avx512F.FusedMultiplyAdd(lo, x0, c20); c21 = Avx512F.FusedMultiplyAdd(lo, x1, c21); c20 = Avx512F.FusedMultiplyAdd(hi, x2, c20); c21 = Avx512F.FusedMultiplyAdd(hi, x3, c21);
+            p = Vector512.Create(*(int*)(w3 + 2 * k)); lo = (p << 16).AsSingle(); hi = (p & himask).AsSingle();
+            c30 = Avx512F.FusedMultiplyAdd(lo, x0, c30); c31 = Avx512F.FusedMultiplyAdd(lo, x1, c31); c30 = Avx512F.FusedMultiplyAdd(hi, x2, c30); c31 = Avx512F.FusedMultiplyAdd(hi, x3, c31);
+            p = Vector512.Create(*(int*)(w4 + 2 * k)); lo = (p << 16).AsSingle(); hi = (p & himask).AsSingle();
+            c40 = Avx512F.FusedMultiplyAdd(lo, x0, c40); c41 = Avx512F.FusedMultiplyAdd(lo, x1, c41); c40 = Avx512F.FusedMultiplyAdd(hi, x2, c40); c41 = Avx512F.FusedMultiplyAdd(hi, x3, c41);
+            p = Vector512.Create(*(int*)(w5 + 2 * k)); lo = (p << 16).AsSingle(); hi = (p & himask).AsSingle();
+            c50 = Avx512F.FusedMultiplyAdd(lo, x0, c50); c51 = Avx512F.FusedMultiplyAdd(lo, x1, c51); c50 = Avx512F.FusedMultiplyAdd(hi, x2, c50); c51 = Avx512F.FusedMultiplyAdd(hi, x3, c51);
+            p = Vector512.Create(*(int*)(w6 + 2 * k)); lo = (p << 16).AsSingle(); hi = (p & himask).AsSingle();
+            c60 = Avx512F.FusedMultiplyAdd(lo, x0, c60); c61 = Avx512F.FusedMultiplyAdd(lo, x1, c61); c60 = Avx512F.FusedMultiplyAdd(hi, x2, c60); c61 = Avx512F.FusedMultiplyAdd(hi, x3, c61);
+            p = Vector512.Create(*(int*)(w7 + 2 * k)); lo = (p << 16).AsSingle(); hi = (p & himask).AsSingle();
+            c70 = Avx512F.FusedMultiplyAdd(lo, x0, c70); c71 = Avx512F.FusedMultiplyAdd(lo, x1, c71); c70 = Avx512F.FusedMultiplyAdd(hi, x2, c70); c71 = Avx512F.FusedMultiplyAdd(hi, x3, c71);
+        }
+        if (k < kc)
+        {
+            var x0 = Vector512.Load(x); var x1 = Vector512.Load(x + 16);
+            lo = Vector512.Create((int)*(ushort*)(w0 + 2 * k) << 16).AsSingle(); c00 = Avx512F.FusedMultiplyAdd(lo, x0, c00); c01 = Avx512F.FusedMultiplyAdd(lo, x1, c01);
+            lo = Vector512.Create((int)*(ushort*)(w1 + 2 * k) << 16).AsSingle(); c10 = Avx512F.FusedMultiplyAdd(lo, x0, c10); c11 = Avx512F.FusedMultiplyAdd(lo, x1, c11);
+            lo = Vector512.Create((int)*(ushort*)(w2 + 2 * k) << 16).AsSingle(); c20 = Avx512F.FusedMultiplyAdd(lo, x0, c20); c21 = Avx512F.FusedMultiplyAdd(lo, x1, c21);
+            lo = Vector512.Create((int)*(ushort*)(w3 + 2 * k) << 16).AsSingle(); c30 = Avx512F.FusedMultiplyAdd(lo, x0, c30); c31 = Avx512F.FusedMultiplyAdd(lo, x1, c31);
+            lo = Vector512.Create((int)*(ushort*)(w4 + 2 * k) << 16).AsSingle(); c40 = Avx512F.FusedMultiplyAdd(lo, x0, c40); c41 = Avx512F.FusedMultiplyAdd(lo, x1, c41);
+            lo = Vector512.Create((int)*(ushort*)(w5 + 2 * k) << 16).AsSingle(); c50 = Avx512F.FusedMultiplyAdd(lo, x0, c50); c51 = Avx512F.FusedMultiplyAdd(lo, x1, c51);
+            lo = Vector512.Create((int)*(ushort*)(w6 + 2 * k) << 16).AsSingle(); c60 = Avx512F.FusedMultiplyAdd(lo, x0, c60); c61 = Avx512F.FusedMultiplyAdd(lo, x1, c61);
+            lo = Vector512.Create((int)*(ushort*)(w7 + 2 * k) << 16).AsSingle(); c70 = Avx512F.FusedMultiplyAdd(lo, x0, c70); c71 = Avx512F.FusedMultiplyAdd(lo, x1, c71);
+        }
+        c00.Store(tile + 0); c01.Store(tile + 16);
+        c10.Store(tile + 32); c11.Store(tile + 48);
+        c20.Store(tile + 64); c21.Store(tile + 80);
+        c30.Store(tile + 96); c31.Store(tile + 112);
+        c40.Store(tile + 128); c41.Store(tile + 144);
+        c50.Store(tile + 160); c51.Store(tile + 176);
+        c60.Store(tile + 192); c61.Store(tile + 208);
+        c70.Store(tile + 224); c71.Store(tile + 240);
     }
 }

@@ -65,8 +65,8 @@ public unsafe class KernelTests
         data.Add(1, 768, 400);    // the fp32 GEMV's parked sums: whole batches of 16 row pairs, pairs left over
         data.Add(1, 784, 37);     // … K a multiple of 16, not of 32; an odd row
         data.Add(64, 2100, 37);   // the packed GEMM's one or two panels: K blocks of 2048, a tail of 52
-        data.Add(32, 4200, 11);   // … three blocks (fp32; bf16 and f16 take the skinny tiles at 32 rows)
-        data.Add(29, 300, 67);    // fp32: one panel 29/32 full takes the packed GEMM (bf16 and f16: the skinny tiles)
+        data.Add(32, 4200, 11);   // … three blocks (fp32 and bf16; f16 takes the skinny tiles at 32 rows)
+        data.Add(29, 300, 67);    // fp32, bf16: one panel 29/32 full takes the packed GEMM (f16: the skinny tiles)
         data.Add(30, 2100, 13);   // … over a K block and a tail
         return data;
     }
@@ -266,7 +266,7 @@ public unsafe class KernelTests
     [InlineData(12, 768)]     // over 8 rows: each half in pieces; fp32 streams each 8-row group, bf16 and f16 take tiles
     [InlineData(16, 1100)]    // … K over one block (fp32: the packed GEMM's 16-row panel)
     [InlineData(15, 768)]     // fp32: a 16-row panel with one row empty
-    [InlineData(32, 300)]     // fp32: the packed GEMM's one panel (bf16 and f16: the skinny tiles)
+    [InlineData(32, 300)]     // fp32, bf16: the packed GEMM's one panel (f16: the skinny tiles)
     [InlineData(64, 2100)]    // the packed GEMM's two panels over a K block and a tail
     public void SplitSkinnyMatchesNaiveAtEverySplit(int M, int K) => SplitMatchesNaiveAtEverySplit(M, K, [300, 97, 2050]);
 
