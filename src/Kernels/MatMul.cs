@@ -105,15 +105,17 @@ public sealed unsafe class MatMul : ParallelJob
     public static bool SkinnyStreamGroups { get; set; } = true;
 
     /// <summary>
-    /// fp32 weights from DRAM at 13–16 rows (<see cref="PackedNarrowMinRows"/>) go to the packed GEMM with one 16-row
-    /// X panel (session 16: one X vector against 8 broadcast weights; session 17: k pairs, see PackedGemm.MicroPairs),
+    /// fp32 and bf16 weights from DRAM at 13–16 rows (<see cref="PackedNarrowMinRows"/>) go to the packed GEMM with one
+    /// 16-row X panel (session 16: one X vector against 8 broadcast fp32 weights; session 17: k pairs, fp32 and bf16,
+    /// see PackedGemm.MicroPairs and MicroPairsBf16),
     /// instead of the skinny tiles' two 8-row groups, the second re-reading each piece from L2 while DRAM idles: one
     /// pass streams each weight once with all 16 rows' arithmetic behind it. Session 16's figures: stories110m-f32
     /// decode, in-process alternation: b16 0.952, 0.933 and (order reversed) 0.921 of the step time, b15 0.976 and 0.981,
     /// a 16-token prefill 0.958 and 0.944; the products alone at M = 16 0.966 and 0.990, M = 14 (a panel 12 % empty,
     /// not taken then) 0.979, M = 12 1.128. Off for weights in the
-    /// cache (tiny-kjv b15/b16 and its 16-token prefill 1.19–1.23: from L2/L3 the skinny tiles are faster) and bf16
-    /// (1.58: the packed kernel widens each 8-row slice into a buffer first). Off = the skinny tiles (A/B runs).
+    /// cache (tiny-kjv b15/b16 and its 16-token prefill 1.19–1.23: from L2/L3 the skinny tiles are faster) and, in
+    /// session 16, bf16 (1.58: the packed kernel widened each 8-row slice into a buffer first). Off = the skinny tiles
+    /// (A/B runs).
     /// </summary>
     public static bool PackedNarrow { get; set; } = true;
 
