@@ -53,14 +53,13 @@ public sealed unsafe class MatMul : ParallelJob
     public static int PackedMinRows { get; set; } = 64;
 
     /// <summary>
-    /// Whether M rows go to the packed GEMM: from <see cref="PackedMinRows"/>, and for fp32 and bf16 weights also whenever its
-    /// 32-row X panels would be at least 90 % full (M = 29–32, 58–63), or at 13–16 rows its 16-row panel. With its next-slice prefetch, packed fp32
-    /// at M = 32 ran at 70–74 % of FMA peak against the skinny tiles' 67–71 % (interleaved, 768 × 2048 from DRAM);
-    /// at M = 48 (a 64-row panel, a quarter empty) it lost 55–60 % to 68–73 %. At 29–31 rows it also wins: stories110m's
-    /// products from DRAM took 10–11 % less time (M = 29, 31), tiny-kjv's from cache 16 % less (M = 29; a 29-token
-    /// prefill); at 24 (three quarters full) it took 4 % more, at 40 (two panels, 62 % full) 18 % more (session 12,
-    /// in-process alternation, 9–31 rounds). Up to 16 rows a panel holds 16 X rows (<see cref="PackedNarrow"/>): fp32
-    /// weights from DRAM take it at M = 13–16.
+    /// Whether M rows go to the packed GEMM: from <see cref="PackedMinRows"/>, and for fp32 and bf16 weights also
+    /// whenever its 32-row X panels would be at least 90 % full (M = 29–32, 58–63), or at 13–16 rows its 16-row panel
+    /// (<see cref="PackedNarrow"/>). With its next-slice prefetch, packed fp32 at M = 32 ran at 70–74 % of FMA peak
+    /// against the skinny tiles' 67–71 % (interleaved, 768 × 2048 from DRAM); at M = 48 (a 64-row panel, a quarter
+    /// empty) it lost 55–60 % to 68–73 %. At 29–31 rows it also wins: stories110m's products from DRAM took 10–11 % less
+    /// time (M = 29, 31), tiny-kjv's from cache 16 % less (M = 29; a 29-token prefill); at 24 (three quarters full) it
+    /// took 4 % more, at 40 (two panels, 62 % full) 18 % more (session 12, in-process alternation, 9–31 rounds).
     /// </summary>
     /// <remarks>
     /// bf16 weights follow the same rule since the packed kernel widens them in registers (PackedGemm.MicroBf16):
@@ -107,12 +106,11 @@ public sealed unsafe class MatMul : ParallelJob
     /// <summary>
     /// fp32 and bf16 weights from DRAM at 13–16 rows (<see cref="PackedNarrowMinRows"/>) go to the packed GEMM with one
     /// 16-row X panel (session 16: one X vector against 8 broadcast fp32 weights; session 17: k pairs, fp32 and bf16,
-    /// see PackedGemm.MicroPairs and MicroPairsBf16),
-    /// instead of the skinny tiles' two 8-row groups, the second re-reading each piece from L2 while DRAM idles: one
-    /// pass streams each weight once with all 16 rows' arithmetic behind it. Session 16's figures: stories110m-f32
-    /// decode, in-process alternation: b16 0.952, 0.933 and (order reversed) 0.921 of the step time, b15 0.976 and 0.981,
-    /// a 16-token prefill 0.958 and 0.944; the products alone at M = 16 0.966 and 0.990, M = 14 (a panel 12 % empty,
-    /// not taken then) 0.979, M = 12 1.128. Off for weights in the
+    /// see PackedGemm.MicroPairs and MicroPairsBf16) instead of the skinny tiles' two 8-row groups, the second
+    /// re-reading each piece from L2 while DRAM idles: one pass streams each weight once with all 16 rows' arithmetic
+    /// behind it. Session 16's figures: stories110m-f32 decode, in-process alternation: b16 0.952, 0.933 and (order
+    /// reversed) 0.921 of the step time, b15 0.976 and 0.981, a 16-token prefill 0.958 and 0.944; the products alone at
+    /// M = 16 0.966 and 0.990, M = 14 (a panel 12 % empty, not taken then) 0.979, M = 12 1.128. Off for weights in the
     /// cache (tiny-kjv b15/b16 and its 16-token prefill 1.19–1.23: from L2/L3 the skinny tiles are faster) and, in
     /// session 16, bf16 (1.58: the packed kernel widened each 8-row slice into a buffer first). Off = the skinny tiles
     /// (A/B runs).
@@ -122,7 +120,7 @@ public sealed unsafe class MatMul : ParallelJob
     /// <summary>
     /// From this many rows the 16-row panel (<see cref="PackedNarrow"/>) is taken: with its k-pair kernel, stories110m-f32
     /// decode steps at b13 and b14 took 0.84–0.85 of the skinny tiles' time (in-process alternation, both orders), b12
-    /// 0.96 and 1.02, b10 0.98 and 1.01. tiny-kjv, from the cache, stays on the tiles (b14, b16 and a 16-token
+    /// 0.96 and 1.02, b10 0.98 and 1.01; stories110m-bf16 b13 0.97 and 0.96, b14 0.92 and 0.99. tiny-kjv, from the cache, stays on the tiles (b14, b16 and a 16-token
     /// prefill within ±4 % either way).
     /// </summary>
     private const int PackedNarrowMinRows = 13;

@@ -7,8 +7,8 @@ namespace MiniLlm.Kernels;
 /// <summary>
 /// Y[M×N] = X[M×K] · Wᵀ for many rows (prefill), computed as Yᵀ = W · Xᵀ so the weights are never copied.
 /// Phase 1 packs X (small next to W, and shared by every weight of a group such as q/k/v) into panels of
-/// NR = 2 vectors of rows, laid out [K][NR] (up to 16 rows with Vector512 and fp32 weights: one panel of k pairs,
-/// <see cref="PackPairs"/> and <see cref="MicroPairs"/>) (for a
+/// NR = 2 vectors of rows, laid out [K][NR] (up to 16 rows with Vector512 and fp32 or bf16 weights: one panel of k
+/// pairs, <see cref="PackPairs"/>, <see cref="MicroPairs"/> and <see cref="MicroPairsBf16"/>) (for a
 /// single panel each worker packs its own copy instead, at its first chunk). Phase 2 hands each worker 32 rows of
 /// one weight at a time (on two threads, each its half of every weight, 32 rows after 32: see
 /// <see cref="TwoWaySplit"/>): an MR × NR
@@ -348,7 +348,7 @@ internal sealed unsafe class PackedGemm : ParallelJob
     }
 
     /// <summary>
-    /// The one panel of up to 16 rows (fp32 weights, Vector512) as k pairs: [ceil(K/2)][32], pair kp holding
+    /// The one panel of up to 16 rows (fp32 or bf16 weights, Vector512) as k pairs: [ceil(K/2)][32], pair kp holding
     /// X[i, 2kp] and X[i, 2kp+1] side by side for rows 0–7 (lanes 0–15), then rows 8–15 (lanes 16–31); zero past
     /// M and past K. Each 16 × 16 block is transposed in registers, then its k columns interleaved two by two.
     /// </summary>
