@@ -438,6 +438,14 @@ internal sealed unsafe class PackedGemm : ParallelJob
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static Vector512<float> One(nint row, int k) => Vector512.Create(*(float*)(row + 4 * k));
 
+    /// <summary>bf16 weights k and k+1 of a row as one 32-bit value (k in the low half) in every lane.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<int> PairBf16(nint row, int k) => Vector512.Create(*(int*)(row + 2 * k));
+
+    /// <summary>bf16 weight k of a row, widened to fp32, in every lane.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<float> OneBf16(nint row, int k) => Vector512.Create((int)*(ushort*)(row + 2 * k) << 16).AsSingle();
+
     /// <summary>16 sums of one weight row (rows 0–7 from <paramref name="lo"/>, 8–15 from <paramref name="hi"/>), each
     /// its even-k and odd-k lanes added, stored to (or added to) one 16-float tile row.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -485,34 +493,34 @@ internal sealed unsafe class PackedGemm : ParallelJob
                 ahead += 64;
             }
             var x0 = Vector512.Load(x); var x1 = Vector512.Load(x + 16); var x2 = Vector512.Load(x + 32); var x3 = Vector512.Load(x + 48);
-            p = Vector512.Create(*(int*)(w0 + 2 * k)); lo = (p << 16).AsSingle(); hi = (p & himask).AsSingle();
+            p = PairBf16(w0, k); lo = (p << 16).AsSingle(); hi = (p & himask).AsSingle();
             c00 = Avx512F.FusedMultiplyAdd(lo, x0, c00); c01 = Avx512F.FusedMultiplyAdd(lo, x1, c01); c00 = Avx512F.FusedMultiplyAdd(hi, x2, c00); c01 = Avx512F.FusedMultiplyAdd(hi, x3, c01);
-            p = Vector512.Create(*(int*)(w1 + 2 * k)); lo = (p << 16).AsSingle(); hi = (p & himask).AsSingle();
+            p = PairBf16(w1, k); lo = (p << 16).AsSingle(); hi = (p & himask).AsSingle();
             c10 = Avx512F.FusedMultiplyAdd(lo, x0, c10); c11 = Avx512F.FusedMultiplyAdd(lo, x1, c11); c10 = Avx512F.FusedMultiplyAdd(hi, x2, c10); c11 = Avx512F.FusedMultiplyAdd(hi, x3, c11);
-            p = Vector512.Create(*(int*)(w2 + 2 * k)); lo = (p << 16).AsSingle(); hi = (p & himask).AsSingle();
+            p = PairBf16(w2, k); lo = (p << 16).AsSingle(); hi = (p & himask).AsSingle();
             c20 = Avx512F.FusedMultiplyAdd(lo, x0, c20); c21 = Avx512F.FusedMultiplyAdd(lo, x1, c21); c20 = Avx512F.FusedMultiplyAdd(hi, x2, c20); c21 = Avx512F.FusedMultiplyAdd(hi, x3, c21);
-            p = Vector512.Create(*(int*)(w3 + 2 * k)); lo = (p << 16).AsSingle(); hi = (p & himask).AsSingle();
+            p = PairBf16(w3, k); lo = (p << 16).AsSingle(); hi = (p & himask).AsSingle();
             c30 = Avx512F.FusedMultiplyAdd(lo, x0, c30); c31 = Avx512F.FusedMultiplyAdd(lo, x1, c31); c30 = Avx512F.FusedMultiplyAdd(hi, x2, c30); c31 = Avx512F.FusedMultiplyAdd(hi, x3, c31);
-            p = Vector512.Create(*(int*)(w4 + 2 * k)); lo = (p << 16).AsSingle(); hi = (p & himask).AsSingle();
+            p = PairBf16(w4, k); lo = (p << 16).AsSingle(); hi = (p & himask).AsSingle();
             c40 = Avx512F.FusedMultiplyAdd(lo, x0, c40); c41 = Avx512F.FusedMultiplyAdd(lo, x1, c41); c40 = Avx512F.FusedMultiplyAdd(hi, x2, c40); c41 = Avx512F.FusedMultiplyAdd(hi, x3, c41);
-            p = Vector512.Create(*(int*)(w5 + 2 * k)); lo = (p << 16).AsSingle(); hi = (p & himask).AsSingle();
+            p = PairBf16(w5, k); lo = (p << 16).AsSingle(); hi = (p & himask).AsSingle();
             c50 = Avx512F.FusedMultiplyAdd(lo, x0, c50); c51 = Avx512F.FusedMultiplyAdd(lo, x1, c51); c50 = Avx512F.FusedMultiplyAdd(hi, x2, c50); c51 = Avx512F.FusedMultiplyAdd(hi, x3, c51);
-            p = Vector512.Create(*(int*)(w6 + 2 * k)); lo = (p << 16).AsSingle(); hi = (p & himask).AsSingle();
+            p = PairBf16(w6, k); lo = (p << 16).AsSingle(); hi = (p & himask).AsSingle();
             c60 = Avx512F.FusedMultiplyAdd(lo, x0, c60); c61 = Avx512F.FusedMultiplyAdd(lo, x1, c61); c60 = Avx512F.FusedMultiplyAdd(hi, x2, c60); c61 = Avx512F.FusedMultiplyAdd(hi, x3, c61);
-            p = Vector512.Create(*(int*)(w7 + 2 * k)); lo = (p << 16).AsSingle(); hi = (p & himask).AsSingle();
+            p = PairBf16(w7, k); lo = (p << 16).AsSingle(); hi = (p & himask).AsSingle();
             c70 = Avx512F.FusedMultiplyAdd(lo, x0, c70); c71 = Avx512F.FusedMultiplyAdd(lo, x1, c71); c70 = Avx512F.FusedMultiplyAdd(hi, x2, c70); c71 = Avx512F.FusedMultiplyAdd(hi, x3, c71);
         }
         if (k < kc)
         {
             var x0 = Vector512.Load(x); var x1 = Vector512.Load(x + 16);
-            lo = Vector512.Create((int)*(ushort*)(w0 + 2 * k) << 16).AsSingle(); c00 = Avx512F.FusedMultiplyAdd(lo, x0, c00); c01 = Avx512F.FusedMultiplyAdd(lo, x1, c01);
-            lo = Vector512.Create((int)*(ushort*)(w1 + 2 * k) << 16).AsSingle(); c10 = Avx512F.FusedMultiplyAdd(lo, x0, c10); c11 = Avx512F.FusedMultiplyAdd(lo, x1, c11);
-            lo = Vector512.Create((int)*(ushort*)(w2 + 2 * k) << 16).AsSingle(); c20 = Avx512F.FusedMultiplyAdd(lo, x0, c20); c21 = Avx512F.FusedMultiplyAdd(lo, x1, c21);
-            lo = Vector512.Create((int)*(ushort*)(w3 + 2 * k) << 16).AsSingle(); c30 = Avx512F.FusedMultiplyAdd(lo, x0, c30); c31 = Avx512F.FusedMultiplyAdd(lo, x1, c31);
-            lo = Vector512.Create((int)*(ushort*)(w4 + 2 * k) << 16).AsSingle(); c40 = Avx512F.FusedMultiplyAdd(lo, x0, c40); c41 = Avx512F.FusedMultiplyAdd(lo, x1, c41);
-            lo = Vector512.Create((int)*(ushort*)(w5 + 2 * k) << 16).AsSingle(); c50 = Avx512F.FusedMultiplyAdd(lo, x0, c50); c51 = Avx512F.FusedMultiplyAdd(lo, x1, c51);
-            lo = Vector512.Create((int)*(ushort*)(w6 + 2 * k) << 16).AsSingle(); c60 = Avx512F.FusedMultiplyAdd(lo, x0, c60); c61 = Avx512F.FusedMultiplyAdd(lo, x1, c61);
-            lo = Vector512.Create((int)*(ushort*)(w7 + 2 * k) << 16).AsSingle(); c70 = Avx512F.FusedMultiplyAdd(lo, x0, c70); c71 = Avx512F.FusedMultiplyAdd(lo, x1, c71);
+            lo = OneBf16(w0, k); c00 = Avx512F.FusedMultiplyAdd(lo, x0, c00); c01 = Avx512F.FusedMultiplyAdd(lo, x1, c01);
+            lo = OneBf16(w1, k); c10 = Avx512F.FusedMultiplyAdd(lo, x0, c10); c11 = Avx512F.FusedMultiplyAdd(lo, x1, c11);
+            lo = OneBf16(w2, k); c20 = Avx512F.FusedMultiplyAdd(lo, x0, c20); c21 = Avx512F.FusedMultiplyAdd(lo, x1, c21);
+            lo = OneBf16(w3, k); c30 = Avx512F.FusedMultiplyAdd(lo, x0, c30); c31 = Avx512F.FusedMultiplyAdd(lo, x1, c31);
+            lo = OneBf16(w4, k); c40 = Avx512F.FusedMultiplyAdd(lo, x0, c40); c41 = Avx512F.FusedMultiplyAdd(lo, x1, c41);
+            lo = OneBf16(w5, k); c50 = Avx512F.FusedMultiplyAdd(lo, x0, c50); c51 = Avx512F.FusedMultiplyAdd(lo, x1, c51);
+            lo = OneBf16(w6, k); c60 = Avx512F.FusedMultiplyAdd(lo, x0, c60); c61 = Avx512F.FusedMultiplyAdd(lo, x1, c61);
+            lo = OneBf16(w7, k); c70 = Avx512F.FusedMultiplyAdd(lo, x0, c70); c71 = Avx512F.FusedMultiplyAdd(lo, x1, c71);
         }
         c00.Store(tile + 0); c01.Store(tile + 16);
         c10.Store(tile + 32); c11.Store(tile + 48);
@@ -549,26 +557,26 @@ internal sealed unsafe class PackedGemm : ParallelJob
                 ahead += 64;
             }
             var lo = Vector512.Load(x); var hi = Vector512.Load(x + 16);
-            w = Avx512BW.Shuffle(Vector512.Create(*(int*)(w0 + 2 * k)).AsByte(), ctrl).AsSingle(); a0 = Avx512F.FusedMultiplyAdd(w, lo, a0); b0 = Avx512F.FusedMultiplyAdd(w, hi, b0);
-            w = Avx512BW.Shuffle(Vector512.Create(*(int*)(w1 + 2 * k)).AsByte(), ctrl).AsSingle(); a1 = Avx512F.FusedMultiplyAdd(w, lo, a1); b1 = Avx512F.FusedMultiplyAdd(w, hi, b1);
-            w = Avx512BW.Shuffle(Vector512.Create(*(int*)(w2 + 2 * k)).AsByte(), ctrl).AsSingle(); a2 = Avx512F.FusedMultiplyAdd(w, lo, a2); b2 = Avx512F.FusedMultiplyAdd(w, hi, b2);
-            w = Avx512BW.Shuffle(Vector512.Create(*(int*)(w3 + 2 * k)).AsByte(), ctrl).AsSingle(); a3 = Avx512F.FusedMultiplyAdd(w, lo, a3); b3 = Avx512F.FusedMultiplyAdd(w, hi, b3);
-            w = Avx512BW.Shuffle(Vector512.Create(*(int*)(w4 + 2 * k)).AsByte(), ctrl).AsSingle(); a4 = Avx512F.FusedMultiplyAdd(w, lo, a4); b4 = Avx512F.FusedMultiplyAdd(w, hi, b4);
-            w = Avx512BW.Shuffle(Vector512.Create(*(int*)(w5 + 2 * k)).AsByte(), ctrl).AsSingle(); a5 = Avx512F.FusedMultiplyAdd(w, lo, a5); b5 = Avx512F.FusedMultiplyAdd(w, hi, b5);
-            w = Avx512BW.Shuffle(Vector512.Create(*(int*)(w6 + 2 * k)).AsByte(), ctrl).AsSingle(); a6 = Avx512F.FusedMultiplyAdd(w, lo, a6); b6 = Avx512F.FusedMultiplyAdd(w, hi, b6);
-            w = Avx512BW.Shuffle(Vector512.Create(*(int*)(w7 + 2 * k)).AsByte(), ctrl).AsSingle(); a7 = Avx512F.FusedMultiplyAdd(w, lo, a7); b7 = Avx512F.FusedMultiplyAdd(w, hi, b7);
+            w = Avx512BW.Shuffle(PairBf16(w0, k).AsByte(), ctrl).AsSingle(); a0 = Avx512F.FusedMultiplyAdd(w, lo, a0); b0 = Avx512F.FusedMultiplyAdd(w, hi, b0);
+            w = Avx512BW.Shuffle(PairBf16(w1, k).AsByte(), ctrl).AsSingle(); a1 = Avx512F.FusedMultiplyAdd(w, lo, a1); b1 = Avx512F.FusedMultiplyAdd(w, hi, b1);
+            w = Avx512BW.Shuffle(PairBf16(w2, k).AsByte(), ctrl).AsSingle(); a2 = Avx512F.FusedMultiplyAdd(w, lo, a2); b2 = Avx512F.FusedMultiplyAdd(w, hi, b2);
+            w = Avx512BW.Shuffle(PairBf16(w3, k).AsByte(), ctrl).AsSingle(); a3 = Avx512F.FusedMultiplyAdd(w, lo, a3); b3 = Avx512F.FusedMultiplyAdd(w, hi, b3);
+            w = Avx512BW.Shuffle(PairBf16(w4, k).AsByte(), ctrl).AsSingle(); a4 = Avx512F.FusedMultiplyAdd(w, lo, a4); b4 = Avx512F.FusedMultiplyAdd(w, hi, b4);
+            w = Avx512BW.Shuffle(PairBf16(w5, k).AsByte(), ctrl).AsSingle(); a5 = Avx512F.FusedMultiplyAdd(w, lo, a5); b5 = Avx512F.FusedMultiplyAdd(w, hi, b5);
+            w = Avx512BW.Shuffle(PairBf16(w6, k).AsByte(), ctrl).AsSingle(); a6 = Avx512F.FusedMultiplyAdd(w, lo, a6); b6 = Avx512F.FusedMultiplyAdd(w, hi, b6);
+            w = Avx512BW.Shuffle(PairBf16(w7, k).AsByte(), ctrl).AsSingle(); a7 = Avx512F.FusedMultiplyAdd(w, lo, a7); b7 = Avx512F.FusedMultiplyAdd(w, hi, b7);
         }
         if (k < kc)
         {
             var lo = Vector512.Load(x); var hi = Vector512.Load(x + 16);
-            w = Vector512.Create((int)*(ushort*)(w0 + 2 * k) << 16).AsSingle(); a0 = Avx512F.FusedMultiplyAdd(w, lo, a0); b0 = Avx512F.FusedMultiplyAdd(w, hi, b0);
-            w = Vector512.Create((int)*(ushort*)(w1 + 2 * k) << 16).AsSingle(); a1 = Avx512F.FusedMultiplyAdd(w, lo, a1); b1 = Avx512F.FusedMultiplyAdd(w, hi, b1);
-            w = Vector512.Create((int)*(ushort*)(w2 + 2 * k) << 16).AsSingle(); a2 = Avx512F.FusedMultiplyAdd(w, lo, a2); b2 = Avx512F.FusedMultiplyAdd(w, hi, b2);
-            w = Vector512.Create((int)*(ushort*)(w3 + 2 * k) << 16).AsSingle(); a3 = Avx512F.FusedMultiplyAdd(w, lo, a3); b3 = Avx512F.FusedMultiplyAdd(w, hi, b3);
-            w = Vector512.Create((int)*(ushort*)(w4 + 2 * k) << 16).AsSingle(); a4 = Avx512F.FusedMultiplyAdd(w, lo, a4); b4 = Avx512F.FusedMultiplyAdd(w, hi, b4);
-            w = Vector512.Create((int)*(ushort*)(w5 + 2 * k) << 16).AsSingle(); a5 = Avx512F.FusedMultiplyAdd(w, lo, a5); b5 = Avx512F.FusedMultiplyAdd(w, hi, b5);
-            w = Vector512.Create((int)*(ushort*)(w6 + 2 * k) << 16).AsSingle(); a6 = Avx512F.FusedMultiplyAdd(w, lo, a6); b6 = Avx512F.FusedMultiplyAdd(w, hi, b6);
-            w = Vector512.Create((int)*(ushort*)(w7 + 2 * k) << 16).AsSingle(); a7 = Avx512F.FusedMultiplyAdd(w, lo, a7); b7 = Avx512F.FusedMultiplyAdd(w, hi, b7);
+            w = OneBf16(w0, k); a0 = Avx512F.FusedMultiplyAdd(w, lo, a0); b0 = Avx512F.FusedMultiplyAdd(w, hi, b0);
+            w = OneBf16(w1, k); a1 = Avx512F.FusedMultiplyAdd(w, lo, a1); b1 = Avx512F.FusedMultiplyAdd(w, hi, b1);
+            w = OneBf16(w2, k); a2 = Avx512F.FusedMultiplyAdd(w, lo, a2); b2 = Avx512F.FusedMultiplyAdd(w, hi, b2);
+            w = OneBf16(w3, k); a3 = Avx512F.FusedMultiplyAdd(w, lo, a3); b3 = Avx512F.FusedMultiplyAdd(w, hi, b3);
+            w = OneBf16(w4, k); a4 = Avx512F.FusedMultiplyAdd(w, lo, a4); b4 = Avx512F.FusedMultiplyAdd(w, hi, b4);
+            w = OneBf16(w5, k); a5 = Avx512F.FusedMultiplyAdd(w, lo, a5); b5 = Avx512F.FusedMultiplyAdd(w, hi, b5);
+            w = OneBf16(w6, k); a6 = Avx512F.FusedMultiplyAdd(w, lo, a6); b6 = Avx512F.FusedMultiplyAdd(w, hi, b6);
+            w = OneBf16(w7, k); a7 = Avx512F.FusedMultiplyAdd(w, lo, a7); b7 = Avx512F.FusedMultiplyAdd(w, hi, b7);
         }
         Fold(a0, b0, tile + 0, accumulate);
         Fold(a1, b1, tile + 16, accumulate);
