@@ -105,7 +105,7 @@ public static class ProfileCommand
             // Compute roofs the kernels can reach at this prompt's rows and at the decode batch (same run). Not for
             // one row: a GEMV's FLOP rate is its bandwidth, and decode at batch 1 is judged by bytes alone.
             int preRows = Math.Min(llm.MaxTokens, b * ids.Length);
-            double gemmPrefill = preRows >= 2 ? llm.MeasureGemmGflops(preRows) : 0, gemmDecode = b >= 2 ? llm.MeasureGemmGflops(b) : 0;
+            double gemmPrefill = preRows >= 2 ? llm.MeasureGemmGflops(preRows, sequences: b) : 0, gemmDecode = b >= 2 ? llm.MeasureGemmGflops(b, sequences: b) : 0;
 
             // Prefill: one pass over this very prompt, thrown away (first calls of its code paths, first touch of its
             // KV pages), then PrefillPasses timed ones; the rows are their mean.
@@ -175,7 +175,7 @@ public static class ProfileCommand
         foreach (var p in new[] { pre, dec })
         {
             string roofText = p.GemmGflops > 0
-                ? $"{F(p.ComputeRoofGflops(roof))} GFLOP/s (own GEMMs of every layer at these rows, now; {F(100 * p.ComputeRoofGflops(roof) / roof.PeakGflops, "F0")} % of FMA peak)"
+                ? $"{F(p.ComputeRoofGflops(roof))} GFLOP/s (own GEMMs of every layer at these rows, cut between the threads as the pass cuts them, now; {F(100 * p.ComputeRoofGflops(roof) / roof.PeakGflops, "F0")} % of FMA peak)"
                 : $"{F(roof.PeakGflops)} GFLOP/s (FMA peak)";
             console.WriteLine(p.ComputeBound(roof)
                 ? $"{p.Phase} ceiling = compute roof ÷ FLOPs per token = {roofText} ÷ {F(p.Flops / p.Tokens / 1e9, "F3")} GFLOP = {F(p.PredictedTokensPerSecond(roof))} tok/s"

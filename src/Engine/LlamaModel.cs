@@ -45,7 +45,7 @@ public sealed unsafe class LlamaModel : IDisposable
     private readonly NativeBuffer _hb2;     // [S × f]    up
     private readonly SequenceSlice[] _one = new SequenceSlice[1];
     private readonly RopeCacheWrite _ropeWrite;
-    private readonly TensorParallelDecode? _tp;   // one-sequence decode as one dispatch, when the model suits it
+    private readonly TensorParallelPass? _tp;     // one sequence's decode step or short prompt as one dispatch, when the model suits it
 
     internal sealed class LayerMatrices
     {
@@ -203,20 +203,30 @@ public sealed unsafe class LlamaModel : IDisposable
         _att = new NativeBuffer(S * c.QDim);
         _hb = new NativeBuffer(S * c.IntermediateSize);
         _hb2 = new NativeBuffer(S * c.IntermediateSize);
-        if (_matmul.CacheResidentWeights && TensorParallelDecode.Supported(c, _pool.Threads, _layers, _lmHead))
-            _tp = new TensorParallelDecode(_pool, _attention, _rope, c, _layers, _embed, _lmHead, _finalNorm,
+        if (_matmul.CacheResidentWeights && TensorParallelPass.Supported(c, _pool.Threads, _layers, _lmHead))
+            _tp = new TensorParallelPass(_pool, _attention, _rope, c, _layers, _embed, _lmHead, _finalNorm, MaxTokens,
                 _q.Pointer, _k.Pointer, _v.Pointer, _att.Pointer, _hb.Pointer, _hb2.Pointer);
     }
 
     /// <summary>
     /// Decode one sequence's token with every thread owning a fixed share of each layer, in one dispatch
-    /// (<see cref="TensorParallelDecode"/>), where the model suits it: weights served from the last-level cache,
+    /// (<see cref="TensorParallelPass"/>), where the model suits it: weights served from the last-level cache,
     /// fp32 or bf16, KV heads divisible by the threads. On by default; off runs the op-by-op path (A/B runs).
     /// </summary>
     public bool TensorParallel { get; set; } = true;
 
     /// <summary>Whether a one-sequence decode step takes the tensor-parallel path now.</summary>
     public bool UsesTensorParallelDecode => _tp != null && TensorParallel && !BatchInvariant && MatMul.SliceSupported(_lmHead.Type);
+
+    /// <summary>
+    /// A prompt of 2..<see cref="TensorParallelPass.MaxRows"/> tokens of one sequence through the same one-dispatch
+    /// cut as its decode (each thread its heads and MLP slice, its GEMMs on blocks of the weights), where the model
+    /// takes the tensor-parallel decode. On by default; off runs the op-by-op prefill (A/B runs).
+    /// </summary>
+    public bool TensorParallelPrefill { get; set; } = true;
+
+    /// <summary>Whether a one-sequence prompt of <paramref name="rows"/> tokens (logits for its last) takes the tensor-parallel pass.</summary>
+    public bool UsesTensorParallelPrefill(int rows) => rows >= 2 && TensorParallelPrefill && UsesTensorParallelDecode && _tp!.Takes(rows);
 
     /// <summary>Opens the model directory and builds the model (which then owns the files).</summary>
     public static LlamaModel Load(string dir, int threads = 0, int maxTokens = 512, WeightFormat format = WeightFormat.Stored, bool mapWeights = false) =>
@@ -250,9 +260,11 @@ public sealed unsafe class LlamaModel : IDisposable
     /// layer's projections in the forward pass's grouping and order (q/k/v, o, gate/up, down), so each matrix
     /// shape counts as often as a prefill runs it; the median of <paramref name="reps"/> timings, GFLOP/s. The FMA
     /// peak counts only FMAs in registers; a GEMM also packs, loads and stores, its small shapes (o, k, v) run
-    /// less efficiently than its large ones, and at small M it is a different kernel altogether.
+    /// less efficiently than its large ones, and at small M it is a different kernel altogether. A prompt of one
+    /// sequence (<paramref name="sequences"/> = 1) that takes the tensor-parallel pass is measured as that pass runs
+    /// its products: each thread its blocks of every weight, in one dispatch (<see cref="TensorParallelPass.GemmPass"/>).
     /// </summary>
-    public double MeasureGemmGflops(int m, int reps = 5)
+    public double MeasureGemmGflops(int m, int reps = 5, int sequences = 1)
     {
         if (m < 1 || m > MaxTokens) throw new ArgumentOutOfRangeException(nameof(m), $"rows must be in [1, {MaxTokens}], got {m}");
         int d = Config.HiddenSize;
@@ -260,7 +272,11 @@ public sealed unsafe class LlamaModel : IDisposable
         for (long i = 0; i < (long)m * d; i++) _xb.Pointer[i] = (float)(rng.NextDouble() - 0.5);
         for (long i = 0; i < (long)m * Config.QDim; i++) _att.Pointer[i] = (float)(rng.NextDouble() - 0.5);
         double flops = 2.0 * m * ProjectionMatrices().Sum(w => (double)w.Rows * w.Cols);
-        void Pass() => LayerProducts(m);
+        void Pass()
+        {
+            if (sequences == 1 && UsesTensorParallelPrefill(m)) _tp!.GemmPass(m);   // the products as that pass cuts and runs them
+            else LayerProducts(m);
+        }
         int iters = (int)Math.Clamp(2e9 / flops, 1, 1000);   // about 10 ms per timing at 200 GFLOP/s
         Pass();                                               // warm: weights into cache where they fit, code jitted
         var rates = new List<double>();
@@ -321,11 +337,18 @@ public sealed unsafe class LlamaModel : IDisposable
         using var cache = NewKvCache(n + 1, kv);
         var tokens = new int[n];
         var logits = new float[Config.VocabSize];
-        for (int rep = 0; rep < 2; rep++)
+        bool tensorParallelPrefill = TensorParallelPrefill;
+        try
         {
-            Forward(tokens, 0, cache, logits);
-            Forward(tokens.AsSpan(0, 1), n, cache, logits);
+            for (int rep = 0; rep < 2; rep++)
+            {
+                // the second prompt op by op: prompts longer than a tensor-parallel pass take that path
+                TensorParallelPrefill = tensorParallelPrefill && rep == 0;
+                Forward(tokens, 0, cache, logits);
+                Forward(tokens.AsSpan(0, 1), n, cache, logits);
+            }
         }
+        finally { TensorParallelPrefill = tensorParallelPrefill; }
     }
 
     /// <summary>
@@ -349,9 +372,9 @@ public sealed unsafe class LlamaModel : IDisposable
         int T = tokens.Length, d = c.HiddenSize, f = c.IntermediateSize;
         int h = c.NumAttentionHeads, g = c.NumKeyValueHeads, hd = c.HeadDim;
         CheckArguments(tokens, sequences, logits, which);
-        if (T == 1 && sequences.Length == 1 && UsesTensorParallelDecode)
+        if (sequences.Length == 1 && (T == 1 ? UsesTensorParallelDecode : which == LogitsFor.LastToken && UsesTensorParallelPrefill(T)))
         {
-            fixed (float* lp = logits) _tp!.Step(tokens[0], sequences[0].Start, sequences[0].Cache, lp, Profiler);
+            fixed (float* lp = logits) _tp!.Run(tokens, sequences[0].Start, sequences[0].Cache, lp, Profiler);
             return;
         }
         var prof = Profiler;

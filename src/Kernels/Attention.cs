@@ -161,6 +161,19 @@ public readonly unsafe struct KvView
         StoreRow(ValueRow(pos), value, e0, e1);
     }
 
+    /// <summary>
+    /// Elements [e0, e1) of the 16 positions of tile <paramref name="tile"/>, all new (one thread's KV heads in a
+    /// tensor-parallel prefill): keys straight into the transposed layout, values into their rows. key and value
+    /// are [16 × ld] rows, element e of position 16·tile + r at [r·ld + e].
+    /// </summary>
+    public void WriteTileColumns(int tile, float* key, float* value, int ld, int e0, int e1)
+    {
+        nint kt = KeyTile(tile), vt = ValueTile(tile);
+        for (int e = e0; e < e1; e++)
+            for (int r = 0; r < Tile; r++) Store(kt, (long)e * Tile + r, key[(long)r * ld + e]);
+        for (int r = 0; r < Tile; r++) StoreRow(vt + (nint)((long)r * KvDim * ElementBytes), value + (long)r * ld, e0, e1);
+    }
+
     /// <summary>Columns [e0, e1) of a full tile still held as rows → <paramref name="stage"/> [16][e1 − e0] (elements of the cache's type).</summary>
     public void CopyKeyColumns(int tile, int e0, int e1, byte* stage)
     {
@@ -375,6 +388,46 @@ public sealed unsafe class Attention : ParallelJob
             throw new ArgumentException($"decode by head runs needs whole KV groups, head_dim a multiple of 16 and V512 (heads {heads}, kv heads {kvHeads}, head_dim {headDim})");
         EnsureScoreRows(heads);
         SetCall(q, heads, kvHeads, headDim, output);
+    }
+
+    /// <summary>
+    /// Sets up one sequence's prefill rows for <see cref="PrefillHeads"/>, which several threads then call on disjoint
+    /// runs of heads (tensor-parallel prefill: each thread attends with the KV heads it wrote itself): one segment per
+    /// layer, each with that layer's KV, all with the same rows of q and output.
+    /// </summary>
+    public void PreparePrefill(float* q, int heads, int kvHeads, int headDim, ReadOnlySpan<AttentionSegment> layers, float* output)
+    {
+        if (heads % kvHeads != 0) throw new ArgumentException($"heads ({heads}) must be whole groups of the KV heads ({kvHeads})");
+        if (_segments.Length < layers.Length)
+        {
+            _segments = new AttentionSegment[layers.Length];
+            _firstChunk = new int[layers.Length + 1];
+        }
+        for (int i = 0; i < layers.Length; i++)
+        {
+            var g = layers[i];
+            if (g.Count < 2) throw new ArgumentException("a prefill by heads takes two or more rows (one row decodes: DecodeHeads)", nameof(layers));
+            if (g.Start + g.Count > MaxContext)
+                throw new ArgumentOutOfRangeException(nameof(layers), $"positions up to {g.Start + g.Count} exceed the attention scratch ({MaxContext})");
+            _segments[i] = g;
+        }
+        _segmentCount = layers.Length;
+        EnsureScoreRows(heads);
+        SetCall(q, heads, kvHeads, headDim, output);
+        PlanUnfinishedTiles();
+    }
+
+    /// <summary>Query heads h0..h1 of every row of layer <paramref name="layer"/>'s segment (<see cref="PreparePrefill"/>), on the calling thread.</summary>
+    public void PrefillHeads(int layer, int h0, int h1, int worker)
+    {
+        int groups = (_segments[layer].Count + RowsPerChunk - 1) / RowsPerChunk;
+        bool f32 = _segments[layer].Kv.Type == KvType.F32;
+        for (int g = 0; g < groups; g++)
+            for (int h = h0; h < h1; h++)
+            {
+                if (f32) Head<F32Load>(layer, g, h, worker);
+                else Head<Bf16Load>(layer, g, h, worker);
+            }
     }
 
     /// <summary>This call's q, output and shapes, which every chunk reads.</summary>

@@ -185,11 +185,13 @@ public sealed unsafe class MatMul : ParallelJob
         _skinny = new SkinnyGemm(pool);
     }
 
-    /// <summary>One weight and where its product goes: Y [m × W.Rows].</summary>
-    public readonly struct Product(WeightMatrix w, float* y)
+    /// <summary>One weight and where its product goes: Y [m × W.Rows], its rows <see cref="Ldy"/> floats apart.</summary>
+    public readonly struct Product(WeightMatrix w, float* y, int ldy = 0)
     {
         public readonly WeightMatrix W = w;
         public readonly float* Y = y;
+        /// <summary>Floats from one row of Y to the next: W.Rows, or more where Y is a column block of a wider matrix (<see cref="SliceGemm"/> only).</summary>
+        public readonly int Ldy = ldy == 0 ? w.Rows : ldy;
     }
 
     /// <summary>
@@ -201,7 +203,10 @@ public sealed unsafe class MatMul : ParallelJob
         if (m <= 0 || products.IsEmpty) return;
         int k = products[0].W.Cols;
         foreach (var p in products)
+        {
             if (p.W.Cols != k) throw new ArgumentException($"weights of one group must share K (got {p.W.Cols} and {k})", nameof(products));
+            if (p.Ldy != p.W.Rows || p.W.RowBytes != p.W.BytesOf(k)) throw new ArgumentException("MatMul takes whole matrices and Y of W.Rows columns; blocks go to SliceGemm", nameof(products));
+        }
         var isa = SimdPolicy.Current;
         if (UsePacked(m, products, isa)) _packed.Run(x, m, k, products, isa);
         else if (m >= 2 && UseSkinny && isa != SimdPolicy.Isa.Scalar && !BatchInvariant) { CheckQ8(products); _skinny.Run(x, m, k, products, isa); }

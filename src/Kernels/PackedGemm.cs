@@ -32,7 +32,8 @@ internal sealed unsafe class PackedGemm : ParallelJob
     private const int RowsPerChunk = 32;    // weight rows per work item
     private const int MicroPerChunk = RowsPerChunk / MR;
 
-    private readonly WorkerPool _pool;
+    private readonly WorkerPool? _pool;     // null: serial only (RunSerial)
+    private bool _serial;                   // this call runs on its caller's thread alone
     private readonly PerWorkerBuffers _xPacks;   // [ceil(M/NR)][K][NR]: shared (worker 0's) or, with OwnPack, one per worker
     // One panel (batched decode up to 32 rows): each worker packs X into its own buffer at its first chunk instead
     // of one thread packing in a dispatch of its own, whose output the other core then read across (the two vCPUs
@@ -45,24 +46,59 @@ internal sealed unsafe class PackedGemm : ParallelJob
     private long _tileFloats;
     private long _dequantFloats;            // floats each _dequant buffer holds (MR × the largest K block so far)
     private float* _x;
+    private int _ldx;                       // floats from one X row to the next (K, or more for a column block)
     private int _m, _k, _panels, _nr, _phase;
     private bool _pairs;                    // 16-row panels held as k pairs (see PackPairs)
     private int PanelK => _pairs ? (_k + 1) & ~1 : _k;   // K rounded up to whole pairs
     private int _kc;                        // this call's K block: KC, or KCFewPanels for one or two panels
     private readonly ProductChunks _chunks = new();
 
-    public PackedGemm(WorkerPool pool)
+    public PackedGemm(WorkerPool pool) : this(pool.Threads) { _pool = pool; }
+
+    /// <summary>An instance that only runs on its caller's thread (<see cref="RunSerial"/>), with one worker's buffers.</summary>
+    public PackedGemm(int workers)
     {
-        _pool = pool;
-        _tiles = new float*[pool.Threads];
-        _dequant = new float*[pool.Threads];
-        _xPacks = new PerWorkerBuffers(pool.Threads);
+        _tiles = new float*[workers];
+        _dequant = new float*[workers];
+        _xPacks = new PerWorkerBuffers(workers);
     }
 
     /// <summary>Every product shares X [m × K]; each writes its own Y.</summary>
     public void Run(float* x, int m, int k, ReadOnlySpan<MatMul.Product> products, SimdPolicy.Isa isa)
     {
-        _x = x; _m = m; _k = k;
+        var pool = _pool ?? throw new InvalidOperationException("this PackedGemm runs serially only");
+        Setup(x, k, m, k, products, isa);
+        _serial = false;
+        _splitPlan = MatMul.SplitPacked && pool.Threads == 2;
+        double first = 0;
+        int chunks = _splitPlan ? _chunks.SetSplit(products, _split.Share, SplitAlign, out first) : _chunks.Set(products, RowsPerChunk);
+
+        _phase = 0;
+        if (!OwnPack) pool.Run(this, _panels);
+        _phase = isa == SimdPolicy.Isa.V512 ? 1 : 2;
+        if (_splitPlan) _split.Run(pool, this, chunks, first);
+        else pool.Run(this, chunks);
+    }
+
+    /// <summary>
+    /// The products on the calling thread with worker 0's buffers: X [m × K] with rows <paramref name="ldx"/> floats
+    /// apart (a column block of a wider matrix), weights possibly blocks of larger ones, Y at each product's Ldy.
+    /// </summary>
+    public void RunSerial(float* x, int ldx, int m, int k, ReadOnlySpan<MatMul.Product> products, SimdPolicy.Isa isa)
+    {
+        Setup(x, ldx, m, k, products, isa);
+        _serial = true;
+        _splitPlan = false;
+        int chunks = _chunks.Set(products, RowsPerChunk);
+        _phase = 0;
+        if (!OwnPack) for (int p = 0; p < _panels; p++) PackX(p, _xPacks[0]);
+        _phase = isa == SimdPolicy.Isa.V512 ? 1 : 2;
+        for (int c = 0; c < chunks; c++) Execute(c, 0);
+    }
+
+    private void Setup(float* x, int ldx, int m, int k, ReadOnlySpan<MatMul.Product> products, SimdPolicy.Isa isa)
+    {
+        _x = x; _ldx = ldx; _m = m; _k = k;
         _nr = PanelRows(m, products, isa);
         _panels = (m + _nr - 1) / _nr;
         _pairs = _nr == 16 && isa == SimdPolicy.Isa.V512;
@@ -70,15 +106,6 @@ internal sealed unsafe class PackedGemm : ParallelJob
         PerWorkerBuffers.Grow(_dequant, ref _dequantFloats, (long)MR * _kc);
         PerWorkerBuffers.Grow(_tiles, ref _tileFloats, (long)MicroPerChunk * _panels * MR * _nr);
         _xPacks.NewCall((long)_panels * _nr * PanelK);
-        _splitPlan = MatMul.SplitPacked && _pool.Threads == 2;
-        double first = 0;
-        int chunks = _splitPlan ? _chunks.SetSplit(products, _split.Share, SplitAlign, out first) : _chunks.Set(products, RowsPerChunk);
-
-        _phase = 0;
-        if (!OwnPack) _pool.Run(this, _panels);
-        _phase = isa == SimdPolicy.Isa.V512 ? 1 : 2;
-        if (_splitPlan) _split.Run(_pool, this, chunks, first);
-        else _pool.Run(this, chunks);
     }
 
     /// <summary>
@@ -134,10 +161,10 @@ internal sealed unsafe class PackedGemm : ParallelJob
     private void PackX(int p, float* xPack)
     {
         if (_pairs) { PackPairs(xPack); return; }
-        int K = _k, nr = _nr;
+        int K = _k, nr = _nr, ld = _ldx;
         float* dst = xPack + (long)p * K * nr;
         int rows = Math.Min(nr, _m - p * nr);
-        float* src = _x + (long)p * nr * K;
+        float* src = _x + (long)p * nr * ld;
         if (nr % 16 == 0 && Avx512F.IsSupported)
         {
             // 16 × 16 blocks transposed in registers (Transpose.Block16): the 8-wide gathers below cost ~25 cycles each.
@@ -151,30 +178,30 @@ internal sealed unsafe class PackedGemm : ParallelJob
                 for (int g = 0; g < nr; g += 16)
                 {
                     int valid = Math.Clamp(rows - g, 0, 16);
-                    float* s = src + (long)g * K + k;
-                    if (valid == 16) { Transpose.Block16(s, s + 8L * K, K, dst + g, nr); continue; }
-                    for (int j = 0; j < 16; j++) (j < valid ? Vector512.Load(s + (long)j * K) : Vector512<float>.Zero).Store(tile + 16 * j);
+                    float* s = src + (long)g * ld + k;
+                    if (valid == 16) { Transpose.Block16(s, s + 8L * ld, ld, dst + g, nr); continue; }
+                    for (int j = 0; j < 16; j++) (j < valid ? Vector512.Load(s + (long)j * ld) : Vector512<float>.Zero).Store(tile + 16 * j);
                     Transpose.Block16(tile, tile + 8 * 16, 16, dst + g, nr);
                 }
             for (; k < K; k++, dst += nr)
-                for (int j = 0; j < nr; j++) dst[j] = j < rows ? src[(long)j * K + k] : 0;
+                for (int j = 0; j < nr; j++) dst[j] = j < rows ? src[(long)j * ld + k] : 0;
             return;
         }
-        if (rows == nr && nr % 8 == 0 && Avx2.IsSupported && (long)K * 8 < int.MaxValue)
+        if (rows == nr && nr % 8 == 0 && Avx2.IsSupported && (long)ld * 8 < int.MaxValue)
         {
             // Column k of the panel's rows as 8-wide gathers (stride K): the scalar copy below spent 10–15 % of a
             // 512 × 768 × 768 GEMM's time here (kernel bench with packing skipped: 71–74 → 77–85 % of FMA peak).
-            var rowStarts = Vector256.Create(0, K, 2 * K, 3 * K, 4 * K, 5 * K, 6 * K, 7 * K);
+            var rowStarts = Vector256.Create(0, ld, 2 * ld, 3 * ld, 4 * ld, 5 * ld, 6 * ld, 7 * ld);
             for (int k = 0; k < K; k++, dst += nr)
                 for (int g = 0; g < nr; g += 8)
-                    Avx2.GatherVector256(src + (long)g * K + k, rowStarts, 4).Store(dst + g);
+                    Avx2.GatherVector256(src + (long)g * ld + k, rowStarts, 4).Store(dst + g);
             return;
         }
         for (int k = 0; k < K; k++, dst += nr)
         {
             float* s = src + k;
             int j = 0;
-            for (; j < rows; j++, s += K) dst[j] = *s;
+            for (; j < rows; j++, s += ld) dst[j] = *s;
             for (; j < nr; j++) dst[j] = 0;
         }
     }
@@ -188,7 +215,7 @@ internal sealed unsafe class PackedGemm : ParallelJob
     private void Rows<S, TV, TL>(in MatMul.Product prod, int chunk, int worker) where S : ISimd<TV> where TV : struct where TL : IWeightLoad
     {
         var w = prod.W;
-        int K = _k, N = w.Rows, nr = _nr, tileFloats = MR * nr;
+        int K = _k, N = w.Rows, ldy = prod.Ldy, nr = _nr, tileFloats = MR * nr;
         int r0 = chunk * RowsPerChunk, r1 = Math.Min(N, r0 + RowsPerChunk);
         float* tiles = _tiles[worker];
         float* xPack = _xPacks[OwnPack ? worker : 0];
@@ -203,7 +230,7 @@ internal sealed unsafe class PackedGemm : ParallelJob
                 // after the chunk's last group the first group's next K block. Few panels (batched decode, M = 32–64)
                 // read each slice from DRAM once with little arithmetic to hide it behind: fp32 M = 32 63 → 71–73 %
                 // of FMA peak, M = 64 71–72 → 77 % (768 × 2048, interleaved); prefill (M = 512) unchanged.
-                nint ahead = n + MR < r1 ? (nint)(MR * w.RowBytes) : k0 + kc < K ? (nint)((r0 - n) * w.RowBytes + w.RowBytes * kc / K) : 0;
+                nint ahead = n + MR < r1 ? (nint)(MR * w.RowBytes) : k0 + kc < K ? (nint)((r0 - n) * w.RowBytes + w.BytesOf(kc)) : 0;
                 // The chunk's very last slice asks for the first slice of the chunk this worker most likely takes next:
                 // the pool hands chunks out in order, so with T workers finishing in turn that is T chunks on. Without
                 // it every chunk's first 8 rows (a quarter of its bytes) came from DRAM unrequested; stories110m's
@@ -211,8 +238,8 @@ internal sealed unsafe class PackedGemm : ParallelJob
                 // Asking for the next chunk instead (usually the other worker's) was 3 % slower.
                 if (ahead == 0)
                 {
-                    int next = _splitPlan ? r1 : r1 + (_pool.Threads - 1) * RowsPerChunk;   // a split half: the adjacent chunk
-                    if (next + MR <= N) ahead = (nint)((next - n) * w.RowBytes - w.RowBytes * k0 / K);
+                    int next = _splitPlan || _serial ? r1 : r1 + (_pool!.Threads - 1) * RowsPerChunk;   // a split half: the adjacent chunk
+                    if (next + MR <= N) ahead = (nint)((next - n) * w.RowBytes - w.BytesOf(k0));
                 }
                 float* tile = tiles + (long)mp * _panels * tileFloats;
                 if (typeof(TL) == typeof(Bf16Load) && _phase == 1)
@@ -232,9 +259,9 @@ internal sealed unsafe class PackedGemm : ParallelJob
                     for (int i = 0; i < MR; i++)
                     {
                         nint row = w.Row(n + Math.Min(i, valid - 1));
-                        nint pf = row + (nint)(w.RowBytes * k0 / K) + ahead;
+                        nint pf = row + (nint)w.BytesOf(k0) + ahead;
                         if (ahead != 0 && Sse.IsSupported)
-                            for (long b = 0, bytes = w.RowBytes * kc / K; b < bytes; b += 64) Sse.Prefetch0((void*)(pf + (nint)b));
+                            for (long b = 0, bytes = w.BytesOf(kc); b < bytes; b += 64) Sse.Prefetch0((void*)(pf + (nint)b));
                         int k = 0, W = S.Width;
                         for (; k + W <= kc; k += W) S.Store(S.LoadW<TL>(row, k0 + k), dq + i * kcMax + k);
                         for (; k < kc; k++) dq[i * kcMax + k] = TL.Load1(row, k0 + k);
@@ -267,8 +294,8 @@ internal sealed unsafe class PackedGemm : ParallelJob
                     for (int j0 = 0; j0 < cols; j0 += 16)
                     {
                         Transpose.Block16(a + j0, b + j0, nr, t, 16);
-                        float* y = prod.Y + (long)(p * nr + j0) * N + n;
-                        for (int j = 0; j < Math.Min(16, cols - j0); j++, y += N) Vector512.Load(t + 16 * j).Store(y);
+                        float* y = prod.Y + (long)(p * nr + j0) * ldy + n;
+                        for (int j = 0; j < Math.Min(16, cols - j0); j++, y += ldy) Vector512.Load(t + 16 * j).Store(y);
                     }
                 }
             }
@@ -279,17 +306,17 @@ internal sealed unsafe class PackedGemm : ParallelJob
             float* tile = tiles + (long)mp * _panels * tileFloats;
             for (int p = 0; p < _panels; p++, tile += tileFloats)
             {
-                float* y = prod.Y + (long)p * nr * N + n;
+                float* y = prod.Y + (long)p * nr * ldy + n;
                 int cols = Math.Min(nr, _m - p * nr);   // valid X rows in this panel
                 if (valid == MR && MR == 8 && Avx2.IsSupported)
                 {
                     // Column j of the 8 × nr tile is 8 contiguous floats of Y's row: one gather and one store
                     // (scalar, this write-out took ~8 % of a 512 × 768 × 768 GEMM).
                     var tileRows = Vector256.Create(0, nr, 2 * nr, 3 * nr, 4 * nr, 5 * nr, 6 * nr, 7 * nr);
-                    for (int j = 0; j < cols; j++, y += N) Avx2.GatherVector256(tile + j, tileRows, 4).Store(y);
+                    for (int j = 0; j < cols; j++, y += ldy) Avx2.GatherVector256(tile + j, tileRows, 4).Store(y);
                     continue;
                 }
-                for (int j = 0; j < cols; j++, y += N)
+                for (int j = 0; j < cols; j++, y += ldy)
                     for (int i = 0; i < valid; i++) y[i] = tile[i * nr + j];
             }
         }
@@ -354,7 +381,7 @@ internal sealed unsafe class PackedGemm : ParallelJob
     /// </summary>
     private void PackPairs(float* dst)
     {
-        int K = _k, rows = Math.Min(16, _m);
+        int K = _k, ld = _ldx, rows = Math.Min(16, _m);
         float* tile = stackalloc float[16 * 16];
         float* t = stackalloc float[16 * 16];
         var lo = Vector512.Create(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
@@ -363,10 +390,10 @@ internal sealed unsafe class PackedGemm : ParallelJob
         for (; k + 16 <= K; k += 16, dst += 16 * 16)
         {
             float* s = _x + k;
-            if (rows == 16) Transpose.Block16(s, s + 8L * K, K, t, 16);
+            if (rows == 16) Transpose.Block16(s, s + 8L * ld, ld, t, 16);
             else
             {
-                for (int j = 0; j < 16; j++) (j < rows ? Vector512.Load(s + (long)j * K) : Vector512<float>.Zero).Store(tile + 16 * j);
+                for (int j = 0; j < 16; j++) (j < rows ? Vector512.Load(s + (long)j * ld) : Vector512<float>.Zero).Store(tile + 16 * j);
                 Transpose.Block16(tile, tile + 8 * 16, 16, t, 16);
             }
             for (int j = 0; j < 16; j += 2)
@@ -379,7 +406,7 @@ internal sealed unsafe class PackedGemm : ParallelJob
         }
         for (int kk = k; kk < PanelK; kk++)
             for (int i = 0; i < 16; i++)
-                dst[(kk - k) / 2 * 32 + i / 8 * 16 + i % 8 * 2 + (kk - k) % 2] = i < rows && kk < K ? _x[(long)i * K + kk] : 0;
+                dst[(kk - k) / 2 * 32 + i / 8 * 16 + i % 8 * 2 + (kk - k) % 2] = i < rows && kk < K ? _x[(long)i * ld + kk] : 0;
     }
 
     /// <summary>

@@ -12,14 +12,26 @@ public enum WeightType
 
 /// <summary>
 /// A row-major weight matrix W [Rows × Cols] in its stored type, as HF stores a linear layer (out × in).
-/// The memory is owned elsewhere (usually a memory-mapped checkpoint).
+/// The memory is owned elsewhere (usually a memory-mapped checkpoint). A block of a matrix (<see cref="Block"/>)
+/// is a matrix too, whose rows lie <see cref="RowBytes"/> apart, more than its own columns take.
 /// </summary>
-public readonly unsafe struct WeightMatrix(nint pointer, WeightType type, int rows, int cols)
+public readonly unsafe struct WeightMatrix
 {
-    public nint Pointer { get; } = pointer;
-    public WeightType Type { get; } = type;
-    public int Rows { get; } = rows;
-    public int Cols { get; } = cols;
+    public WeightMatrix(nint pointer, WeightType type, int rows, int cols)
+    {
+        Pointer = pointer; Type = type; Rows = rows; Cols = cols;
+        RowBytes = type == WeightType.Q8 ? (long)cols / Q8Load.Block * Q8Load.BlockBytes : (long)cols * PlainElementSize(type);
+    }
+
+    private WeightMatrix(nint pointer, WeightType type, int rows, int cols, long rowBytes)
+    {
+        Pointer = pointer; Type = type; Rows = rows; Cols = cols; RowBytes = rowBytes;
+    }
+
+    public nint Pointer { get; }
+    public WeightType Type { get; }
+    public int Rows { get; }
+    public int Cols { get; }
 
     /// <summary>
     /// Bytes per element for the plain types (Q8 has no per-element size: see <see cref="RowBytes"/>). The throw sits
@@ -27,9 +39,24 @@ public readonly unsafe struct WeightMatrix(nint pointer, WeightType type, int ro
     /// (3.6 % of a tiny-kjv 29-token prefill's samples, from the packed GEMM's row pointers).
     /// </summary>
     public int ElementSize => Type == WeightType.Q8 ? NoElementSize() : PlainElementSize(Type);
-    /// <summary>Bytes of one row (computed once: every kernel asks for row pointers in its loops).</summary>
-    public long RowBytes { get; } = type == WeightType.Q8 ? (long)cols / Q8Load.Block * Q8Load.BlockBytes : (long)cols * PlainElementSize(type);
-    public long ByteLength => Rows * RowBytes;
+    /// <summary>Bytes from one row to the next (computed once: every kernel asks for row pointers in its loops).</summary>
+    public long RowBytes { get; }
+
+    /// <summary>Bytes that <paramref name="k"/> consecutive weights of a row take (Q8: k a whole number of blocks).</summary>
+    public long BytesOf(int k) => Type == WeightType.Q8 ? (long)k / Q8Load.Block * Q8Load.BlockBytes : (long)k * PlainElementSize(Type);
+
+    /// <summary>
+    /// Rows [n0, n1) × columns [c0, c1) of this matrix, in place (fp32, f16 or bf16): one thread's share of a
+    /// product cut by rows, by columns, or both.
+    /// </summary>
+    public WeightMatrix Block(int n0, int n1, int c0, int c1)
+    {
+        if (Type == WeightType.Q8 || n0 < 0 || n1 > Rows || n0 >= n1 || c0 < 0 || c1 > Cols || c0 >= c1)
+            throw new ArgumentException($"block rows {n0}..{n1} × columns {c0}..{c1} of a {Type} matrix [{Rows} × {Cols}]: plain types, non-empty ranges inside the matrix");
+        return new WeightMatrix(Row(n0) + (nint)BytesOf(c0), Type, n1 - n0, c1 - c0, RowBytes);
+    }
+
+    public long ByteLength => Rows * BytesOf(Cols);   // the weights' own bytes (a block's rows lie further apart)
     public nint Row(int r) => Pointer + (nint)(r * RowBytes);
 
     private static int PlainElementSize(WeightType type) => type == WeightType.F32 ? 4 : 2;

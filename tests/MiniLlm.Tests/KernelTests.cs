@@ -54,6 +54,76 @@ public unsafe class KernelTests
         }
     }
 
+    /// <summary>
+    /// One thread's GEMM over a block of a weight matrix (<see cref="SliceGemm"/>): rows and columns cut anywhere
+    /// (odd K, K past one block of 2048), X a column block of a wider matrix (rows ldx apart), Y written at an offset
+    /// into rows ldy apart, fp32 and bf16; M of one 16-row pair panel (1, 13, 16), one or two 32-row panels (17, 29,
+    /// 33, 64) and more (70), and two products sharing X. Y outside the block stays untouched.
+    /// </summary>
+    [Theory]
+    [InlineData(1, 40, 100, 3, 37, 5, 68)]
+    [InlineData(13, 40, 100, 0, 40, 0, 100)]
+    [InlineData(16, 64, 96, 32, 64, 32, 96)]
+    [InlineData(17, 33, 57, 1, 30, 7, 50)]
+    [InlineData(29, 96, 256, 16, 80, 128, 256)]
+    [InlineData(33, 24, 2100, 0, 24, 0, 2100)]
+    [InlineData(64, 48, 130, 8, 47, 2, 129)]
+    [InlineData(70, 20, 64, 0, 19, 0, 64)]
+    public void SliceGemmMatchesNaive(int M, int N, int K, int n0, int n1, int c0, int c1)
+    {
+        int ldx = K + 5, ldy = N + 3, n = n1 - n0, kc = c1 - c0;
+        var x = Random(M * ldx, M + K);
+        foreach (var type in new[] { WeightType.F32, WeightType.BF16 })
+        {
+            var bytesA = Store(Random(N * K, N * 3 + K), type, out var wa);
+            var bytesB = Store(Random(N * K, N * 5 + K), type, out var wb);
+            var ya = new float[M * ldy];
+            var yb = new float[M * ldy];
+            Array.Fill(ya, float.NaN);
+            Array.Fill(yb, float.NaN);
+            fixed (float* xp = x, yap = ya, ybp = yb)
+            fixed (byte* ap = bytesA, bp = bytesB)
+            {
+                var A = new WeightMatrix((nint)ap, type, N, K).Block(n0, n1, c0, c1);
+                var B = new WeightMatrix((nint)bp, type, N, K).Block(n0, n1, c0, c1);
+                Assert.Equal((n, kc), (A.Rows, A.Cols));
+                new SliceGemm().Run(xp + c0, ldx, M, [new(A, yap + n0, ldy), new(B, ybp + n0, ldy)]);
+            }
+            foreach (var (w, y, name) in new[] { (wa, ya, "A"), (wb, yb, "B") })
+                for (int i = 0; i < M; i++)
+                    for (int j = 0; j < ldy; j++)
+                    {
+                        if (j < n0 || j >= n1) { Assert.True(float.IsNaN(y[i * ldy + j]), $"{type} {name} Y[{i},{j}] outside the block was written"); continue; }
+                        double s = 0, a = 0;
+                        for (int k = c0; k < c1; k++) { double p = (double)x[i * ldx + k] * w[j * K + k]; s += p; a += Math.Abs(p); }
+                        Assert.True(Math.Abs(y[i * ldy + j] - s) <= 1e-5 * a + 1e-6, $"{type} {name} M={M} Y[{i},{j}]: {y[i * ldy + j]} vs {s}");
+                    }
+        }
+    }
+
+    [Fact]
+    public void WeightBlocksAndSliceGemmRejectBadShapes()
+    {
+        var w = new WeightMatrix(64, WeightType.F32, 10, 20);
+        Assert.Throws<ArgumentException>(() => w.Block(0, 11, 0, 20));
+        Assert.Throws<ArgumentException>(() => w.Block(3, 3, 0, 20));
+        Assert.Throws<ArgumentException>(() => w.Block(0, 10, 5, 21));
+        Assert.Throws<ArgumentException>(() => new WeightMatrix(64, WeightType.Q8, 10, 32).Block(0, 5, 0, 32));
+        var b = w.Block(2, 5, 4, 12);
+        Assert.Equal((3, 8, 80L, 64 + 2 * 80 + 16L, 96L), (b.Rows, b.Cols, b.RowBytes, (long)b.Pointer, b.ByteLength));
+        using var pool = new WorkerPool(1);
+        var matmul = new MatMul(pool);
+        var x = new float[8];
+        var y = new float[8];
+        fixed (float* xp = x, yp = y)
+        {
+            float* xq = xp, yq = yp;
+            Assert.Throws<ArgumentOutOfRangeException>(() => new SliceGemm().Run(xq, 7, 1, [new(b, yq)]));            // X rows shorter than K
+            Assert.Throws<ArgumentException>(() => new SliceGemm().Run(xq, 8, 1, [new(b, yq, 2)]));                   // Y rows shorter than the block
+            Assert.Throws<ArgumentException>(() => matmul.Run(xq, 1, [new(b, yq)]));                                    // blocks are SliceGemm's
+        }
+    }
+
     public static TheoryData<int, int, int> MatMulShapes()
     {
         var data = new TheoryData<int, int, int>();

@@ -4,12 +4,13 @@ using MiniLlm.Kernels;
 namespace MiniLlm.Tests;
 
 /// <summary>
-/// The one-dispatch decode (each thread its own heads, MLP slice and column slices of o and down, partials added
-/// after barriers) against the independent reference and against the op-by-op path: across KV tile boundaries
-/// (the tile transpose is split between threads), fp32 and bf16 weights, 2 and 3 threads, an MLP and a vocabulary
-/// that do not split evenly, and a bf16 paged cache.
+/// The one-dispatch pass (each thread its own heads, MLP slice and column slices of o and down, partials added
+/// after barriers), for decode steps and for prompts of several tokens, against the independent reference and
+/// against the op-by-op path: across KV tile boundaries (the tile transpose is split between threads; prompts that
+/// start inside a tile, fill whole tiles, end inside one), fp32 and bf16 weights, 2 and 3 threads, an MLP and a
+/// vocabulary that do not split evenly, and a bf16 paged cache.
 /// </summary>
-public class TensorParallelDecodeTests
+public class TensorParallelPassTests
 {
     public static TheoryData<string, int, int, string, int> Shapes => new()
     {
@@ -28,6 +29,29 @@ public class TensorParallelDecodeTests
     // 50 positions: the decode crosses the tile boundaries at 16, 32 and 48
     private static readonly int[] Tokens = Enumerable.Range(0, 50).Select(i => (i * 37 + 11) % 97).ToArray();
 
+    // The 50 positions fed as chunks: a prompt of 5, two decode steps, 9 that complete tile 0 (positions 7–15, the
+    // tile's earlier keys already rows), a whole tile (16–31), a decode step, 17 from inside tile 2 (33–49: it
+    // completes at 47, then two rows of tile 3).
+    private static readonly int[] Mixed = [5, 1, 1, 9, 16, 1, 17];
+    // A prompt of 5, then one token at a time: every tile completed by a decode step.
+    private static readonly int[] Decode = [5, .. Enumerable.Repeat(1, 45)];
+
+    /// <summary>Feeds <see cref="Tokens"/> in chunks of the given sizes; the logits after each chunk, at its last position.</summary>
+    private static Dictionary<int, float[]> Feed(LlamaModel model, IKvCache cache, int[] chunks)
+    {
+        var all = new Dictionary<int, float[]>();
+        var logits = new float[model.Config.VocabSize];
+        int pos = 0;
+        foreach (int n in chunks)
+        {
+            model.Forward(Tokens.AsSpan(pos, n), pos, cache, logits);
+            pos += n;
+            all[pos - 1] = (float[])logits.Clone();
+        }
+        Assert.Equal(Tokens.Length, pos);
+        return all;
+    }
+
     private static void AssertClose(double[] reference, ReadOnlySpan<float> actual, double relative, string what)
     {
         double maxRef = reference.Max(Math.Abs), maxErr = 0;
@@ -45,7 +69,7 @@ public class TensorParallelDecodeTests
         Assert.True(model.UsesTensorParallelDecode, $"{name}: the model should take the tensor-parallel decode");
         using var cache = model.NewKvCache();
         var logits = new float[rm.Spec.Vocab];
-        model.Forward(Tokens.AsSpan(0, 5), 0, cache, logits);   // prefill (op by op), then one token at a time
+        model.Forward(Tokens.AsSpan(0, 5), 0, cache, logits);   // a prompt, then one token at a time
         for (int pos = 5; pos < Tokens.Length; pos++)
         {
             model.Forward(Tokens.AsSpan(pos, 1), pos, cache, logits);
@@ -53,33 +77,43 @@ public class TensorParallelDecodeTests
         }
     }
 
-    [Fact]
-    public void DecodeWritesTheSameBf16PagedCacheAsTheOpByOpPath()
+    [Theory]
+    [MemberData(nameof(Shapes))]
+    public void PromptChunksMatchReference(string name, int heads, int kv, string dtype, int threads)
     {
+        var rm = Make(name + "-chunks", heads, kv, dtype);
+        var reference = new NaiveLlama(rm).Logits(Tokens);
+        using var model = LlamaModel.Load(rm.Dir, threads);
+        foreach (int n in Mixed.Where(n => n > 1))
+            Assert.True(model.UsesTensorParallelPrefill(n), $"{name}: a {n}-token chunk should take the tensor-parallel pass");
+        using var cache = model.NewKvCache();
+        foreach (var (pos, logits) in Feed(model, cache, Mixed))
+            AssertClose(reference[pos], logits, 1e-4, $"{name} chunk ending at position {pos}");
+    }
+
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public void PassWritesTheSameBf16PagedCacheAsTheOpByOpPath(bool mixedChunks)
+    {
+        var chunks = mixedChunks ? Mixed : Decode;
         var rm = Make("tp-paged-bf16", 4, 2, "F32");
         using var model = LlamaModel.Load(rm.Dir, threads: 2);
         var c = model.Config;
         using var pool = new KvBlockPool(c.NumHiddenLayers, c.KvDim, blocks: 8, KvType.BF16);
-        (PagedKvCache Cache, float[][] Logits) Run(bool tensorParallel, int firstBlock)
+        (PagedKvCache Cache, Dictionary<int, float[]> Logits) Run(bool tensorParallel, int firstBlock)
         {
             model.TensorParallel = tensorParallel;
             Assert.Equal(tensorParallel, model.UsesTensorParallelDecode);
+            Assert.Equal(tensorParallel, model.UsesTensorParallelPrefill(5));
             var cache = new PagedKvCache(pool, 64);
             for (int b = 0; b < 4; b++) cache.Add(firstBlock + (b * 3) % 4);   // blocks out of order: the table matters
-            var all = new float[Tokens.Length][];
-            var logits = new float[c.VocabSize];
-            model.Forward(Tokens.AsSpan(0, 5), 0, cache, logits);
-            for (int pos = 5; pos < Tokens.Length; pos++)
-            {
-                model.Forward(Tokens.AsSpan(pos, 1), pos, cache, logits);
-                all[pos] = (float[])logits.Clone();
-            }
-            return (cache, all);
+            return (cache, Feed(model, cache, chunks));
         }
         var (tp, tpLogits) = Run(true, 0);
         var (op, opLogits) = Run(false, 4);
-        for (int pos = 5; pos < Tokens.Length; pos++)
-            AssertClose(opLogits[pos].Select(v => (double)v).ToArray(), tpLogits[pos], 1e-4, $"logits at {pos}");
+        foreach (var (pos, logits) in opLogits)
+            AssertClose(logits.Select(v => (double)v).ToArray(), tpLogits[pos], 1e-4, $"logits at {pos}");
         for (int l = 0; l < c.NumHiddenLayers; l++)
         {
             KvView a = tp.Layer(l), b = op.Layer(l);

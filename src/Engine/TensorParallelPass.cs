@@ -1,0 +1,400 @@
+using System.Diagnostics;
+using System.Numerics.Tensors;
+using MiniLlm.Kernels;
+using MiniLlm.Loader;
+
+namespace MiniLlm.Engine;
+
+/// <summary>
+/// A forward pass of one sequence (a decode step, or a short prompt: up to <see cref="MaxRows"/> tokens) as one
+/// dispatch in which every thread owns a fixed share of every layer (tensor parallelism, Megatron style, across the
+/// cores of one CPU): its query and KV heads (their q/k/v rows, RoPE, cache writes and attention) and its slice of
+/// the MLP (gate/up rows); o and down are cut by columns, so each thread's partial output needs only what that thread
+/// computed, and the partials are added after a barrier. Two barriers a layer instead of five fork-joins (q/k/v,
+/// attention, o, gate/up, down), no serial RoPE or cache write between them, and every thread reads the same weights
+/// and KV heads on every pass, so they stay in its own cache.
+/// <para>
+/// Used for weights served from the last-level cache (tiny-kjv): there the fork-joins and the trips of data between
+/// cores are a large part of a token. The two vCPUs of this project's VMs do not share an L3 and a round trip
+/// between them takes ~630 ns (C ping-pong). Every thread keeps its own copy of the residual stream and adds the
+/// partials in the same order, so the copies stay identical bit for bit.
+/// </para>
+/// <para>
+/// A decode step's products are GEMV slices (<see cref="MatMul.GemvSlice"/>); a prompt's are GEMMs over blocks of
+/// the weights on each thread alone (<see cref="SliceGemm"/>), and every row-wise op (norms, RoPE, SwiGLU, the
+/// residual adds) then reads rows its own thread wrote. In the op-by-op prefill each product's columns were cut
+/// between the threads, so every such op read half its input from the other core's cache.
+/// </para>
+/// </summary>
+internal sealed unsafe class TensorParallelPass : ParallelJob, IDisposable
+{
+    /// <summary>Most tokens one pass takes (a longer prompt goes op by op, its products large enough for both threads).</summary>
+    public const int MaxRows = 64;
+
+    private readonly WorkerPool _pool;
+    private readonly Attention _attention;
+    private readonly RopeTable _rope;
+    private readonly LlamaConfig _c;
+    private readonly LlamaModel.LayerMatrices[] _layers;
+    private readonly WeightMatrix _embed, _lmHead;
+    private readonly float[] _finalNorm;
+    private readonly int _threads, _maxRows;
+
+    // Shared activations, each thread writing and reading only its own columns of them.
+    private readonly float* _q, _k, _v, _att, _hb, _hb2;   // [M × h·hd], [M × g·hd], [M × g·hd], [M × h·hd], [M × f], [M × f]
+    // Per thread: its copy of the residual stream x [M × d], its normed input xb [M × d], bf16 pair scratch [max(d, f)],
+    // a key stage for tile transposes [16 × g·hd / threads], its GEMM, and two sets of partial sublayer outputs
+    // [threads × M × d] (thread u's at u·_maxRows·d).
+    private readonly NativeBuffer[] _x, _xb, _pairs, _stage;
+    private readonly SliceGemm[] _gemm;
+    private readonly NativeBuffer _partsA, _partsB, _sum;
+    private readonly long[] _sync = new long[32];   // the barrier counter sits at [16], away from other data
+    private volatile bool _failed;
+    private Exception? _firstError;                 // the failure that stopped a pass (the others only saw _failed)
+
+    // This pass's arguments (set before the dispatch).
+    private readonly int[] _tokens;
+    private int _rows, _start;
+    private readonly KvView[] _kv;
+    private readonly AttentionSegment[] _segments;  // per layer: the prompt's rows against that layer's KV
+    private float* _logits;
+    private enum Mode { Forward, StreamOnly, GemmsOnly }
+    private Mode _mode;
+    private float _sink;
+    private OpProfiler? _prof;
+    private long _t0;
+
+    public static bool Supported(LlamaConfig c, int threads, LlamaModel.LayerMatrices[] layers, WeightMatrix lmHead)
+    {
+        if (threads < 2 || c.NumKeyValueHeads % threads != 0 || c.HeadDim % 16 != 0) return false;
+        // column slices of o and down on multiples of 32 (the bf16 pair layout)
+        if (c.HiddenSize % 32 != 0 || c.QDim / threads % 32 != 0 || c.IntermediateSize % 32 != 0) return false;
+        var type = lmHead.Type;
+        if (type is not (WeightType.F32 or WeightType.BF16)) return false;
+        foreach (var L in layers)
+            foreach (var w in new[] { L.Wq, L.Wk, L.Wv, L.Wo, L.Wgate, L.Wup, L.Wdown })
+                if (w.Type != type) return false;
+        return true;
+    }
+
+    /// <param name="maxRows">Rows the activation buffers hold (at most <see cref="MaxRows"/> are used).</param>
+    public TensorParallelPass(WorkerPool pool, Attention attention, RopeTable rope, LlamaConfig config, LlamaModel.LayerMatrices[] layers,
+        WeightMatrix embed, WeightMatrix lmHead, float[] finalNorm, int maxRows, float* q, float* k, float* v, float* att, float* hb, float* hb2)
+    {
+        _pool = pool; _attention = attention; _rope = rope; _c = config; _layers = layers;
+        _embed = embed; _lmHead = lmHead; _finalNorm = finalNorm;
+        _threads = pool.Threads;
+        _maxRows = Math.Clamp(maxRows, 1, MaxRows);
+        _q = q; _k = k; _v = v; _att = att; _hb = hb; _hb2 = hb2;
+        int d = config.HiddenSize, T = _threads;
+        long rowsD = (long)_maxRows * d;
+        _x = new NativeBuffer[T]; _xb = new NativeBuffer[T]; _pairs = new NativeBuffer[T]; _stage = new NativeBuffer[T];
+        _gemm = new SliceGemm[T];
+        for (int t = 0; t < T; t++)
+        {
+            _x[t] = new NativeBuffer(rowsD);
+            _xb[t] = new NativeBuffer(rowsD);
+            _pairs[t] = new NativeBuffer(Math.Max(d, config.IntermediateSize));
+            _stage[t] = new NativeBuffer((long)KvView.Tile * config.KvDim / T);   // fp32 or bf16 elements: fp32 is the larger
+            _gemm[t] = new SliceGemm();
+        }
+        _partsA = new NativeBuffer(T * rowsD);
+        _partsB = new NativeBuffer(T * rowsD);
+        _sum = new NativeBuffer(T * rowsD);
+        _tokens = new int[_maxRows];
+        _kv = new KvView[layers.Length];
+        _segments = new AttentionSegment[layers.Length];
+    }
+
+    /// <summary>Whether a prompt of <paramref name="rows"/> tokens fits one pass.</summary>
+    public bool Takes(int rows) => rows >= 1 && rows <= _maxRows;
+
+    /// <summary>
+    /// Tokens at positions start.. through every layer, their keys and values into <paramref name="cache"/>; logits
+    /// [V] of the last one.
+    /// </summary>
+    public void Run(ReadOnlySpan<int> tokens, int start, IKvCache cache, float* logits, OpProfiler? prof)
+    {
+        if (!Takes(tokens.Length)) throw new ArgumentOutOfRangeException(nameof(tokens), $"{tokens.Length} tokens: one tensor-parallel pass takes 1..{_maxRows}");
+        tokens.CopyTo(_tokens);
+        _rows = tokens.Length; _start = start; _logits = logits;
+        for (int l = 0; l < _layers.Length; l++) _kv[l] = cache.Layer(l);
+        if (_rows == 1) _attention.PrepareDecode(_q, _c.NumAttentionHeads, _c.NumKeyValueHeads, _c.HeadDim, _att);
+        else
+        {
+            for (int l = 0; l < _layers.Length; l++) _segments[l] = new AttentionSegment(0, _rows, start, _kv[l]);
+            _attention.PreparePrefill(_q, _c.NumAttentionHeads, _c.NumKeyValueHeads, _c.HeadDim, _segments, _att);
+        }
+        _prof = prof;
+        _t0 = prof == null ? 0 : Stopwatch.GetTimestamp();
+        Dispatch(Mode.Forward);
+        if (prof != null)
+        {
+            prof.Record(OpKind.LmHead, -1, ref _t0);   // thread 0's share, then waiting for the others
+            prof.EndPass();
+        }
+    }
+
+    /// <summary>
+    /// One step's weight reads with loads only, each thread its own rows and column slices in the kernels' order,
+    /// in one dispatch, without the step's barriers or any arithmetic (the decode ceiling's stream: what the
+    /// memory system gives this cut of the weights; the barriers are the step's own cost).
+    /// </summary>
+    public void StreamPass()
+    {
+        _prof = null;
+        Dispatch(Mode.StreamOnly);
+    }
+
+    /// <summary>
+    /// Every layer's products for <paramref name="rows"/> rows as a pass of that many tokens runs them (each thread
+    /// its blocks, on whatever the buffers hold), in one dispatch without barriers, norms, attention or adds: the
+    /// prefill ceiling's compute roof for this cut.
+    /// </summary>
+    public void GemmPass(int rows)
+    {
+        if (rows < 2 || rows > _maxRows) throw new ArgumentOutOfRangeException(nameof(rows), $"a GEMM pass takes 2..{_maxRows} rows, got {rows}");
+        _rows = rows;
+        _prof = null;
+        Dispatch(Mode.GemmsOnly);
+    }
+
+    private void Dispatch(Mode mode)
+    {
+        _mode = mode;
+        _sync[16] = 0;
+        _failed = false;
+        _firstError = null;
+        try { _pool.RunPinned(this, _threads); }
+        catch (AggregateException) when (_firstError != null) { throw _firstError; }
+        finally { _mode = Mode.Forward; }
+    }
+
+    public override void Execute(int t, int worker)
+    {
+        try
+        {
+            switch (_mode)
+            {
+                case Mode.StreamOnly: Stream(t); break;
+                case Mode.GemmsOnly: Gemms(t); break;
+                default: Pass(t, worker); break;
+            }
+        }
+        catch (Exception e)
+        {
+            if (!_failed) Interlocked.CompareExchange(ref _firstError, e, null);
+            _failed = true;   // releases the other threads from the barriers
+            throw;
+        }
+    }
+
+    /// <summary>Waits until every thread has arrived at its <paramref name="epoch"/>-th barrier of this dispatch.</summary>
+    private void Barrier(ref int epoch)
+    {
+        long target = (long)++epoch * _threads;
+        Interlocked.Increment(ref _sync[16]);
+        while (Volatile.Read(ref _sync[16]) < target)
+        {
+            if (_failed) throw new OperationCanceledException("another thread of the pass failed");
+            Thread.SpinWait(1);
+        }
+    }
+
+    /// <summary>Rows [r0, r1) of a dimension of n cut in <see cref="_threads"/> parts of whole units (the last takes any remainder).</summary>
+    private void Share(int t, int n, int unit, out int r0, out int r1)
+    {
+        int units = n / unit;
+        r0 = units * t / _threads * unit;
+        r1 = t == _threads - 1 ? n : units * (t + 1) / _threads * unit;
+    }
+
+    /// <summary>What thread t owns: [q0, q1) its query heads' q rows, att and o columns; [k0, k1) its KV heads' k/v
+    /// rows and cache elements; [f0, f1) its gate/up rows and down columns; [v0, v1) its LM head rows.</summary>
+    private readonly record struct Shares(int Q0, int Q1, int K0, int K1, int F0, int F1, int V0, int V1);
+
+    private Shares SharesOf(int t)
+    {
+        int hd = _c.HeadDim, hT = _c.NumAttentionHeads / _threads, gT = _c.NumKeyValueHeads / _threads;
+        Share(t, _c.IntermediateSize, 32, out int f0, out int f1);
+        Share(t, _c.VocabSize, 16, out int v0, out int v1);
+        return new Shares(t * hT * hd, (t + 1) * hT * hd, t * gT * hd, (t + 1) * gT * hd, f0, f1, v0, v1);
+    }
+
+    private void Pass(int t, int worker)
+    {
+        var c = _c;
+        int d = c.HiddenSize, f = c.IntermediateSize, M = _rows, hT = c.NumAttentionHeads / _threads, gT = c.NumKeyValueHeads / _threads;
+        var (q0, q1, k0, k1, f0, f1, v0, v1) = SharesOf(t);
+        float* x = _x[t].Pointer, xb = _xb[t].Pointer;
+        float* partsA = _partsA.Pointer + (long)t * _maxRows * d, partsB = _partsB.Pointer + (long)t * _maxRows * d;
+        float eps = (float)c.RmsNormEps;
+        var prof = t == 0 ? _prof : null;
+        int epoch = 0;
+
+        for (int r = 0; r < M; r++) _embed.WidenRow(_tokens[r], new Span<float>(x + (long)r * d, d));   // x[M × d]
+        prof?.Record(OpKind.Embedding, -1, ref _t0);
+        for (int l = 0; l < _layers.Length; l++)
+        {
+            var L = _layers[l];
+            // ── attention, this thread's heads ──
+            fixed (float* wn = L.AttnNorm) Ops.RmsNorm(x, wn, xb, M, d, eps);
+            prof?.Record(OpKind.AttnNorm, l, ref _t0);
+            Qkv(t, L, xb, q0, q1, k0, k1);   // q[:, q0..q1), k[:, k0..k1), v[:, k0..k1)
+            prof?.Record(OpKind.QProj, l, ref _t0);
+            for (int r = 0; r < M; r++)
+            {
+                _rope.Apply(_q + (long)r * c.QDim + q0, hT, _start + r);
+                _rope.Apply(_k + (long)r * c.KvDim + k0, gT, _start + r);
+            }
+            WriteKv(_kv[l], t, k0, k1, ref epoch);
+            prof?.Record(OpKind.Rope, l, ref _t0);
+            if (M == 1) _attention.DecodeHeads(_kv[l], _start, t * hT, (t + 1) * hT, worker);   // att[:, q0..q1)
+            else _attention.PrefillHeads(l, t * hT, (t + 1) * hT, worker);
+            prof?.Record(OpKind.AttnScores, l, ref _t0);
+            Product(t, _att, c.QDim, L.Wo, 0, d, q0, q1, partsA, d);   // partial o [M × d]
+            prof?.Record(OpKind.OProj, l, ref _t0);
+            AddSublayer(x, _partsA.Pointer, t, ref epoch);   // x += Σ partial o
+            prof?.Record(OpKind.AttnResidual, l, ref _t0);
+
+            // ── MLP, this thread's slice ──
+            fixed (float* wn = L.FfnNorm) Ops.RmsNorm(x, wn, xb, M, d, eps);
+            prof?.Record(OpKind.FfnNorm, l, ref _t0);
+            GateUp(t, L, xb, f0, f1);   // hb[:, f0..f1) = gate, hb2[:, f0..f1) = up
+            prof?.Record(OpKind.Gate, l, ref _t0);
+            for (int r = 0; r < M; r++) Ops.SwiGlu(_hb + (long)r * f + f0, _hb2 + (long)r * f + f0, f1 - f0);
+            prof?.Record(OpKind.SwiGlu, l, ref _t0);
+            // Partials alternate between two sets: a thread may start this one while another still reads the last.
+            Product(t, _hb, f, L.Wdown, 0, d, f0, f1, partsB, d);   // partial down [M × d]
+            prof?.Record(OpKind.Down, l, ref _t0);
+            AddSublayer(x, _partsB.Pointer, t, ref epoch);   // x += Σ partial down
+            prof?.Record(OpKind.FfnResidual, l, ref _t0);
+        }
+        fixed (float* wn = _finalNorm) Ops.RmsNorm(x + (long)(M - 1) * d, wn, xb, 1, d, eps);   // the last row only
+        prof?.Record(OpKind.FinalNorm, -1, ref _t0);
+        MatMul.GemvSlice(xb, _lmHead, v0, v1, 0, d, _logits, _pairs[t].Pointer);   // logits[v0..v1)
+    }
+
+    /// <summary>Thread t's q, k and v columns of the pass's rows: GEMV slices for one row, one GEMM over the three blocks (X packed once) for more.</summary>
+    private void Qkv(int t, LlamaModel.LayerMatrices L, float* xb, int q0, int q1, int k0, int k1)
+    {
+        int d = _c.HiddenSize;
+        if (_rows == 1)
+        {
+            float* pairs = _pairs[t].Pointer;
+            MatMul.GemvSlice(xb, L.Wq, q0, q1, 0, d, _q, pairs);
+            MatMul.GemvSlice(xb, L.Wk, k0, k1, 0, d, _k, pairs);
+            MatMul.GemvSlice(xb, L.Wv, k0, k1, 0, d, _v, pairs);
+            return;
+        }
+        _gemm[t].Run(xb, d, _rows, [new(L.Wq.Block(q0, q1, 0, d), _q + q0, _c.QDim),
+            new(L.Wk.Block(k0, k1, 0, d), _k + k0, _c.KvDim), new(L.Wv.Block(k0, k1, 0, d), _v + k0, _c.KvDim)]);
+    }
+
+    /// <summary>Thread t's gate and up columns [f0, f1) of the pass's rows.</summary>
+    private void GateUp(int t, LlamaModel.LayerMatrices L, float* xb, int f0, int f1)
+    {
+        int d = _c.HiddenSize, f = _c.IntermediateSize;
+        if (_rows == 1)
+        {
+            MatMul.GemvSlice(xb, L.Wgate, f0, f1, 0, d, _hb, _pairs[t].Pointer);
+            MatMul.GemvSlice(xb, L.Wup, f0, f1, 0, d, _hb2, _pairs[t].Pointer);
+            return;
+        }
+        _gemm[t].Run(xb, d, _rows, [new(L.Wgate.Block(f0, f1, 0, d), _hb + f0, f), new(L.Wup.Block(f0, f1, 0, d), _hb2 + f0, f)]);
+    }
+
+    /// <summary>y[r, n0..n1) = Σ_{k∈[c0,c1)} W[n,k]·x[r,k] for the pass's rows (x rows ldx apart, y rows ldy apart).</summary>
+    private void Product(int t, float* x, int ldx, in WeightMatrix w, int n0, int n1, int c0, int c1, float* y, int ldy)
+    {
+        if (_rows == 1) MatMul.GemvSlice(x, w, n0, n1, c0, c1, y, _pairs[t].Pointer);
+        else _gemm[t].Run(x + c0, ldx, _rows, [new(w.Block(n0, n1, c0, c1), y + n0, ldy)]);
+    }
+
+    /// <summary>
+    /// Elements [k0, k1) (thread t's KV heads) of the pass's keys and values into the cache: whole new tiles straight
+    /// into their layout, other positions as rows. A position that completes a tile of rows has its keys transposed,
+    /// every thread's columns staged first and written back after a barrier (the transposed tile overwrites rows
+    /// holding the other threads' columns). Every thread meets the same barriers: they follow the positions only.
+    /// </summary>
+    private void WriteKv(in KvView kv, int t, int k0, int k1, ref int epoch)
+    {
+        int kvd = _c.KvDim;
+        for (int i = 0; i < _rows;)
+        {
+            int pos = _start + i;
+            float* key = _k + (long)i * kvd, value = _v + (long)i * kvd;
+            if (pos % KvView.Tile == 0 && _rows - i >= KvView.Tile)
+            {
+                kv.WriteTileColumns(pos / KvView.Tile, key, value, kvd, k0, k1);
+                i += KvView.Tile;
+                continue;
+            }
+            kv.WriteRowPart(pos, key, value, k0, k1);
+            if (pos % KvView.Tile == KvView.Tile - 1)
+            {
+                byte* stage = (byte*)_stage[t].Pointer;
+                kv.CopyKeyColumns(pos / KvView.Tile, k0, k1, stage);
+                Barrier(ref epoch);
+                kv.StoreKeyColumns(pos / KvView.Tile, k0, k1, stage);
+            }
+            i++;
+        }
+    }
+
+    /// <summary>
+    /// Waits for every thread's partial sublayer output, then x += Σ_u parts[u] in thread order (the pass's rows):
+    /// the same operations on every thread, so every copy of x agrees.
+    /// </summary>
+    private void AddSublayer(float* x, float* parts, int t, ref int epoch)
+    {
+        Barrier(ref epoch);
+        int n = _rows * _c.HiddenSize;
+        long stride = (long)_maxRows * _c.HiddenSize;
+        var sum = new Span<float>(_sum.Pointer + t * stride, n);
+        new ReadOnlySpan<float>(parts, n).CopyTo(sum);
+        for (int u = 1; u < _threads; u++) TensorPrimitives.Add(sum, new ReadOnlySpan<float>(parts + u * stride, n), sum);
+        var xs = new Span<float>(x, n);
+        TensorPrimitives.Add(xs, sum, xs);
+    }
+
+    private void Stream(int t)
+    {
+        int d = _c.HiddenSize;
+        var (q0, q1, k0, k1, f0, f1, v0, v1) = SharesOf(t);
+        float s = 0;
+        foreach (var L in _layers)
+        {
+            s += MatMul.StreamSlice(L.Wq, q0, q1, 0, d) + MatMul.StreamSlice(L.Wk, k0, k1, 0, d) + MatMul.StreamSlice(L.Wv, k0, k1, 0, d);
+            s += MatMul.StreamSlice(L.Wo, 0, d, q0, q1);
+            s += MatMul.StreamSlice(L.Wgate, f0, f1, 0, d) + MatMul.StreamSlice(L.Wup, f0, f1, 0, d);
+            s += MatMul.StreamSlice(L.Wdown, 0, d, f0, f1);
+        }
+        s += MatMul.StreamSlice(_lmHead, v0, v1, 0, d);
+        if (t == 0) _sink = s;
+    }
+
+    /// <summary>Thread t's products of every layer, as <see cref="Pass"/> runs them for <see cref="_rows"/> rows.</summary>
+    private void Gemms(int t)
+    {
+        int d = _c.HiddenSize, f = _c.IntermediateSize;
+        var (q0, q1, k0, k1, f0, f1, _, _) = SharesOf(t);
+        float* xb = _xb[t].Pointer, parts = _partsA.Pointer + (long)t * _maxRows * d;
+        foreach (var L in _layers)
+        {
+            Qkv(t, L, xb, q0, q1, k0, k1);
+            Product(t, _att, _c.QDim, L.Wo, 0, d, q0, q1, parts, d);
+            GateUp(t, L, xb, f0, f1);
+            Product(t, _hb, f, L.Wdown, 0, d, f0, f1, parts, d);
+        }
+    }
+
+    public void Dispose()
+    {
+        foreach (var b in _x) b.Dispose();
+        foreach (var b in _xb) b.Dispose();
+        foreach (var b in _pairs) b.Dispose();
+        foreach (var b in _stage) b.Dispose();
+        _partsA.Dispose(); _partsB.Dispose(); _sum.Dispose();
+    }
+}
