@@ -219,9 +219,10 @@ public sealed unsafe class LlamaModel : IDisposable
     public bool UsesTensorParallelDecode => _tp != null && TensorParallel && !BatchInvariant && MatMul.SliceSupported(_lmHead.Type);
 
     /// <summary>
-    /// A prompt of 2..<see cref="TensorParallelPass.MaxRows"/> tokens of one sequence through the same one-dispatch
-    /// cut as its decode (each thread its heads and MLP slice, its GEMMs on blocks of the weights), where the model
-    /// takes the tensor-parallel decode. On by default; off runs the op-by-op prefill (A/B runs).
+    /// A prompt of one sequence through the same one-dispatch cut as its decode (each thread its heads and MLP slice,
+    /// its GEMMs on blocks of the weights), where the model takes the tensor-parallel decode and the prompt's rows
+    /// suit it (<see cref="TensorParallelPass.Takes"/>: 12–64 tokens whose GEMM panels are three quarters full).
+    /// On by default; off runs the op-by-op prefill (A/B runs).
     /// </summary>
     public bool TensorParallelPrefill { get; set; } = true;
 

@@ -169,7 +169,10 @@ public readonly unsafe struct KvView
     public void WriteTileColumns(int tile, float* key, float* value, int ld, int e0, int e1)
     {
         nint kt = KeyTile(tile), vt = ValueTile(tile);
-        for (int e = e0; e < e1; e++)
+        int e = e0;
+        if (Type == KvType.F32 && System.Runtime.Intrinsics.X86.Avx512F.IsSupported)
+            for (; e + 16 <= e1; e += 16) Transpose.Block16(key + e, key + 8L * ld + e, ld, (float*)kt + (long)e * Tile, Tile);
+        for (; e < e1; e++)
             for (int r = 0; r < Tile; r++) Store(kt, (long)e * Tile + r, key[(long)r * ld + e]);
         for (int r = 0; r < Tile; r++) StoreRow(vt + (nint)((long)r * KvDim * ElementBytes), value + (long)r * ld, e0, e1);
     }

@@ -29,12 +29,13 @@ public class TensorParallelPassTests
     // 50 positions: the decode crosses the tile boundaries at 16, 32 and 48
     private static readonly int[] Tokens = Enumerable.Range(0, 50).Select(i => (i * 37 + 11) % 97).ToArray();
 
-    // The 50 positions fed as chunks: a prompt of 5, two decode steps, 9 that complete tile 0 (positions 7–15, the
-    // tile's earlier keys already rows), a whole tile (16–31), a decode step, 17 from inside tile 2 (33–49: it
-    // completes at 47, then two rows of tile 3).
-    private static readonly int[] Mixed = [5, 1, 1, 9, 16, 1, 17];
-    // A prompt of 5, then one token at a time: every tile completed by a decode step.
-    private static readonly int[] Decode = [5, .. Enumerable.Repeat(1, 45)];
+    // The 50 positions fed as chunks. Prompts of 12–64 tokens take the tensor-parallel pass (3 does not):
+    //  A: 3 op by op; 29 from inside tile 0 (completes it at 15, its earlier keys rows, then all of tile 1); a decode
+    //     step; 14 from inside tile 2; a decode step completing tile 2 at 47; two more.
+    //  B: a whole tile from position 0; 13 rows of tile 1; three decode steps (the last completes it); a whole tile
+    //     from 32; two decode steps.
+    //  Decode: a prompt of 5, then one token at a time (every tile completed by a decode step).
+    private static readonly int[][] Schedules = [[3, 29, 1, 14, 1, 1, 1], [16, 13, 1, 1, 1, 16, 1, 1], [5, .. Enumerable.Repeat(1, 45)]];
 
     /// <summary>Feeds <see cref="Tokens"/> in chunks of the given sizes; the logits after each chunk, at its last position.</summary>
     private static Dictionary<int, float[]> Feed(LlamaModel model, IKvCache cache, int[] chunks)
@@ -84,19 +85,25 @@ public class TensorParallelPassTests
         var rm = Make(name + "-chunks", heads, kv, dtype);
         var reference = new NaiveLlama(rm).Logits(Tokens);
         using var model = LlamaModel.Load(rm.Dir, threads);
-        foreach (int n in Mixed.Where(n => n > 1))
-            Assert.True(model.UsesTensorParallelPrefill(n), $"{name}: a {n}-token chunk should take the tensor-parallel pass");
-        using var cache = model.NewKvCache();
-        foreach (var (pos, logits) in Feed(model, cache, Mixed))
-            AssertClose(reference[pos], logits, 1e-4, $"{name} chunk ending at position {pos}");
+        foreach (int n in new[] { 12, 13, 14, 16, 24, 29 })
+            Assert.True(model.UsesTensorParallelPrefill(n), $"{name}: a {n}-token prompt should take the tensor-parallel pass");
+        foreach (int n in new[] { 1, 3, 11, 20 })
+            Assert.False(model.UsesTensorParallelPrefill(n), $"{name}: a {n}-token prompt should go op by op");
+        for (int s = 0; s < 2; s++)
+        {
+            using var cache = model.NewKvCache();
+            foreach (var (pos, logits) in Feed(model, cache, Schedules[s]))
+                AssertClose(reference[pos], logits, 1e-4, $"{name} schedule {s}, chunk ending at position {pos}");
+        }
     }
 
     [Theory]
-    [InlineData(true)]
-    [InlineData(false)]
-    public void PassWritesTheSameBf16PagedCacheAsTheOpByOpPath(bool mixedChunks)
+    [InlineData(0)]
+    [InlineData(1)]
+    [InlineData(2)]
+    public void PassWritesTheSameBf16PagedCacheAsTheOpByOpPath(int schedule)
     {
-        var chunks = mixedChunks ? Mixed : Decode;
+        var chunks = Schedules[schedule];
         var rm = Make("tp-paged-bf16", 4, 2, "F32");
         using var model = LlamaModel.Load(rm.Dir, threads: 2);
         var c = model.Config;
@@ -105,7 +112,7 @@ public class TensorParallelPassTests
         {
             model.TensorParallel = tensorParallel;
             Assert.Equal(tensorParallel, model.UsesTensorParallelDecode);
-            Assert.Equal(tensorParallel, model.UsesTensorParallelPrefill(5));
+            Assert.Equal(tensorParallel, model.UsesTensorParallelPrefill(13));
             var cache = new PagedKvCache(pool, 64);
             for (int b = 0; b < 4; b++) cache.Add(firstBlock + (b * 3) % 4);   // blocks out of order: the table matters
             return (cache, Feed(model, cache, chunks));
