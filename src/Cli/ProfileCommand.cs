@@ -59,8 +59,8 @@ public static class ProfileCommand
         return cmd;
     }
 
-    /// <summary>Timed prefill passes (after one untimed pass over the same prompt).</summary>
-    public const int PrefillPasses = 3;
+    /// <summary>Timed prefill passes (after one untimed pass over the same prompt), each followed by a sample of the GEMM roof.</summary>
+    public const int PrefillPasses = 9;
 
     /// <summary>Prefill of b copies of the prompt in one pass, then n decode steps for all b; each phase profiled on its own.</summary>
     public static (PhaseProfile Prefill, PhaseProfile Decode, OpProfiler DecodeProfiler) Run(LlamaModel llm, int[] ids, int n, int b, Roofline roof, KvType kv = KvType.F32)
@@ -105,17 +105,27 @@ public static class ProfileCommand
             // Compute roofs the kernels can reach at this prompt's rows and at the decode batch (same run). Not for
             // one row: a GEMV's FLOP rate is its bandwidth, and decode at batch 1 is judged by bytes alone.
             int preRows = Math.Min(llm.MaxTokens, b * ids.Length);
-            double gemmPrefill = preRows >= 2 ? llm.MeasureGemmGflops(preRows, sequences: b) : 0, gemmDecode = b >= 2 ? llm.MeasureGemmGflops(b, sequences: b) : 0;
+            double gemmDecode = b >= 2 ? llm.MeasureGemmGflops(b, sequences: b) : 0;
 
             // Prefill: one pass over this very prompt, thrown away (first calls of its code paths, first touch of its
-            // KV pages), then PrefillPasses timed ones; the rows are their mean.
+            // KV pages), then PrefillPasses timed ones; the rows are their mean. After each, one timing of the same
+            // rows' GEMMs alone (the compute roof): roof and passes take turns in the same seconds and both are
+            // quoted as medians, as decode does with its weight stream.
             llm.Profiler = new OpProfiler(L);   // profiled too: the first profiled pass pays one-time costs (~0.3 ms)
             llm.Forward(tokens, slices, logits);
-            var pre = new OpProfiler(L);
-            SampleBandwidth();
-            llm.Profiler = pre;
-            for (int p = 0; p < PrefillPasses; p++) llm.Forward(tokens, slices, logits);
             llm.Profiler = null;
+            if (preRows >= 2) llm.SampleGemmGflops(preRows, sequences: b);   // warm: the GEMM pass's code and buffers
+            var pre = new OpProfiler(L);
+            var gemmSamples = new List<double>();
+            SampleBandwidth();
+            for (int p = 0; p < PrefillPasses; p++)
+            {
+                llm.Profiler = pre;
+                llm.Forward(tokens, slices, logits);
+                llm.Profiler = null;
+                if (preRows >= 2) gemmSamples.Add(llm.SampleGemmGflops(preRows, sequences: b));
+            }
+            double gemmPrefill = preRows >= 2 ? Ceilings.Median(gemmSamples) : 0;
             var preCost = cost.Step(Enumerable.Repeat(new StepSequence(ids.Length, ids.Length), b).ToList(), b);
             var prefillCosts = Enumerable.Repeat(preCost, PrefillPasses).SelectMany(c => c).ToList();
             SampleBandwidth();

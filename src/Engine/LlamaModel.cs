@@ -272,23 +272,39 @@ public sealed unsafe class LlamaModel : IDisposable
         var rng = new Random(5);
         for (long i = 0; i < (long)m * d; i++) _xb.Pointer[i] = (float)(rng.NextDouble() - 0.5);
         for (long i = 0; i < (long)m * Config.QDim; i++) _att.Pointer[i] = (float)(rng.NextDouble() - 0.5);
-        double flops = 2.0 * m * ProjectionMatrices().Sum(w => (double)w.Rows * w.Cols);
-        void Pass()
-        {
-            if (sequences == 1 && UsesTensorParallelPrefill(m)) _tp!.GemmPass(m);   // the products as that pass cuts and runs them
-            else LayerProducts(m);
-        }
+        double flops = GemmFlops(m);
         int iters = (int)Math.Clamp(2e9 / flops, 1, 1000);   // about 10 ms per timing at 200 GFLOP/s
-        Pass();                                               // warm: weights into cache where they fit, code jitted
+        GemmPass(m, sequences);                               // warm: weights into cache where they fit, code jitted
         var rates = new List<double>();
         for (int r = 0; r < reps; r++)
         {
             var sw = Stopwatch.StartNew();
-            for (int i = 0; i < iters; i++) Pass();
+            for (int i = 0; i < iters; i++) GemmPass(m, sequences);
             rates.Add(flops * iters / sw.Elapsed.TotalSeconds / 1e9);
         }
         rates.Sort();
         return rates[rates.Count / 2];
+    }
+
+    /// <summary>
+    /// One timed pass of the products <see cref="MeasureGemmGflops"/> times, without a warm-up, on whatever the
+    /// buffers hold (GFLOP/s): a sample taken between the passes of a run, so the roof and the passes it is set
+    /// against share the same seconds of the host.
+    /// </summary>
+    public double SampleGemmGflops(int m, int sequences = 1)
+    {
+        if (m < 2 || m > MaxTokens) throw new ArgumentOutOfRangeException(nameof(m), $"rows must be in [2, {MaxTokens}], got {m}");
+        long t0 = Stopwatch.GetTimestamp();
+        GemmPass(m, sequences);
+        return GemmFlops(m) / Stopwatch.GetElapsedTime(t0).TotalSeconds / 1e9;
+    }
+
+    private double GemmFlops(int m) => 2.0 * m * ProjectionMatrices().Sum(w => (double)w.Rows * w.Cols);
+
+    private void GemmPass(int m, int sequences)
+    {
+        if (sequences == 1 && UsesTensorParallelPrefill(m)) _tp!.GemmPass(m);   // the products as that pass cuts and runs them
+        else LayerProducts(m);
     }
 
     /// <summary>

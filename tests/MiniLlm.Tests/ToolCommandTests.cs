@@ -145,6 +145,16 @@ public class ToolCommandTests
         Assert.True(g > 0 && double.IsFinite(g), $"{g} GFLOP/s");
         Assert.Throws<ArgumentOutOfRangeException>(() => model.MeasureGemmGflops(0));
         Assert.Throws<ArgumentOutOfRangeException>(() => model.MeasureGemmGflops(33));
+        // A 16-row prompt of one sequence takes the tensor-parallel pass here (a cache-resident model): its roof is
+        // that pass's GEMMs; four sequences' 16 rows go op by op. Both time real work.
+        Assert.True(model.UsesTensorParallelPrefill(16));
+        foreach (int sequences in new[] { 1, 4 })
+        {
+            double s = model.SampleGemmGflops(16, sequences);
+            Assert.True(s > 0 && double.IsFinite(s), $"{s} GFLOP/s ({sequences} sequences)");
+        }
+        Assert.Throws<ArgumentOutOfRangeException>(() => model.SampleGemmGflops(1));
+        Assert.Throws<ArgumentOutOfRangeException>(() => model.SampleGemmGflops(33));
     }
 
     [Fact]
