@@ -315,7 +315,82 @@ public sealed unsafe class Attention : ParallelJob
         SetCall(q, heads, kvHeads, headDim, output);
         PlanUnfinishedTiles();
         if (work < SerialWork) { for (int c = 0; c < chunks; c++) Execute(c, 0); }
+        else if (SplitsByPositions(segments)) RunParts(segments[0]);
         else _pool.Run(this, chunks);
+    }
+
+    /// <summary>
+    /// One decode row (batch 1) is cut by positions rather than by heads: each thread takes a run of whole tiles for
+    /// every head (flash-decoding), and the parts' softmax sums are merged after (<see cref="CombineParts"/>). Cut by
+    /// heads, each thread read a few KiB of keys per tile and head and a few hundred bytes of values per position and
+    /// head, hundreds of short pieces; cut by positions, each reads one run of whole tiles, keys and values each one
+    /// contiguous stream. A decode step's KV is cold (the weights streamed through the caches since it was written):
+    /// a C probe reading stories110m's KV at 93 positions after a 256 MiB flush read 29–30 GB/s in the heads' pattern
+    /// and 45–52 GB/s in the positions'. The result depends on where the parts are cut, which follows the positions
+    /// and the threads only, never timing. On by default; off cuts by heads (A/B runs).
+    /// </summary>
+    public static bool FlashDecode { get; set; } = true;
+
+    /// <summary>Fewest tiles each part of a split decode row gets: below it the merge costs more than it saves.</summary>
+    private const int MinTilesPerPart = 2;
+
+    private bool SplitsByPositions(ReadOnlySpan<AttentionSegment> segments) =>
+        FlashDecode && segments.Length == 1 && DecodesRow(segments[0]) && _pool.Threads > 1 &&
+        (segments[0].Start + KvView.Tile) / KvView.Tile >= MinTilesPerPart * _pool.Threads;
+
+    private int _parts, _partTiles;          // this call's parts and the tiles they cut
+    private float[][] _partOut = [], _partMax = [], _partSum = [];   // per part: Σ e·v [heads × hd], max and Σ e [heads]
+
+    /// <summary>
+    /// Parts a split decode row is cut into: runs of at least <see cref="MinTilesPerPart"/> tiles, up to four per
+    /// thread, handed out to whichever thread is free. The cut follows the positions only; the spread over the
+    /// threads follows their speeds (this host's two vCPUs differ by 5–25 %: with one part per thread the faster
+    /// waited for the slower, and the split lost to the heads' twelve chunks in `profile`).
+    /// </summary>
+    private int PartsFor(int tiles) => Math.Clamp(tiles / MinTilesPerPart, _pool.Threads, 4 * _pool.Threads);
+
+    private void RunParts(in AttentionSegment seg)
+    {
+        _partTiles = (seg.Start + KvView.Tile) / KvView.Tile;
+        _parts = PartsFor(_partTiles);
+        if (_partOut.Length < _parts || _partOut[0].Length < _heads * _headDim)
+        {
+            _partOut = new float[_parts][];
+            _partMax = new float[_parts][];
+            _partSum = new float[_parts][];
+            for (int i = 0; i < _parts; i++)
+            {
+                _partOut[i] = GC.AllocateUninitializedArray<float>(_heads * _headDim, pinned: true);
+                _partMax[i] = new float[_heads];
+                _partSum[i] = new float[_heads];
+            }
+        }
+        _splitting = true;
+        try { _pool.Run(this, _parts); }
+        finally { _splitting = false; }
+        CombineParts(seg.Row);
+    }
+
+    private bool _splitting;
+
+    /// <summary>o_h = Σ_p e^(m_p − M)·(Σ e·v)_p / Σ_p e^(m_p − M)·(Σ e)_p over the parts, M the largest of their maxima.</summary>
+    private void CombineParts(int row)
+    {
+        int hd = _headDim;
+        for (int h = 0; h < _heads; h++)
+        {
+            float max = float.NegativeInfinity, sum = 0;
+            for (int p = 0; p < _parts; p++) max = MathF.Max(max, _partMax[p][h]);
+            var o = new Span<float>(O(row, h), hd);
+            o.Clear();
+            for (int p = 0; p < _parts; p++)
+            {
+                float f = MathF.Exp(_partMax[p][h] - max);
+                sum += f * _partSum[p][h];
+                TensorPrimitives.MultiplyAdd(new ReadOnlySpan<float>(_partOut[p], h * hd, hd), f, o, o);
+            }
+            TensorPrimitives.Multiply(o, 1f / sum, o);
+        }
     }
 
     /// <summary>Whether segment rows take <see cref="DecodeRow"/> (one new token; its unfinished tile's keys read as rows) rather than <see cref="Head"/>.</summary>
@@ -462,6 +537,16 @@ public sealed unsafe class Attention : ParallelJob
 
     public override void Execute(int chunk, int worker)
     {
+        if (_splitting)
+        {
+            fixed (float* scratch = _scores[worker])
+            {
+                int t0 = chunk * _partTiles / _parts, t1 = (chunk + 1) * _partTiles / _parts;
+                if (_segments[0].Kv.Type == KvType.F32) DecodeRow<F32Load>(_segments[0], 0, _heads, scratch, t0, t1, chunk);
+                else DecodeRow<Bf16Load>(_segments[0], 0, _heads, scratch, t0, t1, chunk);
+            }
+            return;
+        }
         int si = 0;
         while (_firstChunk[si + 1] <= chunk) si++;   // few segments: a linear walk is cheapest
         int local = chunk - _firstChunk[si];
@@ -541,62 +626,76 @@ public sealed unsafe class Attention : ParallelJob
     /// <summary>
     /// A decode row (a segment of one token) × query heads h0..h1: keys tile by tile with the run's heads inner (one
     /// forward stream through the tiles), then per head a softmax and its weighted sum of values with the output
-    /// held in registers.
+    /// held in registers. With <paramref name="part"/> ≥ 0 only tiles [tile0, tile1) (one part of a split decode,
+    /// <see cref="FlashDecode"/>): each head's max score, sum of exponentials and unnormalized Σ e_j·v_j go to that
+    /// part's buffers for <see cref="CombineParts"/>.
     /// </summary>
-    private void DecodeRow<TL>(in AttentionSegment seg, int h0, int h1, float* scratch) where TL : IWeightLoad
+    private void DecodeRow<TL>(in AttentionSegment seg, int h0, int h1, float* scratch, int tile0 = 0, int tile1 = int.MaxValue, int part = -1) where TL : IWeightLoad
     {
-        int hd = _headDim, group = _heads / _kvHeads, keys = seg.Start + 1;
-        int tiles = (keys + KvView.Tile - 1) / KvView.Tile;
+        int hd = _headDim, group = _heads / _kvHeads, length = seg.Start + 1;
+        tile1 = Math.Min(tile1, (length + KvView.Tile - 1) / KvView.Tile);
+        int keys = Math.Min(length, tile1 * KvView.Tile) - tile0 * KvView.Tile;   // this call's keys, from tile0
         var kv = seg.Kv;
         long headBytes = (long)hd * kv.ElementBytes;
-        for (int tile = 0; tile < tiles; tile++)
+        for (int tile = tile0; tile < tile1; tile++)
         {
             nint kt = kv.KeyTile(tile);
-            if (KvView.KeysAreRows(tile, keys))
+            int at = (tile - tile0) * KvView.Tile;
+            if (KvView.KeysAreRows(tile, length))
             {
                 for (int h = h0; h < h1; h++)
-                    RowScores<TL>(Q(seg.Row, h), kt + (nint)(h / group * headBytes), (long)kv.KvDim * kv.ElementBytes, keys - tile * KvView.Tile, hd, _scale, scratch + (h - h0) * _stride + tile * KvView.Tile);
+                    RowScores<TL>(Q(seg.Row, h), kt + (nint)(h / group * headBytes), (long)kv.KvDim * kv.ElementBytes, length - tile * KvView.Tile, hd, _scale, scratch + (h - h0) * _stride + at);
                 continue;
             }
             for (int h = h0; h < h1; h++)
             {
                 nint kh = kt + (nint)(h / group * headBytes * KvView.Tile);
-                float* dst = scratch + (h - h0) * _stride + tile * KvView.Tile;
+                float* dst = scratch + (h - h0) * _stride + at;
                 if (Paired(h, h1, group)) TileScoresPair<TL>(Q(seg.Row, h), Q(seg.Row, ++h), kh, hd, _scale, dst, dst + _stride);
                 else TileScores<TL>(Q(seg.Row, h), kh, hd, _scale, dst);
             }
         }
         // Softmax with its division moved onto the output: e_j = exp(s_j − max) and their sum in one pass
         // (TensorPrimitives.SoftMax computes every exponential twice, for the sum and again for the quotient,
-        // through double precision), o = (Σ_j e_j·v_j) / Σ_j e_j.
+        // through double precision), o = (Σ_j e_j·v_j) / Σ_j e_j. A part keeps its max and sum, and divides nothing.
         float* norm = stackalloc float[h1 - h0];
         for (int h = h0; h < h1; h++)
         {
             var e = new Span<float>(scratch + (h - h0) * _stride, keys);
-            norm[h - h0] = 1f / FastExp.ExpShiftedSum(e, TensorPrimitives.Max(e));
+            float max = TensorPrimitives.Max(e), sum = FastExp.ExpShiftedSum(e, max);
+            if (part < 0) { norm[h - h0] = 1f / sum; continue; }
+            norm[h - h0] = 1f;
+            _partMax[part][h] = max;
+            _partSum[part][h] = sum;
         }
         // o_h = Σ_j e_h[j]·v_j per head, its output in registers (decode runs need hd % 16 == 0; the ·V kernel
         // wants 32). Measured: 40–55 % faster than accumulating all heads through memory position by position,
         // both with the KV in cache (tiny-kjv) and cold in DRAM (stories110m shapes at 600 positions).
-        for (int h = h0; h < h1; h++)
-        {
-            float* p = scratch + (h - h0) * _stride, o = O(seg.Row, h);
-            float n = norm[h - h0];
-            if (hd % 32 == 0 && Paired(h, h1, group)) { WeightedSumPair<TL>(kv, h / group * hd, hd, p, p + _stride, keys, o, O(seg.Row, h + 1), n, norm[++h - h0]); continue; }
-            if (hd % 32 == 0) WeightedSumV512<TL>(kv, h / group * hd, hd, p, keys, o, n);
-            else
+        fixed (float* partOut = part < 0 ? null : _partOut[part])
+            for (int h = h0; h < h1; h++)
             {
-                nint vh = (nint)(h / group * headBytes);
-                new Span<float>(o, hd).Clear();
-                for (int j = 0; j < keys; j++)
+                float* p = scratch + (h - h0) * _stride, o = part < 0 ? O(seg.Row, h) : partOut + (long)h * hd;
+                float n = norm[h - h0];
+                if (hd % 32 == 0 && Paired(h, h1, group))
                 {
-                    var pj = Vector512.Create(p[j]);
-                    nint v = kv.ValueRow(j) + vh;
-                    for (int c = 0; c < hd; c += 16) Vector512.FusedMultiplyAdd(TL.Load512(v, c), pj, Vector512.Load(o + c)).Store(o + c);
+                    float* o1 = part < 0 ? O(seg.Row, h + 1) : partOut + (long)(h + 1) * hd;
+                    WeightedSumPair<TL>(kv, h / group * hd, hd, p, p + _stride, keys, o, o1, n, norm[++h - h0], tile0);
+                    continue;
                 }
-                TensorPrimitives.Multiply(new ReadOnlySpan<float>(o, hd), n, new Span<float>(o, hd));
+                if (hd % 32 == 0) WeightedSumV512<TL>(kv, h / group * hd, hd, p, keys, o, n, tile0);
+                else
+                {
+                    nint vh = (nint)(h / group * headBytes);
+                    new Span<float>(o, hd).Clear();
+                    for (int j = 0; j < keys; j++)
+                    {
+                        var pj = Vector512.Create(p[j]);
+                        nint v = kv.ValueRow(tile0 * KvView.Tile + j) + vh;
+                        for (int c = 0; c < hd; c += 16) Vector512.FusedMultiplyAdd(TL.Load512(v, c), pj, Vector512.Load(o + c)).Store(o + c);
+                    }
+                    TensorPrimitives.Multiply(new ReadOnlySpan<float>(o, hd), n, new Span<float>(o, hd));
+                }
             }
-        }
     }
 
     /// <summary>
@@ -803,13 +902,13 @@ public sealed unsafe class Attention : ParallelJob
     }
 
     /// <summary><see cref="WeightedSumV512{TL}"/> for two query heads of one KV head: each value vector loaded once.</summary>
-    private static void WeightedSumPair<TL>(in KvView kv, int offset, int hd, float* pa, float* pb, int keys, float* oa, float* ob, float na, float nb) where TL : IWeightLoad
+    private static void WeightedSumPair<TL>(in KvView kv, int offset, int hd, float* pa, float* pb, int keys, float* oa, float* ob, float na, float nb, int firstTile = 0) where TL : IWeightLoad
     {
         long stride = (long)kv.KvDim * kv.ElementBytes;
         for (int c = 0; c < hd; c += 32)
         {
             Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default, b0 = default, b1 = default, b2 = default, b3 = default;
-            for (int tile = 0, j = 0; j < keys; tile++)
+            for (int tile = firstTile, j = 0; j < keys; tile++)
             {
                 nint v = kv.ValueTile(tile) + (nint)((long)offset * kv.ElementBytes);
                 int end = Math.Min(keys, j + KvView.Tile);
@@ -848,13 +947,13 @@ public sealed unsafe class Attention : ParallelJob
     /// o[0..hd) = Σ_j p[j] · v_j[offset..offset+hd), hd a multiple of 32: the output stays in registers, 32 floats
     /// at a time, with keys taken two at a time into separate accumulators (four independent FMA chains).
     /// </summary>
-    private static void WeightedSumV512<TL>(in KvView kv, int offset, int hd, float* p, int keys, float* o, float norm = 1f) where TL : IWeightLoad
+    private static void WeightedSumV512<TL>(in KvView kv, int offset, int hd, float* p, int keys, float* o, float norm = 1f, int firstTile = 0) where TL : IWeightLoad
     {
         long stride = (long)kv.KvDim * kv.ElementBytes;   // bytes from one position's values to the next
         for (int c = 0; c < hd; c += 32)
         {
             Vector512<float> a0 = default, a1 = default, b0 = default, b1 = default;
-            for (int tile = 0, j = 0; j < keys; tile++)
+            for (int tile = firstTile, j = 0; j < keys; tile++)
             {
                 nint v = kv.ValueTile(tile) + (nint)((long)offset * kv.ElementBytes);
                 int end = Math.Min(keys, j + KvView.Tile);

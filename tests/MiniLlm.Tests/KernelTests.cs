@@ -604,6 +604,12 @@ public unsafe class KernelTests
     [InlineData(3, 47, 2, 2, 64, false)]
     [InlineData(40, 0, 4, 2, 128, true)]
     [InlineData(2, 33, 3, 1, 96, false)]
+    // one decode row over 4+ tiles: cut by positions into parts and merged (Attention.FlashDecode), parts of 2–3
+    // tiles, the last one unfinished or full, GQA pairs and single heads, hd 16 (no ·V pair kernel), 64 and 96
+    [InlineData(1, 63, 4, 4, 64, false)]
+    [InlineData(1, 100, 8, 2, 32, true)]
+    [InlineData(1, 127, 6, 3, 16, true)]
+    [InlineData(1, 90, 4, 1, 96, false)]
     public void AttentionMatchesNaive(int S, int start, int H, int G, int hd, bool paged)
     {
         int ctx = start + S, kvd = G * hd;
@@ -779,6 +785,48 @@ public unsafe class KernelTests
                 }
             }
             Assert.Equal(outputs[1], outputs[0]);
+        }
+    }
+
+    /// <summary>
+    /// A decode row cut by positions (<see cref="Attention.FlashDecode"/>) against the same row cut by heads: close
+    /// (the parts' sums are merged in another order), and the same bits every call, whichever thread runs which part.
+    /// </summary>
+    [Theory]
+    [InlineData(12, 12, 64, 500)]
+    [InlineData(8, 2, 32, 257)]
+    public void SplitDecodeRowsAgreeWithTheHeadsCutAndRepeat(int H, int G, int hd, int keys)
+    {
+        if (!System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated) return;   // decode rows are the Vector512 path
+        int kvd = G * hd, ctx = (keys + KvView.Tile - 1) / KvView.Tile * KvView.Tile;
+        var q = Random(H * hd, keys);
+        var k = Random(keys * kvd, keys + 1);
+        var v = Random(keys * kvd, keys + 2);
+        foreach (var type in new[] { KvType.F32, KvType.BF16 })
+        {
+            var kBuf = new byte[ctx * kvd * 4];
+            var vBuf = new byte[ctx * kvd * 4];
+            var outputs = new float[4][];
+            fixed (float* qp = q, kp = k, vp = v)
+            fixed (byte* kb = kBuf, vb = vBuf)
+            {
+                var view = new KvView(kb, vb, kvd, type);
+                view.WriteRows(0, keys, kp, vp);
+                using var pool = new WorkerPool(2);
+                var att = new Attention(pool, ctx);
+                for (int pass = 0; pass < 4; pass++)
+                {
+                    outputs[pass] = new float[H * hd];
+                    Attention.FlashDecode = pass != 0;
+                    try { fixed (float* op = outputs[pass]) att.Run(qp, 1, keys - 1, H, G, hd, view, op); }
+                    finally { Attention.FlashDecode = true; }
+                }
+            }
+            for (int i = 0; i < H * hd; i++)
+                Assert.True(Math.Abs(outputs[1][i] - outputs[0][i]) <= 2e-6 + 1e-5 * Math.Abs(outputs[0][i]), $"{type} [{i}]: {outputs[1][i]} split vs {outputs[0][i]} by heads");
+            Assert.NotEqual(outputs[0], outputs[1]);   // the split really ran (another summation order)
+            Assert.Equal(outputs[1], outputs[2]);
+            Assert.Equal(outputs[1], outputs[3]);
         }
     }
 
