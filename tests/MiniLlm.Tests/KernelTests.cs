@@ -752,7 +752,8 @@ public unsafe class KernelTests
     /// <summary>
     /// Decode takes the two query heads of a GQA pair together (each key and value loaded once for both): the pair
     /// kernels sum in the single-head order, so the outputs must be the same bits with pairing off. Groups of 2 and 4,
-    /// hd 32 and 64, fp32 and bf16 KV, lengths inside and on the edge of a tile.
+    /// hd 32 and 64 (there the single heads' ·V walks 64 columns at a time, the pairs' 32), fp32 and bf16 KV, lengths
+    /// inside and on the edge of a tile; at 150 keys the row is split by positions.
     /// </summary>
     [Theory]
     [InlineData(8, 4, 32, 150)]
