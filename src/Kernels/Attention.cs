@@ -290,7 +290,7 @@ public sealed unsafe class Attention : ParallelJob
             _segments = new AttentionSegment[segments.Length];
             _firstChunk = new int[segments.Length + 1];
         }
-        EnsureScoreRows(heads);
+        EnsureScoreRows(heads, headDim);
         long work = 0, groups = 0;
         foreach (var g in segments) groups += (g.Count + RowsPerChunk - 1) / RowsPerChunk;
         // Heads per chunk: as many as still leave about four chunks per worker.
@@ -338,40 +338,36 @@ public sealed unsafe class Attention : ParallelJob
     /// </summary>
     internal static bool WideValues { get; set; } = true;
 
-    /// <summary>Fewest tiles each part of a split decode row gets: below it the merge costs more than it saves.</summary>
+    /// <summary>Fewest tiles each part of a split decode row gets.</summary>
     private const int MinTilesPerPart = 2;
+
+    /// <summary>
+    /// Fewest tiles (256 positions) a decode row must span to be split. Shorter rows keep the heads' cut: alone after
+    /// a cache flush the split took 0.81–0.96 of the time at 50–150 positions as well, but in `minillm profile`'s
+    /// decode (stories110m-f32, 29–93 positions) its attention rows read 25–31 ms against 15–17, with the step's
+    /// tok/s unchanged; at 29–429 positions 244–260 against 249–271.
+    /// </summary>
+    private const int MinSplitTiles = 16;
 
     private bool SplitsByPositions(ReadOnlySpan<AttentionSegment> segments) =>
         FlashDecode && segments.Length == 1 && DecodesRow(segments[0]) && _pool.Threads > 1 &&
-        (segments[0].Start + KvView.Tile) / KvView.Tile >= MinTilesPerPart * _pool.Threads;
+        (segments[0].Start + KvView.Tile) / KvView.Tile >= MinSplitTiles;
 
     private int _parts, _partTiles;          // this call's parts and the tiles they cut
     private float[][] _partOut = [], _partMax = [], _partSum = [];   // per part: Σ e·v [heads × hd], max and Σ e [heads]
 
     /// <summary>
-    /// Parts a split decode row is cut into: runs of at least <see cref="MinTilesPerPart"/> tiles, up to four per
-    /// thread, handed out to whichever thread is free. The cut follows the positions only; the spread over the
-    /// threads follows their speeds (this host's two vCPUs differ by 5–25 %: with one part per thread the faster
-    /// waited for the slower, and the split lost to the heads' twelve chunks in `profile`).
+    /// Parts a split decode row is cut into: a whole number per thread (up to four), each a run of at least
+    /// <see cref="MinTilesPerPart"/> tiles, handed out to whichever thread is free. The cut follows the positions and
+    /// the thread count only; the spread over the threads follows their speeds (this host's two vCPUs differ by
+    /// 5–25 %: with one part per thread the faster waits for the slower).
     /// </summary>
-    private int PartsFor(int tiles) => Math.Clamp(tiles / MinTilesPerPart, _pool.Threads, 4 * _pool.Threads);
+    private int PartsFor(int tiles) => Math.Clamp(tiles / (MinTilesPerPart * _pool.Threads), 1, 4) * _pool.Threads;
 
     private void RunParts(in AttentionSegment seg)
     {
         _partTiles = (seg.Start + KvView.Tile) / KvView.Tile;
         _parts = PartsFor(_partTiles);
-        if (_partOut.Length < _parts || _partOut[0].Length < _heads * _headDim)
-        {
-            _partOut = new float[_parts][];
-            _partMax = new float[_parts][];
-            _partSum = new float[_parts][];
-            for (int i = 0; i < _parts; i++)
-            {
-                _partOut[i] = GC.AllocateUninitializedArray<float>(_heads * _headDim, pinned: true);
-                _partMax[i] = new float[_heads];
-                _partSum[i] = new float[_heads];
-            }
-        }
         _splitting = true;
         try { _pool.Run(this, _parts); }
         finally { _splitting = false; }
@@ -455,9 +451,26 @@ public sealed unsafe class Attention : ParallelJob
     private long[] _unfinishedAt = new long[1];   // per segment: byte offset into each worker's _unfinished, or −1
     private long _call;                           // Run calls so far
 
-    /// <summary>A decode chunk keeps every head's scores of its run: per-worker scratch of at least that many rows.</summary>
-    private void EnsureScoreRows(int heads)
+    /// <summary>
+    /// A decode chunk keeps every head's scores of its run: per-worker scratch of at least that many rows. Also sizes
+    /// the split decode's part buffers (<see cref="RunParts"/>) for the most parts, once per shape: allocated in the
+    /// middle of a decode they cost a collection's pause there (10 ms in one `profile` run).
+    /// </summary>
+    private void EnsureScoreRows(int heads, int headDim)
     {
+        int most = 4 * _pool.Threads;
+        if (_partOut.Length < most || _partOut[0].Length < heads * headDim)
+        {
+            _partOut = new float[most][];
+            _partMax = new float[most][];
+            _partSum = new float[most][];
+            for (int i = 0; i < most; i++)
+            {
+                _partOut[i] = GC.AllocateUninitializedArray<float>(heads * headDim, pinned: true);
+                _partMax[i] = new float[heads];
+                _partSum[i] = new float[heads];
+            }
+        }
         if (_scoreRows >= heads) return;
         _scoreRows = Math.Max(RowsPerChunk, heads);
         for (int i = 0; i < _scores.Length; i++) _scores[i] = GC.AllocateUninitializedArray<float>(_scoreRows * _stride, pinned: true);
@@ -471,7 +484,7 @@ public sealed unsafe class Attention : ParallelJob
     {
         if (heads % kvHeads != 0 || headDim % 16 != 0 || SimdPolicy.Current != SimdPolicy.Isa.V512)
             throw new ArgumentException($"decode by head runs needs whole KV groups, head_dim a multiple of 16 and V512 (heads {heads}, kv heads {kvHeads}, head_dim {headDim})");
-        EnsureScoreRows(heads);
+        EnsureScoreRows(heads, headDim);
         SetCall(q, heads, kvHeads, headDim, output);
     }
 
@@ -497,7 +510,7 @@ public sealed unsafe class Attention : ParallelJob
             _segments[i] = g;
         }
         _segmentCount = layers.Length;
-        EnsureScoreRows(heads);
+        EnsureScoreRows(heads, headDim);
         SetCall(q, heads, kvHeads, headDim, output);
         PlanUnfinishedTiles();
     }

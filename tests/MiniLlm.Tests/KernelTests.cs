@@ -604,12 +604,12 @@ public unsafe class KernelTests
     [InlineData(3, 47, 2, 2, 64, false)]
     [InlineData(40, 0, 4, 2, 128, true)]
     [InlineData(2, 33, 3, 1, 96, false)]
-    // one decode row over 4+ tiles: cut by positions into parts and merged (Attention.FlashDecode), parts of 2–3
-    // tiles, the last one unfinished or full, GQA pairs and single heads, hd 16 (no ·V pair kernel), 64 and 96
-    [InlineData(1, 63, 4, 4, 64, false)]
-    [InlineData(1, 100, 8, 2, 32, true)]
-    [InlineData(1, 127, 6, 3, 16, true)]
-    [InlineData(1, 90, 4, 1, 96, false)]
+    // one decode row over 16+ tiles: cut by positions into parts and merged (Attention.FlashDecode), 2–4 parts of
+    // 4–12 tiles, the last tile unfinished or full, GQA pairs and single heads, hd 16 (no ·V pair kernel), 64, 96
+    [InlineData(1, 255, 4, 4, 64, false)]
+    [InlineData(1, 300, 8, 2, 32, true)]
+    [InlineData(1, 383, 6, 3, 16, true)]
+    [InlineData(1, 270, 4, 1, 96, false)]
     public void AttentionMatchesNaive(int S, int start, int H, int G, int hd, bool paged)
     {
         int ctx = start + S, kvd = G * hd;
@@ -637,7 +637,7 @@ public unsafe class KernelTests
                 try
                 {
                     using var pool = new WorkerPool(2);
-                    var att = new Attention(pool, 128);
+                    var att = new Attention(pool, 512);
                     fixed (float* qp = q, kp = keys, vp = vals, op = output)
                     fixed (byte* kpp = kPool, vpp = vPool)
                     fixed (int* tp = table)
