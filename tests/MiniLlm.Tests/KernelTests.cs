@@ -762,31 +762,41 @@ public unsafe class KernelTests
     public void DecodeAttentionPairsGqaHeadsBitForBit(int H, int G, int hd, int keys)
     {
         if (!System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated) return;   // the pair kernels are the Vector512 decode path
-        int kvd = G * hd, ctx = (keys + KvView.Tile - 1) / KvView.Tile * KvView.Tile;
         var q = Random(H * hd, keys);
-        var kv = Random(keys * kvd, keys + 1);
+        var kv = Random(keys * G * hd, keys + 1);
         foreach (var type in new[] { KvType.F32, KvType.BF16 })
         {
-            var kBuf = new byte[ctx * kvd * 4];
-            var vBuf = new byte[ctx * kvd * 4];
-            var outputs = new float[2][];
-            fixed (float* qp = q, kp = kv)
-            fixed (byte* kb = kBuf, vb = vBuf)
-            {
-                var view = new KvView(kb, vb, kvd, type);
-                view.WriteRows(0, keys, kp, kp);
-                using var pool = new WorkerPool(2);
-                var att = new Attention(pool, ctx);
-                for (int pass = 0; pass < 2; pass++)
-                {
-                    outputs[pass] = new float[H * hd];
-                    Attention.PairHeads = pass == 0;
-                    try { fixed (float* op = outputs[pass]) att.Run(qp, 1, keys - 1, H, G, hd, view, op); }
-                    finally { Attention.PairHeads = true; }
-                }
-            }
+            var outputs = DecodeRowPasses(H, G, hd, keys, q, kv, kv, type, 2, pass => Attention.PairHeads = pass == 0, () => Attention.PairHeads = true);
             Assert.Equal(outputs[1], outputs[0]);
         }
+    }
+
+    /// <summary>
+    /// One decode row (the last of <paramref name="keys"/> positions, 2 threads) computed <paramref name="passes"/>
+    /// times over the same KV, <paramref name="before"/>(pass) setting a switch and <paramref name="after"/> resetting it.
+    /// </summary>
+    private static float[][] DecodeRowPasses(int H, int G, int hd, int keys, float[] q, float[] k, float[] v, KvType type, int passes, Action<int> before, Action after)
+    {
+        int kvd = G * hd, ctx = (keys + KvView.Tile - 1) / KvView.Tile * KvView.Tile;
+        var kBuf = new byte[ctx * kvd * 4];
+        var vBuf = new byte[ctx * kvd * 4];
+        var outputs = new float[passes][];
+        fixed (float* qp = q, kp = k, vp = v)
+        fixed (byte* kb = kBuf, vb = vBuf)
+        {
+            var view = new KvView(kb, vb, kvd, type);
+            view.WriteRows(0, keys, kp, vp);
+            using var pool = new WorkerPool(2);
+            var att = new Attention(pool, ctx);
+            for (int pass = 0; pass < passes; pass++)
+            {
+                outputs[pass] = new float[H * hd];
+                before(pass);
+                try { fixed (float* op = outputs[pass]) att.Run(qp, 1, keys - 1, H, G, hd, view, op); }
+                finally { after(); }
+            }
+        }
+        return outputs;
     }
 
     /// <summary>
@@ -799,30 +809,12 @@ public unsafe class KernelTests
     public void SplitDecodeRowsAgreeWithTheHeadsCutAndRepeat(int H, int G, int hd, int keys)
     {
         if (!System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated) return;   // decode rows are the Vector512 path
-        int kvd = G * hd, ctx = (keys + KvView.Tile - 1) / KvView.Tile * KvView.Tile;
         var q = Random(H * hd, keys);
-        var k = Random(keys * kvd, keys + 1);
-        var v = Random(keys * kvd, keys + 2);
+        var k = Random(keys * G * hd, keys + 1);
+        var v = Random(keys * G * hd, keys + 2);
         foreach (var type in new[] { KvType.F32, KvType.BF16 })
         {
-            var kBuf = new byte[ctx * kvd * 4];
-            var vBuf = new byte[ctx * kvd * 4];
-            var outputs = new float[4][];
-            fixed (float* qp = q, kp = k, vp = v)
-            fixed (byte* kb = kBuf, vb = vBuf)
-            {
-                var view = new KvView(kb, vb, kvd, type);
-                view.WriteRows(0, keys, kp, vp);
-                using var pool = new WorkerPool(2);
-                var att = new Attention(pool, ctx);
-                for (int pass = 0; pass < 4; pass++)
-                {
-                    outputs[pass] = new float[H * hd];
-                    Attention.FlashDecode = pass != 0;
-                    try { fixed (float* op = outputs[pass]) att.Run(qp, 1, keys - 1, H, G, hd, view, op); }
-                    finally { Attention.FlashDecode = true; }
-                }
-            }
+            var outputs = DecodeRowPasses(H, G, hd, keys, q, k, v, type, 4, pass => Attention.FlashDecode = pass != 0, () => Attention.FlashDecode = true);
             for (int i = 0; i < H * hd; i++)
                 Assert.True(Math.Abs(outputs[1][i] - outputs[0][i]) <= 2e-6 + 1e-5 * Math.Abs(outputs[0][i]), $"{type} [{i}]: {outputs[1][i]} split vs {outputs[0][i]} by heads");
             Assert.NotEqual(outputs[0], outputs[1]);   // the split really ran (another summation order)
