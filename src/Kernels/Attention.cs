@@ -325,8 +325,8 @@ public sealed unsafe class Attention : ParallelJob
     /// heads, each thread read a few KiB of keys per tile and head and a few hundred bytes of values per position and
     /// head, hundreds of short pieces; cut by positions, each reads one run of whole tiles, keys and values each one
     /// contiguous stream. A decode step's KV is cold (the weights streamed through the caches since it was written):
-    /// a C probe reading stories110m's KV at 93 positions after a 256 MiB flush read 29–30 GB/s in the heads' pattern
-    /// and 45–52 GB/s in the positions'. The result depends on where the parts are cut, which follows the positions
+    /// a C probe reading stories110m's KV at 93 positions after a 256 MiB flush read 26–30 GB/s in the heads' pattern
+    /// and 32–52 GB/s in the positions' (two host speeds). The result depends on where the parts are cut, which follows the positions
     /// and the threads only, never timing. On by default; off cuts by heads (A/B runs).
     /// </summary>
     public static bool FlashDecode { get; set; } = true;
@@ -453,13 +453,13 @@ public sealed unsafe class Attention : ParallelJob
 
     /// <summary>
     /// A decode chunk keeps every head's scores of its run: per-worker scratch of at least that many rows. Also sizes
-    /// the split decode's part buffers (<see cref="RunParts"/>) for the most parts, once per shape: allocated in the
-    /// middle of a decode they cost a collection's pause there (10 ms in one `profile` run).
+    /// the split decode's part buffers (<see cref="RunParts"/>) for the most parts, once per shape, so a decode that
+    /// reaches 256 positions allocates nothing then.
     /// </summary>
     private void EnsureScoreRows(int heads, int headDim)
     {
         int most = 4 * _pool.Threads;
-        if (_partOut.Length < most || _partOut[0].Length < heads * headDim)
+        if (_partOut.Length < most || _partOut[0].Length < heads * headDim || _partMax[0].Length < heads)
         {
             _partOut = new float[most][];
             _partMax = new float[most][];
