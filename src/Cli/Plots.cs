@@ -52,7 +52,8 @@ public static class Plots
             var sc = plt.Add.ScatterPoints(pts.Select(o => Math.Log10(o.Intensity)).ToArray(), pts.Select(o => Math.Log10(o.Gflops)).ToArray());
             sc.Color = color;
             sc.MarkerSize = 9;
-            sc.LegendText = $"{p.Phase} ops ({p.Tokens} tokens, {p.TokensPerSecond:F0} tok/s)";
+            string tokens = p.Steps > 1 && p.Tokens / p.Steps > 1 ? $"{p.Steps} passes of {p.Tokens / p.Steps} tokens" : $"{p.Tokens} tokens";
+            sc.LegendText = $"{p.Phase} ops ({tokens}, {p.TokensPerSecond:F0} tok/s)";
             foreach (var o in pts.Where(o => o.Share > 0.08))
             {
                 var t = plt.Add.Text(o.Name.Split(' ')[0], Math.Log10(o.Intensity), Math.Log10(o.Gflops));
