@@ -267,6 +267,7 @@ public sealed unsafe class Attention : ParallelJob
 
     public Attention(WorkerPool pool, int maxContext)
     {
+        PrepareSplitPath();
         _pool = pool;
         MaxContext = maxContext;
         _scores = new float[pool.Threads][];
@@ -344,8 +345,8 @@ public sealed unsafe class Attention : ParallelJob
     /// <summary>
     /// Fewest tiles (256 positions) a decode row must span to be split. Shorter rows keep the heads' cut: alone after
     /// a cache flush the split took 0.81–0.96 of the time at 50–150 positions as well, but in `minillm profile`'s
-    /// decode (stories110m-f32, 29–93 positions) its attention rows read 25–31 ms against 15–17, with the step's
-    /// tok/s unchanged; at 29–429 positions 244–260 against 249–271.
+    /// decode (stories110m-f32, 29–93 positions) its attention rows read 15.5–18.0 ms against 14.8–15.5 by heads;
+    /// at 29–429 positions 244–260 against 249–271.
     /// </summary>
     private const int MinSplitTiles = 16;
 
@@ -376,7 +377,26 @@ public sealed unsafe class Attention : ParallelJob
 
     private bool _splitting;
 
-    /// <summary>o_h = Σ_p e^(m_p − M)·(Σ e·v)_p / Σ_p e^(m_p − M)·(Σ e)_p over the parts, M the largest of their maxima.</summary>
+    /// <summary>
+    /// Compiles the split decode's own methods now (tiered compilation is off: each method is fully optimized at its
+    /// first call, ~1 ms here), so the first decode row of 256 positions does not pay it inside a timed step.
+    /// </summary>
+    private static void PrepareSplitPath()
+    {
+        if (_splitPathPrepared) return;
+        _splitPathPrepared = true;
+        const System.Reflection.BindingFlags flags = System.Reflection.BindingFlags.NonPublic | System.Reflection.BindingFlags.Instance;
+        foreach (var name in new[] { nameof(RunParts), nameof(CombineParts), nameof(PartsFor), nameof(SplitsByPositions) })
+            RuntimeHelpers.PrepareMethod(typeof(Attention).GetMethod(name, flags)!.MethodHandle);
+    }
+
+    private static bool _splitPathPrepared;
+
+    /// <summary>
+    /// o_h = Σ_p e^(m_p − M)·(Σ e·v)_p / Σ_p e^(m_p − M)·(Σ e)_p over the parts, M the largest of their maxima. Plain
+    /// Vector512 loops (decode rows have hd % 16 = 0): TensorPrimitives' generic span overloads here cost ~10 ms of
+    /// JIT at a process's first split row, inside its first long decode (`profile` timed it as attention).
+    /// </summary>
     private void CombineParts(int row)
     {
         int hd = _headDim;
@@ -384,15 +404,21 @@ public sealed unsafe class Attention : ParallelJob
         {
             float max = float.NegativeInfinity, sum = 0;
             for (int p = 0; p < _parts; p++) max = MathF.Max(max, _partMax[p][h]);
-            var o = new Span<float>(O(row, h), hd);
-            o.Clear();
+            float* o = O(row, h);
             for (int p = 0; p < _parts; p++)
             {
                 float f = MathF.Exp(_partMax[p][h] - max);
                 sum += f * _partSum[p][h];
-                TensorPrimitives.MultiplyAdd(new ReadOnlySpan<float>(_partOut[p], h * hd, hd), f, o, o);
+                var fv = Vector512.Create(f);
+                fixed (float* part = &_partOut[p][h * hd])
+                    for (int c = 0; c < hd; c += 16)
+                    {
+                        var x = Vector512.Load(part + c) * fv;
+                        (p == 0 ? x : x + Vector512.Load(o + c)).Store(o + c);
+                    }
             }
-            TensorPrimitives.Multiply(o, 1f / sum, o);
+            var inv = Vector512.Create(1f / sum);
+            for (int c = 0; c < hd; c += 16) (Vector512.Load(o + c) * inv).Store(o + c);
         }
     }
 
