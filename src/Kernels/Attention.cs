@@ -129,16 +129,7 @@ public readonly unsafe struct KvView
             int pos = pos0 + i;
             if (pos % Tile == 0 && count - i >= Tile)
             {
-                nint kt = KeyTile(pos / Tile);
-                float* src = key + (long)i * kvd;
-                for (int e = 0; e < kvd; e++)
-                {
-                    float* s = src + e;
-                    for (int r = 0; r < Tile; r++) Store(kt, (long)e * Tile + r, s[(long)r * kvd]);
-                }
-                nint vt = ValueTile(pos / Tile);
-                if (Type == KvType.F32) new ReadOnlySpan<float>(value + (long)i * kvd, Tile * kvd).CopyTo(new Span<float>((void*)vt, Tile * kvd));
-                else for (long e = 0; e < (long)Tile * kvd; e++) Store(vt, e, value[(long)i * kvd + e]);
+                WriteTileColumns(pos / Tile, key + (long)i * kvd, value + (long)i * kvd, kvd, 0, kvd);
                 i += Tile;
             }
             else
@@ -286,11 +277,7 @@ public sealed unsafe class Attention : ParallelJob
     /// <param name="output">[T × heads·hd].</param>
     public void Run(float* q, int heads, int kvHeads, int headDim, ReadOnlySpan<AttentionSegment> segments, float* output)
     {
-        if (_segments.Length < segments.Length)
-        {
-            _segments = new AttentionSegment[segments.Length];
-            _firstChunk = new int[segments.Length + 1];
-        }
+        EnsureSegments(segments.Length);
         EnsureScoreRows(heads, headDim);
         long work = 0, groups = 0;
         foreach (var g in segments) groups += (g.Count + RowsPerChunk - 1) / RowsPerChunk;
@@ -522,11 +509,7 @@ public sealed unsafe class Attention : ParallelJob
     public void PreparePrefill(float* q, int heads, int kvHeads, int headDim, ReadOnlySpan<AttentionSegment> layers, float* output)
     {
         if (heads % kvHeads != 0) throw new ArgumentException($"heads ({heads}) must be whole groups of the KV heads ({kvHeads})");
-        if (_segments.Length < layers.Length)
-        {
-            _segments = new AttentionSegment[layers.Length];
-            _firstChunk = new int[layers.Length + 1];
-        }
+        EnsureSegments(layers.Length);
         for (int i = 0; i < layers.Length; i++)
         {
             var g = layers[i];
@@ -552,6 +535,14 @@ public sealed unsafe class Attention : ParallelJob
                 if (f32) Head<F32Load>(layer, g, h, worker);
                 else Head<Bf16Load>(layer, g, h, worker);
             }
+    }
+
+    /// <summary>Room for <paramref name="n"/> segments and their first chunks.</summary>
+    private void EnsureSegments(int n)
+    {
+        if (_segments.Length >= n) return;
+        _segments = new AttentionSegment[n];
+        _firstChunk = new int[n + 1];
     }
 
     /// <summary>This call's q, output and shapes, which every chunk reads.</summary>
