@@ -243,7 +243,7 @@ internal sealed unsafe class TensorParallelPass : ParallelJob, IDisposable
         int d = c.HiddenSize, f = c.IntermediateSize, M = _rows, hT = c.NumAttentionHeads / _threads, gT = c.NumKeyValueHeads / _threads;
         var (q0, q1, k0, k1, f0, f1, v0, v1) = SharesOf(t);
         float* x = _x[t].Pointer, xb = _xb[t].Pointer;
-        float* partsA = _partsA.Pointer + (long)t * _maxRows * d, partsB = _partsB.Pointer + (long)t * _maxRows * d;
+        float* partsA = PartsOf(_partsA, t), partsB = PartsOf(_partsB, t);
         float eps = (float)c.RmsNormEps;
         var prof = t == 0 ? _prof : null;
         int epoch = 0;
@@ -270,7 +270,7 @@ internal sealed unsafe class TensorParallelPass : ParallelJob, IDisposable
             prof?.Record(OpKind.AttnScores, l, ref _t0);
             Product(t, _att, c.QDim, L.Wo, 0, d, q0, q1, partsA, d);   // partial o [M × d]
             prof?.Record(OpKind.OProj, l, ref _t0);
-            AddSublayer(x, _partsA.Pointer, t, ref epoch);   // x += Σ partial o
+            AddSublayer(x, _partsA, t, ref epoch);   // x += Σ partial o
             prof?.Record(OpKind.AttnResidual, l, ref _t0);
 
             // ── MLP, this thread's slice ──
@@ -283,7 +283,7 @@ internal sealed unsafe class TensorParallelPass : ParallelJob, IDisposable
             // Partials alternate between two sets: a thread may start this one while another still reads the last.
             Product(t, _hb, f, L.Wdown, 0, d, f0, f1, partsB, d);   // partial down [M × d]
             prof?.Record(OpKind.Down, l, ref _t0);
-            AddSublayer(x, _partsB.Pointer, t, ref epoch);   // x += Σ partial down
+            AddSublayer(x, _partsB, t, ref epoch);   // x += Σ partial down
             prof?.Record(OpKind.FfnResidual, l, ref _t0);
         }
         fixed (float* wn = _finalNorm) Ops.RmsNorm(x + (long)(M - 1) * d, wn, xb, 1, d, eps);   // the last row only
@@ -297,10 +297,9 @@ internal sealed unsafe class TensorParallelPass : ParallelJob, IDisposable
         int d = _c.HiddenSize;
         if (_rows == 1)
         {
-            float* pairs = _pairs[t].Pointer;
-            MatMul.GemvSlice(xb, L.Wq, q0, q1, 0, d, _q, pairs);
-            MatMul.GemvSlice(xb, L.Wk, k0, k1, 0, d, _k, pairs);
-            MatMul.GemvSlice(xb, L.Wv, k0, k1, 0, d, _v, pairs);
+            Product(t, xb, d, L.Wq, q0, q1, 0, d, _q, _c.QDim);
+            Product(t, xb, d, L.Wk, k0, k1, 0, d, _k, _c.KvDim);
+            Product(t, xb, d, L.Wv, k0, k1, 0, d, _v, _c.KvDim);
             return;
         }
         _gemm[t].Run(xb, d, _rows, [new(L.Wq.Block(q0, q1, 0, d), _q + q0, _c.QDim),
@@ -313,8 +312,8 @@ internal sealed unsafe class TensorParallelPass : ParallelJob, IDisposable
         int d = _c.HiddenSize, f = _c.IntermediateSize;
         if (_rows == 1)
         {
-            MatMul.GemvSlice(xb, L.Wgate, f0, f1, 0, d, _hb, _pairs[t].Pointer);
-            MatMul.GemvSlice(xb, L.Wup, f0, f1, 0, d, _hb2, _pairs[t].Pointer);
+            Product(t, xb, d, L.Wgate, f0, f1, 0, d, _hb, f);
+            Product(t, xb, d, L.Wup, f0, f1, 0, d, _hb2, f);
             return;
         }
         _gemm[t].Run(xb, d, _rows, [new(L.Wgate.Block(f0, f1, 0, d), _hb + f0, f), new(L.Wup.Block(f0, f1, 0, d), _hb2 + f0, f)]);
@@ -358,18 +357,20 @@ internal sealed unsafe class TensorParallelPass : ParallelJob, IDisposable
         }
     }
 
+    /// <summary>Thread u's [rows × d] of a set of per-thread buffers (<see cref="_partsA"/>, <see cref="_partsB"/>, <see cref="_sum"/>).</summary>
+    private float* PartsOf(NativeBuffer set, int u) => set.Pointer + (long)u * _maxRows * _c.HiddenSize;
+
     /// <summary>
     /// Waits for every thread's partial sublayer output, then x += Σ_u parts[u] in thread order (the pass's rows):
     /// the same operations on every thread, so every copy of x agrees.
     /// </summary>
-    private void AddSublayer(float* x, float* parts, int t, ref int epoch)
+    private void AddSublayer(float* x, NativeBuffer parts, int t, ref int epoch)
     {
         Barrier(ref epoch);
         int n = _rows * _c.HiddenSize;
-        long stride = (long)_maxRows * _c.HiddenSize;
-        var sum = new Span<float>(_sum.Pointer + t * stride, n);
-        new ReadOnlySpan<float>(parts, n).CopyTo(sum);
-        for (int u = 1; u < _threads; u++) TensorPrimitives.Add(sum, new ReadOnlySpan<float>(parts + u * stride, n), sum);
+        var sum = new Span<float>(PartsOf(_sum, t), n);
+        new ReadOnlySpan<float>(PartsOf(parts, 0), n).CopyTo(sum);
+        for (int u = 1; u < _threads; u++) TensorPrimitives.Add(sum, new ReadOnlySpan<float>(PartsOf(parts, u), n), sum);
         var xs = new Span<float>(x, n);
         TensorPrimitives.Add(xs, sum, xs);
     }
@@ -395,7 +396,7 @@ internal sealed unsafe class TensorParallelPass : ParallelJob, IDisposable
     {
         int d = _c.HiddenSize, f = _c.IntermediateSize;
         var (q0, q1, k0, k1, f0, f1, _, _) = SharesOf(t);
-        float* xb = _xb[t].Pointer, parts = _partsA.Pointer + (long)t * _maxRows * d;
+        float* xb = _xb[t].Pointer, parts = PartsOf(_partsA, t);
         foreach (var L in _layers)
         {
             Qkv(t, L, xb, q0, q1, k0, k1);
