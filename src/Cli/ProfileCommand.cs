@@ -174,6 +174,10 @@ public static class ProfileCommand
             console.WriteLine($"{p.Phase}: {p.Tokens} tokens in {F(p.Seconds * 1000, "F2")} ms, {p.Steps} passes (median {F(p.MedianStepSeconds * 1000, "F3")} ms; mean {F(p.MeanTokensPerSecond)} tok/s)");
             console.WriteLine($"  bytes counted against {p.BandwidthSource}");
             console.Write(Table(p.Ops, roof, p.BandwidthUsedGBps, "op"));
+            if (p.BarrierWaits.Count > 0)
+                console.WriteLine($"  barrier waits, mean per pass of {F(p.Seconds / p.Steps * 1e6)} µs: " +
+                                  string.Join(", ", p.BarrierWaits.Select((s, t) => $"thread {t} {F(s * 1e6)} µs")) +
+                                  " (a thread that arrives first waits for the other; thread 0's waits are inside its residual rows)");
         }
         console.WriteLine();
         console.WriteLine("per layer (decode)");
@@ -213,7 +217,7 @@ public static class ProfileCommand
             tokens = p.Tokens, seconds = p.Seconds, passes = p.Steps, median_pass_seconds = p.MedianStepSeconds, tok_s = p.TokensPerSecond, mean_tok_s = p.MeanTokensPerSecond, predicted_tok_s = p.PredictedTokensPerSecond(roof),
             compute_roof_gflops = p.ComputeRoofGflops(roof), gemm_gflops = p.GemmGflops, predicted_bound = p.ComputeBound(roof) ? "compute" : "memory",
             flops = p.Flops, bytes = p.Bytes, weight_bytes = p.WeightBytes, mfu = p.Mfu(roof), mbu = p.Mbu, bandwidth_gbps = p.BandwidthUsedGBps,
-            bandwidth_source = p.BandwidthSource,
+            bandwidth_source = p.BandwidthSource, barrier_wait_seconds_per_pass = p.BarrierWaits,
             ops = p.Ops.Select(r => Row(r, roof, p.BandwidthUsedGBps)), layers = p.Layers.Select(r => Row(r, roof, p.BandwidthUsedGBps)),
         };
         return JsonSerializer.Serialize(new

@@ -14,6 +14,8 @@ public sealed class OpProfiler
     private readonly int _layers;
     private readonly List<long> _passTicks = new();   // each finished pass's wall time
     private long _thisPass;                           // ticks recorded since the last EndPass
+    private long[] _waitTicks = [];                   // per thread at WaitStride: ticks spent waiting at barriers
+    private const int WaitStride = 16;                // 128 bytes between two threads' counters (no false sharing)
 
     public OpProfiler(int layers)
     {
@@ -32,6 +34,27 @@ public sealed class OpProfiler
         _ticks[Index(op, layer)] += now - since;
         _thisPass += now - since;
         since = now;
+    }
+
+    /// <summary>Room for <paramref name="threads"/> threads' barrier waits (called before a pass, on one thread).</summary>
+    internal void EnsureThreads(int threads)
+    {
+        if (_waitTicks.Length < threads * WaitStride) Array.Resize(ref _waitTicks, threads * WaitStride);
+    }
+
+    /// <summary>Thread <paramref name="thread"/> waited <paramref name="ticks"/> at a barrier (each thread writes its own slot).</summary>
+    internal void RecordWait(int thread, long ticks) => _waitTicks[thread * WaitStride] += ticks;
+
+    /// <summary>
+    /// Seconds each thread spent waiting at the barriers of a one-dispatch pass (<see cref="TensorParallelPass"/>),
+    /// over all recorded passes; empty when no pass had barriers. Thread 0's share is already inside its op rows
+    /// (the residual rows), the others' are not on any row.
+    /// </summary>
+    public IReadOnlyList<double> WaitSeconds()
+    {
+        var s = new double[_waitTicks.Length / WaitStride];
+        for (int t = 0; t < s.Length; t++) s[t] = (double)_waitTicks[t * WaitStride] / Stopwatch.Frequency;
+        return s;
     }
 
     internal void EndPass()
@@ -73,6 +96,7 @@ public sealed class OpProfiler
     public void Reset()
     {
         Array.Clear(_ticks);
+        Array.Clear(_waitTicks);
         _passTicks.Clear();
         _thisPass = 0;
         Passes = 0;

@@ -18,8 +18,11 @@ public sealed record ProfileRow(string Name, double Seconds, double Share, doubl
 /// bandwidth beside them is a median of samples taken between the same passes.</param>
 public sealed record PhaseProfile(string Phase, int Tokens, double Seconds, double Flops, double Bytes, double WeightBytes,
     IReadOnlyList<ProfileRow> Ops, IReadOnlyList<ProfileRow> Layers, double BandwidthUsedGBps, string BandwidthSource, double GemmGflops = 0,
-    int Steps = 0, double MedianStepSeconds = 0)
+    int Steps = 0, double MedianStepSeconds = 0, IReadOnlyList<double>? BarrierWaitSecondsPerPass = null)
 {
+    /// <summary>Per thread, seconds a pass spent waiting at its barriers (mean over the passes); empty when the passes had none.</summary>
+    public IReadOnlyList<double> BarrierWaits => BarrierWaitSecondsPerPass ?? [];
+
     /// <summary>Seconds per token: the median pass's time over its tokens when passes were timed, else the mean.</summary>
     private double SecondsPerToken => Steps > 0 && MedianStepSeconds > 0 ? MedianStepSeconds * Steps / Tokens : Seconds / Tokens;
     /// <summary>Tokens/s of the median pass (every pass of a phase does the same work).</summary>
@@ -85,7 +88,8 @@ public static class ProfileReport
             rows.Add(new ProfileRow(l < 0 ? "embedding + head" : $"layer {l}", s, s / total, mine.Sum(c => c.Flops), mine.Sum(c => c.Bytes)));
         }
         var (fl, by, wb) = CostModel.Sum(all);
-        return new PhaseProfile(phase, tokens, total, fl, by, wb, ops, rows, bandwidth, bandwidthSource, gemmGflops, prof.Passes, prof.MedianPassSeconds);
+        var waits = prof.Passes > 0 ? prof.WaitSeconds().Select(w => w / prof.Passes).ToArray() : [];
+        return new PhaseProfile(phase, tokens, total, fl, by, wb, ops, rows, bandwidth, bandwidthSource, gemmGflops, prof.Passes, prof.MedianPassSeconds, waits);
     }
 
     /// <summary>"compute" or "memory" by the ridge, and the fraction of the roof at this row's intensity.</summary>

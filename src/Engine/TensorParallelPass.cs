@@ -142,6 +142,7 @@ internal sealed unsafe class TensorParallelPass : ParallelJob, IDisposable
             _attention.PreparePrefill(_q, _c.NumAttentionHeads, _c.NumKeyValueHeads, _c.HeadDim, _segments, _att);
         }
         _prof = prof;
+        prof?.EnsureThreads(_threads);
         _t0 = prof == null ? 0 : Stopwatch.GetTimestamp();
         Dispatch(Mode.Forward);
         if (prof != null)
@@ -205,16 +206,22 @@ internal sealed unsafe class TensorParallelPass : ParallelJob, IDisposable
         }
     }
 
-    /// <summary>Waits until every thread has arrived at its <paramref name="epoch"/>-th barrier of this dispatch.</summary>
-    private void Barrier(ref int epoch)
+    /// <summary>
+    /// Waits until every thread has arrived at its <paramref name="epoch"/>-th barrier of this dispatch. Profiled, each
+    /// thread's wait is recorded (<see cref="OpProfiler.WaitSeconds"/>): the time a faster core spends on a slower one.
+    /// </summary>
+    private void Barrier(ref int epoch, int t)
     {
         long target = (long)++epoch * _threads;
+        var prof = _prof;
+        long since = prof == null ? 0 : Stopwatch.GetTimestamp();
         Interlocked.Increment(ref _sync[16]);
         while (Volatile.Read(ref _sync[16]) < target)
         {
             if (_failed) throw new OperationCanceledException("another thread of the pass failed");
             Thread.SpinWait(1);
         }
+        prof?.RecordWait(t, Stopwatch.GetTimestamp() - since);
     }
 
     /// <summary>Rows [r0, r1) of a dimension of n cut in <see cref="_threads"/> parts of whole units (the last takes any remainder).</summary>
@@ -350,7 +357,7 @@ internal sealed unsafe class TensorParallelPass : ParallelJob, IDisposable
             {
                 byte* stage = (byte*)_stage[t].Pointer;
                 kv.CopyKeyColumns(pos / KvView.Tile, k0, k1, stage);
-                Barrier(ref epoch);
+                Barrier(ref epoch, t);
                 kv.StoreKeyColumns(pos / KvView.Tile, k0, k1, stage);
             }
             i++;
@@ -366,7 +373,7 @@ internal sealed unsafe class TensorParallelPass : ParallelJob, IDisposable
     /// </summary>
     private void AddSublayer(float* x, NativeBuffer parts, int t, ref int epoch)
     {
-        Barrier(ref epoch);
+        Barrier(ref epoch, t);
         int n = _rows * _c.HiddenSize;
         var sum = new Span<float>(PartsOf(_sum, t), n);
         new ReadOnlySpan<float>(PartsOf(parts, 0), n).CopyTo(sum);

@@ -204,6 +204,15 @@ public class ToolCommandTests
         }
         double predicted = dec.GetProperty("predicted_tok_s").GetDouble();
         Assert.Equal(dec.GetProperty("tokens").GetInt32() / (dec.GetProperty("bytes").GetDouble() / (dec.GetProperty("bandwidth_gbps").GetDouble() * 1e9)), predicted, 6);
+        // Decode here is one dispatch a step with barriers (a cache-resident model on 2 threads): each thread's mean wait
+        // per step is reported, and happens inside the step (thread 0's inside its rows, thread 1's inside the dispatch).
+        // The short prompt goes op by op: no barriers, nothing to report.
+        var waits = dec.GetProperty("barrier_wait_seconds_per_pass").EnumerateArray().Select(w => w.GetDouble()).ToList();
+        Assert.Equal(2, waits.Count);
+        double meanStep = dec.GetProperty("seconds").GetDouble() / dec.GetProperty("passes").GetInt32();
+        Assert.All(waits, w => Assert.True(w >= 0 && w <= meanStep, $"{w} s of waiting in a {meanStep} s step"));
+        Assert.True(waits.Sum() > 0, "every barrier is timed, so some thread waited");
+        Assert.Empty(pre.GetProperty("barrier_wait_seconds_per_pass").EnumerateArray());
     }
 
     [Fact]
