@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using System.CommandLine;
 using System.Globalization;
 using System.Text.Json;
@@ -115,28 +116,36 @@ public static class ProfileCommand
             llm.Forward(tokens, slices, logits);
             llm.Profiler = null;
             if (preRows >= 2) llm.SampleGemmGflops(preRows, sequences: b);   // warm: the GEMM pass's code and buffers
+            // Each profiled pass has an unprofiled twin (which goes first alternates): the per-op rows come from the
+            // profiled ones, the phase's tok/s from the twins, so the Stopwatch reads are not in the speed quoted.
             var pre = new OpProfiler(L);
             var gemmSamples = new List<double>();
+            var preTimes = new List<double>();
             SampleBandwidth();
             for (int p = 0; p < PrefillPasses; p++)
             {
-                llm.Profiler = pre;
-                llm.Forward(tokens, slices, logits);
-                llm.Profiler = null;
+                for (int twin = 0; twin < 2; twin++)
+                {
+                    if ((twin + p) % 2 == 0) { llm.Profiler = pre; llm.Forward(tokens, slices, logits); llm.Profiler = null; }
+                    else preTimes.Add(TimedForward(llm, tokens, slices, logits));
+                }
                 if (preRows >= 2) gemmSamples.Add(llm.SampleGemmGflops(preRows, sequences: b));
             }
             double gemmPrefill = preRows >= 2 ? Ceilings.Median(gemmSamples) : 0;
             var preCost = cost.Step(Enumerable.Repeat(new StepSequence(ids.Length, ids.Length), b).ToList(), b);
             var prefillCosts = Enumerable.Repeat(preCost, PrefillPasses).SelectMany(c => c).ToList();
             SampleBandwidth();
-            var prefill = ProfileReport.Build("prefill", PrefillPasses * b * ids.Length, pre, prefillCosts, L, roof, Ceilings.Median(streamSamples), Source(), gemmPrefill);
+            var prefill = ProfileReport.Build("prefill", PrefillPasses * b * ids.Length, pre, prefillCosts, L, roof, Ceilings.Median(streamSamples), Source(), gemmPrefill, preTimes);
             streamSamples.Clear();
             probeSamples.Clear();
             SampleBandwidth();
 
+            // Decode steps alternate: even ones profiled (the rows), odd ones timed with no profiler (the tok/s). With
+            // one step there is no unprofiled twin and the profiled step gives the speed.
             var dec = new OpProfiler(L);
             var next = new int[b];
             var costs = new List<OpCost>();
+            var decTimes = new List<double>();
             for (int s = 0; s < n; s++)
             {
                 for (int i = 0; i < b; i++)
@@ -144,20 +153,27 @@ public static class ProfileCommand
                     next[i] = Ops.ArgMax(logits.AsSpan(i * V, V));
                     slices[i] = new SequenceSlice(ids.Length + s, 1, caches[i]);
                 }
-                llm.Profiler = dec;
-                llm.Forward(next, slices, logits);
-                llm.Profiler = null;
-                // After every timed step, one sample of the weight stream: ceiling and steps taken turn about, in the
+                if (s % 2 == 0) { llm.Profiler = dec; llm.Forward(next, slices, logits); llm.Profiler = null; }
+                else decTimes.Add(TimedForward(llm, next, slices, logits));
+                // After every step, one sample of the weight stream: ceiling and steps taken turn about, in the
                 // same seconds, and both are quoted as medians, so a neighbour's busy moment moves neither.
                 streamSamples.Add(llm.MeasureWeightStreamGBps(reps: 1, warm: false));
             }
-            for (int s = 0; s < n; s++)   // counted after the timed steps so the pool never idles between them
+            for (int s = 0; s < n; s += 2)   // the profiled steps' costs, counted after the timed steps so the pool never idles between them
                 costs.AddRange(cost.Step(Enumerable.Repeat(new StepSequence(1, ids.Length + s + 1), b).ToList(), b));
             SampleBandwidth();
-            var decode = ProfileReport.Build("decode", b * n, dec, costs, L, roof, Ceilings.Median(streamSamples), Source(), gemmDecode);
+            var decode = ProfileReport.Build("decode", b * dec.Passes, dec, costs, L, roof, Ceilings.Median(streamSamples), Source(), gemmDecode, decTimes);
             return (prefill, decode, dec);
         }
         finally { foreach (var c in caches) c.Dispose(); }
+    }
+
+    /// <summary>One forward pass with no profiler attached, its wall time in seconds.</summary>
+    private static double TimedForward(LlamaModel llm, ReadOnlySpan<int> tokens, ReadOnlySpan<SequenceSlice> slices, float[] logits)
+    {
+        long t0 = Stopwatch.GetTimestamp();
+        llm.Forward(tokens, slices, logits);
+        return Stopwatch.GetElapsedTime(t0).TotalSeconds;
     }
 
     private static string F(double v, string f = "F1") => v.ToString(f, CultureInfo.InvariantCulture);
@@ -171,7 +187,11 @@ public static class ProfileCommand
         foreach (var p in new[] { pre, dec })
         {
             console.WriteLine();
-            console.WriteLine($"{p.Phase}: {p.Tokens} tokens in {F(p.Seconds * 1000, "F2")} ms, {p.Steps} passes (median {F(p.MedianStepSeconds * 1000, "F3")} ms; mean {F(p.MeanTokensPerSecond)} tok/s)");
+            console.WriteLine($"{p.Phase}: {p.Tokens} tokens in {F(p.Seconds * 1000, "F2")} ms, {p.Steps} profiled passes (median {F(p.MedianStepSeconds * 1000, "F3")} ms)" +
+                              (p.UnprofiledMedianStepSeconds > 0
+                                  ? $"; {p.UnprofiledStepSeconds!.Count} unprofiled ones between them (median {F(p.UnprofiledMedianStepSeconds * 1000, "F3")} ms, the tok/s below; " +
+                                    $"profiling adds {F(100 * p.ProfilerOverhead)} %; mean {F(p.MeanTokensPerSecond)} tok/s)"
+                                  : $"; mean {F(p.MeanTokensPerSecond)} tok/s"));
             console.WriteLine($"  bytes counted against {p.BandwidthSource}");
             console.Write(Table(p.Ops, roof, p.BandwidthUsedGBps, "op"));
             if (p.BarrierWaits.Count > 0)
@@ -214,7 +234,8 @@ public static class ProfileCommand
     {
         object Phase(PhaseProfile p) => new
         {
-            tokens = p.Tokens, seconds = p.Seconds, passes = p.Steps, median_pass_seconds = p.MedianStepSeconds, tok_s = p.TokensPerSecond, mean_tok_s = p.MeanTokensPerSecond, predicted_tok_s = p.PredictedTokensPerSecond(roof),
+            tokens = p.Tokens, seconds = p.Seconds, passes = p.Steps, median_pass_seconds = p.MedianStepSeconds, tok_s = p.TokensPerSecond, mean_tok_s = p.MeanTokensPerSecond,
+            unprofiled_pass_seconds = p.UnprofiledStepSeconds ?? [], unprofiled_median_pass_seconds = p.UnprofiledMedianStepSeconds, profiler_overhead = p.ProfilerOverhead, predicted_tok_s = p.PredictedTokensPerSecond(roof),
             compute_roof_gflops = p.ComputeRoofGflops(roof), gemm_gflops = p.GemmGflops, predicted_bound = p.ComputeBound(roof) ? "compute" : "memory",
             flops = p.Flops, bytes = p.Bytes, weight_bytes = p.WeightBytes, mfu = p.Mfu(roof), mbu = p.Mbu, bandwidth_gbps = p.BandwidthUsedGBps,
             bandwidth_source = p.BandwidthSource, barrier_wait_seconds_per_pass = p.BarrierWaits,

@@ -14,21 +14,39 @@ public sealed record ProfileRow(string Name, double Seconds, double Share, doubl
 /// <param name="GemmGflops">The compute roof of the prediction: the model's GEMM kernel measured in this run at this
 /// phase's rows per step (<see cref="LlamaModel.MeasureGemmGflops"/>); 0 means the FMA peak.</param>
 /// <param name="Steps">Forward passes in the phase (0: not known, rates are means over <see cref="Seconds"/>).</param>
-/// <param name="MedianStepSeconds">The median pass's wall time: the phase's rates are quoted from it, as the
-/// bandwidth beside them is a median of samples taken between the same passes.</param>
+/// <param name="MedianStepSeconds">The median profiled pass's wall time: the phase's rates are quoted from it (when
+/// no unprofiled passes were timed), as the bandwidth beside them is a median of samples taken between the same passes.</param>
+/// <param name="UnprofiledStepSeconds">Passes of the same work timed with no profiler attached, taken in turn with the
+/// profiled ones: when there are any, the phase's rates come from them (the engine's speed, not the instrumented one),
+/// and <see cref="ProfilerOverhead"/> says what the Stopwatch reads added.</param>
 public sealed record PhaseProfile(string Phase, int Tokens, double Seconds, double Flops, double Bytes, double WeightBytes,
     IReadOnlyList<ProfileRow> Ops, IReadOnlyList<ProfileRow> Layers, double BandwidthUsedGBps, string BandwidthSource, double GemmGflops = 0,
-    int Steps = 0, double MedianStepSeconds = 0, IReadOnlyList<double>? BarrierWaitSecondsPerPass = null)
+    int Steps = 0, double MedianStepSeconds = 0, IReadOnlyList<double>? BarrierWaitSecondsPerPass = null, IReadOnlyList<double>? UnprofiledStepSeconds = null)
 {
     /// <summary>Per thread, seconds a pass spent waiting at its barriers (mean over the passes); empty when the passes had none.</summary>
     public IReadOnlyList<double> BarrierWaits => BarrierWaitSecondsPerPass ?? [];
 
-    /// <summary>Seconds per token: the median pass's time over its tokens when passes were timed, else the mean.</summary>
-    private double SecondsPerToken => Steps > 0 && MedianStepSeconds > 0 ? MedianStepSeconds * Steps / Tokens : Seconds / Tokens;
+    private bool Unprofiled => Steps > 0 && UnprofiledStepSeconds is { Count: > 0 };
+    /// <summary>The median unprofiled pass (0 when none was timed).</summary>
+    public double UnprofiledMedianStepSeconds => Unprofiled ? Median(UnprofiledStepSeconds!) : 0;
+    /// <summary>Median profiled pass ÷ median unprofiled pass − 1 (0 when no unprofiled pass was timed).</summary>
+    public double ProfilerOverhead => Unprofiled && MedianStepSeconds > 0 ? MedianStepSeconds / UnprofiledMedianStepSeconds - 1 : 0;
+
+    /// <summary>Seconds per token: the median pass's time over its tokens (unprofiled when timed) when passes were timed, else the mean.</summary>
+    private double SecondsPerToken =>
+        Unprofiled ? UnprofiledMedianStepSeconds * Steps / Tokens
+        : Steps > 0 && MedianStepSeconds > 0 ? MedianStepSeconds * Steps / Tokens : Seconds / Tokens;
     /// <summary>Tokens/s of the median pass (every pass of a phase does the same work).</summary>
     public double TokensPerSecond => 1 / SecondsPerToken;
-    /// <summary>Tokens/s over the phase's total time: every pass, slow ones included.</summary>
-    public double MeanTokensPerSecond => Tokens / Seconds;
+    /// <summary>Tokens/s over every pass's time, slow ones included (the unprofiled passes when timed).</summary>
+    public double MeanTokensPerSecond => Unprofiled ? Tokens / (double)Steps / UnprofiledStepSeconds!.Average() : Tokens / Seconds;
+
+    private static double Median(IReadOnlyList<double> xs)
+    {
+        var s = xs.ToArray();
+        Array.Sort(s);
+        return s[s.Length / 2];
+    }
     public double Gflops => Flops / Tokens / SecondsPerToken / 1e9;
     public double GBps => Bytes / Tokens / SecondsPerToken / 1e9;
     /// <summary>The FLOP/s the prediction divides by: the measured GEMM when there is one, else the FMA peak.</summary>
@@ -67,7 +85,9 @@ public static class ProfileReport
     };
 
     /// <param name="bandwidth">GB/s the phase's bytes are judged against (measured beside it), and where it came from.</param>
-    public static PhaseProfile Build(string phase, int tokens, OpProfiler prof, IEnumerable<OpCost> costs, int layers, Roofline roof, double bandwidth, string bandwidthSource, double gemmGflops = 0)
+    /// <param name="unprofiled">Wall times of passes of the same work run with no profiler, if any (see <see cref="PhaseProfile"/>).</param>
+    public static PhaseProfile Build(string phase, int tokens, OpProfiler prof, IEnumerable<OpCost> costs, int layers, Roofline roof, double bandwidth, string bandwidthSource, double gemmGflops = 0,
+        IReadOnlyList<double>? unprofiled = null)
     {
         var all = costs.ToList();
         double total = prof.TotalSeconds;
@@ -89,7 +109,7 @@ public static class ProfileReport
         }
         var (fl, by, wb) = CostModel.Sum(all);
         var waits = prof.Passes > 0 ? prof.WaitSeconds().Select(w => w / prof.Passes).ToArray() : [];
-        return new PhaseProfile(phase, tokens, total, fl, by, wb, ops, rows, bandwidth, bandwidthSource, gemmGflops, prof.Passes, prof.MedianPassSeconds, waits);
+        return new PhaseProfile(phase, tokens, total, fl, by, wb, ops, rows, bandwidth, bandwidthSource, gemmGflops, prof.Passes, prof.MedianPassSeconds, waits, unprofiled);
     }
 
     /// <summary>"compute" or "memory" by the ridge, and the fraction of the roof at this row's intensity.</summary>

@@ -138,6 +138,15 @@ public class ToolCommandTests
         Assert.Equal(1e9 / 8 * 10 / 1e9, timed.GBps, 9);                      // bytes per token × tokens/s
         Assert.Equal(10, P(0).TokensPerSecond, 9);                             // no passes: the mean
 
+        // Unprofiled twins timed between the profiled passes: the speed comes from them (2 tokens a pass; median
+        // 0.15 s, mean 0.55 / 3 s), and the profiled median against theirs is the profiler's overhead.
+        var twins = timed with { UnprofiledStepSeconds = [0.1, 0.3, 0.15] };
+        Assert.Equal(2 / 0.15, twins.TokensPerSecond, 9);
+        Assert.Equal(2 / (0.55 / 3), twins.MeanTokensPerSecond, 9);
+        Assert.Equal(0.2 / 0.15 - 1, twins.ProfilerOverhead, 9);
+        Assert.Equal(1e9 / 8 * (2 / 0.15) / 1e9, twins.GBps, 9);
+        Assert.Equal(0, timed.ProfilerOverhead);
+
         var dir = TestPaths.NewTempDir("gemm-roof");
         Assert.Equal(0, Run("synth", "--hidden", "64", "--layers", "1", "--ffn", "96", "--heads", "4", "--kv-heads", "2", "--vocab", "4096", "--context", "64", "--out", dir).Code);
         using var model = LlamaModel.Load(dir, threads: 2, maxTokens: 32);
@@ -173,7 +182,7 @@ public class ToolCommandTests
         using var doc = JsonDocument.Parse(stdout);
         var pre = doc.RootElement.GetProperty("prefill");
         var dec = doc.RootElement.GetProperty("decode");
-        Assert.Equal(5, dec.GetProperty("tokens").GetInt32());
+        Assert.Equal(3, dec.GetProperty("tokens").GetInt32());   // steps 0, 2 and 4 profiled; 1 and 3 timed alone
         Assert.Equal(0, pre.GetProperty("tokens").GetInt32() % ProfileCommand.PrefillPasses);   // timed passes after a warm one
         foreach (var phase in new[] { pre, dec })
         {
@@ -193,14 +202,21 @@ public class ToolCommandTests
             Assert.True(bw > 0 && double.IsFinite(bw) && bw != 10, $"{bw} GB/s");
             Assert.Contains("no arithmetic", phase.GetProperty("bandwidth_source").GetString());   // loads only, cut as the kernels cut the weights
         }
-        Assert.Equal(5, dec.GetProperty("passes").GetInt32());
+        Assert.Equal(3, dec.GetProperty("passes").GetInt32());
+        Assert.Equal(2, dec.GetProperty("unprofiled_pass_seconds").GetArrayLength());
+        Assert.Equal(ProfileCommand.PrefillPasses, pre.GetProperty("unprofiled_pass_seconds").GetArrayLength());   // a twin for every profiled pass
         Assert.Equal(ProfileCommand.PrefillPasses, pre.GetProperty("passes").GetInt32());
         foreach (var phase in new[] { pre, dec })
         {
             double median = phase.GetProperty("median_pass_seconds").GetDouble();
             Assert.True(median > 0 && median * phase.GetProperty("passes").GetInt32() <= 2 * phase.GetProperty("seconds").GetDouble() + 1e-9, $"median pass {median} s");   // half the passes take ≥ the median
-            Assert.Equal(phase.GetProperty("tokens").GetInt32() / (phase.GetProperty("passes").GetInt32() * median), phase.GetProperty("tok_s").GetDouble(), 6);
-            Assert.Equal(phase.GetProperty("tokens").GetInt32() / phase.GetProperty("seconds").GetDouble(), phase.GetProperty("mean_tok_s").GetDouble(), 6);
+            // The speed quoted is the unprofiled passes' (median, and mean), each doing a profiled pass's tokens.
+            var alone = phase.GetProperty("unprofiled_pass_seconds").EnumerateArray().Select(x => x.GetDouble()).Order().ToList();
+            double perPass = phase.GetProperty("tokens").GetInt32() / (double)phase.GetProperty("passes").GetInt32();
+            Assert.Equal(alone[alone.Count / 2], phase.GetProperty("unprofiled_median_pass_seconds").GetDouble(), 12);
+            Assert.Equal(perPass / alone[alone.Count / 2], phase.GetProperty("tok_s").GetDouble(), 6);
+            Assert.Equal(perPass / alone.Average(), phase.GetProperty("mean_tok_s").GetDouble(), 6);
+            Assert.Equal(median / alone[alone.Count / 2] - 1, phase.GetProperty("profiler_overhead").GetDouble(), 9);
         }
         double predicted = dec.GetProperty("predicted_tok_s").GetDouble();
         Assert.Equal(dec.GetProperty("tokens").GetInt32() / (dec.GetProperty("bytes").GetDouble() / (dec.GetProperty("bandwidth_gbps").GetDouble() * 1e9)), predicted, 6);
