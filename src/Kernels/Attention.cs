@@ -629,13 +629,9 @@ public sealed unsafe class Attention : ParallelJob
                     for (int i = 0; i < rows; i++) TileScores<TL>(Q(seg.Row + t0 + i, h), kt, hd, _scale, scratch + i * _stride + tile * KvView.Tile);
             }
             // Causal softmax per row; probabilities past a row's own position are zero, so the rows can share ·V.
-            for (int i = 0; i < rows; i++)
-            {
-                int keys = seg.Start + t0 + i + 1;
-                var p = new Span<float>(scratch + i * _stride, keys);
-                TensorPrimitives.Multiply(p, 1f / FastExp.ExpShiftedSum(p, TensorPrimitives.Max(p)), p);
-                new Span<float>(scratch + i * _stride + keys, lastKeys - keys).Clear();
-            }
+            if (four) FastExp.CausalSoftmax4(scratch, _stride, seg.Start + t0 + 1, lastKeys);
+            else
+                for (int i = 0; i < rows; i++) FastExp.CausalSoftmax(scratch + i * _stride, seg.Start + t0 + i + 1, lastKeys);
             // o_i = Σ_j p_i[j] · v_j
             if (four && hd % 32 == 0) WeightedSum4<TL>(kv, kvh * hd, hd, scratch, _stride, lastKeys, O(seg.Row + t0, h), _heads * hd);
             else

@@ -494,6 +494,51 @@ public unsafe class KernelTests
         finally { SimdPolicy.Reset(); }
     }
 
+    /// <summary>
+    /// Prompt rows take their causal softmax four at a time (interleaved exponentials, masked tails); batch-invariant
+    /// and odd-sized groups take it row by row. Both must give the same bits, and the softmax itself must match
+    /// double precision, with zeros from each row's keys to the padding, at every width.
+    /// </summary>
+    [Theory]
+    [InlineData(1)]
+    [InlineData(13)]
+    [InlineData(16)]
+    [InlineData(29)]
+    [InlineData(45)]
+    public void CausalSoftmaxFourRowsAtATimeGivesTheRowByRowBits(int keys0)
+    {
+        int stride = 80, padTo = (keys0 + 3 + 15) / 16 * 16;
+        var x = Random(4 * stride, 70 + keys0, 8f);
+        try
+        {
+            foreach (var isa in new[] { SimdPolicy.Isa.V512, SimdPolicy.Isa.V256, SimdPolicy.Isa.Scalar })
+            {
+                SimdPolicy.Force(isa);
+                var four = (float[])x.Clone();
+                var rows = (float[])x.Clone();
+                fixed (float* a = four, b = rows)
+                {
+                    FastExp.CausalSoftmax4(a, stride, keys0, padTo);
+                    for (int i = 0; i < 4; i++) FastExp.CausalSoftmax(b + i * stride, keys0 + i, padTo);
+                }
+                for (int i = 0; i < 4; i++)
+                {
+                    int keys = keys0 + i;
+                    double max = Enumerable.Range(0, keys).Max(j => x[i * stride + j]);
+                    double sum = Enumerable.Range(0, keys).Sum(j => Math.Exp(x[i * stride + j] - max));
+                    for (int j = 0; j < stride; j++)
+                    {
+                        int at = i * stride + j;
+                        Assert.True(BitConverter.SingleToInt32Bits(four[at]) == BitConverter.SingleToInt32Bits(rows[at]), $"{isa} row {i} key {j}: {four[at]} vs {rows[at]}");
+                        double want = j < keys ? Math.Exp(x[at] - max) / sum : j < padTo ? 0 : x[at];   // past padTo: untouched
+                        Assert.True(Math.Abs(four[at] - want) <= 1e-6 * Math.Abs(want) + 1e-9, $"{isa} row {i} key {j}: {four[at]} vs {want}");
+                    }
+                }
+            }
+        }
+        finally { SimdPolicy.Reset(); }
+    }
+
     [Theory]
     [InlineData(1)]
     [InlineData(15)]
