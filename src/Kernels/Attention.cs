@@ -330,12 +330,13 @@ public sealed unsafe class Attention : ParallelJob
     private const int MinTilesPerPart = 2;
 
     /// <summary>
-    /// Fewest tiles (256 positions) a decode row must span to be split. Shorter rows keep the heads' cut: alone after
-    /// a cache flush the split took 0.81–0.96 of the time at 50–150 positions as well, but in `minillm profile`'s
-    /// decode (stories110m-f32, 29–93 positions) its attention rows read 15.5–18.0 ms against 14.8–15.5 by heads;
-    /// at 29–429 positions 244–260 against 249–271.
+    /// Fewest tiles a decode row must span to be split (32 positions: one tile has nothing to cut). Session 18 started
+    /// at 256 from separate `minillm profile` runs (stories110m-f32, 29–93 positions: attention rows 15.5–18.0 ms
+    /// against 14.8–15.5 by heads). Alternating in one process (29-token prompt, then 64 steps; 9–11 rounds), from 32
+    /// positions against from 256: stories110m-bf16 attention 0.834, 0.808, the step 0.987, 0.970; fp32 attention
+    /// 0.894, 0.874, the step 0.998, 0.984.
     /// </summary>
-    private const int MinSplitTiles = 16;
+    private const int MinSplitTiles = 2;
 
     private bool SplitsByPositions(ReadOnlySpan<AttentionSegment> segments) =>
         FlashDecode && segments.Length == 1 && DecodesRow(segments[0]) && _pool.Threads > 1 &&
@@ -366,7 +367,7 @@ public sealed unsafe class Attention : ParallelJob
 
     /// <summary>
     /// Compiles the split decode's own methods now (tiered compilation is off: each method is fully optimized at its
-    /// first call, ~1 ms here), so the first decode row of 256 positions does not pay it inside a timed step.
+    /// first call, ~1 ms here), so the first split decode row does not pay it inside a timed step.
     /// </summary>
     private static void PrepareSplitPath()
     {
@@ -467,7 +468,7 @@ public sealed unsafe class Attention : ParallelJob
     /// <summary>
     /// A decode chunk keeps every head's scores of its run: per-worker scratch of at least that many rows. Also sizes
     /// the split decode's part buffers (<see cref="RunParts"/>) for the most parts, once per shape, so a decode that
-    /// reaches 256 positions allocates nothing then.
+    /// reaches the split (MinSplitTiles) allocates nothing then.
     /// </summary>
     private void EnsureScoreRows(int heads, int headDim)
     {

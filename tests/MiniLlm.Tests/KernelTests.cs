@@ -651,6 +651,7 @@ public unsafe class KernelTests
     [InlineData(2, 33, 3, 1, 96, false)]
     // one decode row over 16+ tiles: cut by positions into parts and merged (Attention.FlashDecode), 2–4 parts of
     // 4–12 tiles, the last tile unfinished or full, GQA pairs and single heads, hd 16 (no ·V pair kernel), 64, 96
+    // (rows from 2 tiles are split too: (1, 40, …) above)
     [InlineData(1, 255, 4, 4, 64, false)]
     [InlineData(1, 300, 8, 2, 32, true)]
     [InlineData(1, 383, 6, 3, 16, true)]
@@ -851,6 +852,8 @@ public unsafe class KernelTests
     [Theory]
     [InlineData(12, 12, 64, 500)]
     [InlineData(8, 2, 32, 257)]
+    [InlineData(12, 12, 64, 40)]    // two parts of one tile each, the second unfinished
+    [InlineData(8, 2, 32, 80)]     // (fewer keys than this run serially: below Attention.SerialWork)
     public void SplitDecodeRowsAgreeWithTheHeadsCutAndRepeat(int H, int G, int hd, int keys)
     {
         if (!System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated) return;   // decode rows are the Vector512 path
