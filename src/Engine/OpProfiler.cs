@@ -1,3 +1,4 @@
+using MiniLlm.Kernels;
 using System.Diagnostics;
 
 namespace MiniLlm.Engine;
@@ -73,9 +74,7 @@ public sealed class OpProfiler
         get
         {
             if (_passTicks.Count == 0) return 0;
-            var sorted = _passTicks.ToArray();
-            Array.Sort(sorted);
-            return (double)sorted[sorted.Length / 2] / Stopwatch.Frequency;
+            return Ceilings.Median(_passTicks.Select(t => (double)t / Stopwatch.Frequency).ToList());
         }
     }
 

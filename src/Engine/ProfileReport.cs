@@ -28,7 +28,7 @@ public sealed record PhaseProfile(string Phase, int Tokens, double Seconds, doub
 
     private bool Unprofiled => Steps > 0 && UnprofiledStepSeconds is { Count: > 0 };
     /// <summary>The median unprofiled pass (0 when none was timed).</summary>
-    public double UnprofiledMedianStepSeconds => Unprofiled ? Median(UnprofiledStepSeconds!) : 0;
+    public double UnprofiledMedianStepSeconds => Unprofiled ? Ceilings.Median([.. UnprofiledStepSeconds!]) : 0;
     /// <summary>Median profiled pass ÷ median unprofiled pass − 1 (0 when no unprofiled pass was timed).</summary>
     public double ProfilerOverhead => Unprofiled && MedianStepSeconds > 0 ? MedianStepSeconds / UnprofiledMedianStepSeconds - 1 : 0;
 
@@ -41,12 +41,6 @@ public sealed record PhaseProfile(string Phase, int Tokens, double Seconds, doub
     /// <summary>Tokens/s over every pass's time, slow ones included (the unprofiled passes when timed).</summary>
     public double MeanTokensPerSecond => Unprofiled ? Tokens / (double)Steps / UnprofiledStepSeconds!.Average() : Tokens / Seconds;
 
-    private static double Median(IReadOnlyList<double> xs)
-    {
-        var s = xs.ToArray();
-        Array.Sort(s);
-        return s[s.Length / 2];
-    }
     public double Gflops => Flops / Tokens / SecondsPerToken / 1e9;
     public double GBps => Bytes / Tokens / SecondsPerToken / 1e9;
     /// <summary>The FLOP/s the prediction divides by: the measured GEMM when there is one, else the FMA peak.</summary>

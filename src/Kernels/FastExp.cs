@@ -122,23 +122,9 @@ public static unsafe class FastExp
             {
                 var s = Vector512.Create(shift);
                 var acc = Vector512<float>.Zero;
-                for (; i + 16 <= n; i += 16)
-                {
-                    var v = Exp(Vector512.Load(p + i) - s);
-                    v.Store(p + i);
-                    acc += v;
-                }
-                // The last 1–15 as one masked vector (the lanes past n neither read nor written): an attention row of
-                // a short prompt has 1–29 keys, and taking its tail one scalar exp at a time was a third of a
-                // 29-token prefill's attention (perf).
-                if (i < n)
-                {
-                    var mask = Vector512.LessThan(Vector512<int>.Indices, Vector512.Create(n - i)).AsSingle();
-                    var v = Exp(Avx512F.MaskLoad(p + i, mask, Vector512<float>.Zero) - s);
-                    Avx512F.MaskStore(p + i, mask, v);
-                    acc += Vector512.ConditionalSelect(mask, v, Vector512<float>.Zero);
-                    i = n;
-                }
+                // The last 1–15 as one masked vector (ExpBlock): an attention row of a short prompt has 1–29 keys, and
+                // taking its tail one scalar exp at a time was a third of a 29-token prefill's attention (perf).
+                for (; i < n; i += 16) acc += ExpBlock(p + i, n - i, s);
                 sum = Vector512.Sum(acc);
             }
             if (isa != SimdPolicy.Isa.Scalar && i + 8 <= n)
@@ -243,11 +229,15 @@ public static unsafe class FastExp
             return v;
         }
         if (n <= 0) return Vector512<float>.Zero;
-        var mask = Vector512.LessThan(Vector512<int>.Indices, Vector512.Create(n)).AsSingle();
+        var mask = FirstLanes(n);
         var e = Exp(Avx512F.MaskLoad(p, mask, Vector512<float>.Zero) - max);
         Avx512F.MaskStore(p, mask, e);
         return Vector512.ConditionalSelect(mask, e, Vector512<float>.Zero);
     }
+
+    /// <summary>A lane mask of the first <paramref name="n"/> (1–15) lanes, for masked loads and stores.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<float> FirstLanes(int n) => Vector512.LessThan(Vector512<int>.Indices, Vector512.Create(n)).AsSingle();
 
     /// <summary>p[0..keys) ·= scale (vectors, the last one masked), p[keys..padTo) = 0.</summary>
     private static void Scale(float* p, int keys, int padTo, float scale)
@@ -259,7 +249,7 @@ public static unsafe class FastExp
             for (; j + 16 <= keys; j += 16) (Vector512.Load(p + j) * s).Store(p + j);
             if (j < keys)
             {
-                var mask = Vector512.LessThan(Vector512<int>.Indices, Vector512.Create(keys - j)).AsSingle();
+                var mask = FirstLanes(keys - j);
                 Avx512F.MaskStore(p + j, mask, Avx512F.MaskLoad(p + j, mask, Vector512<float>.Zero) * s);
                 j = keys;
             }
