@@ -140,8 +140,11 @@ public static class ProfileCommand
             probeSamples.Clear();
             SampleBandwidth();
 
-            // Decode steps alternate: even ones profiled (the rows), odd ones timed with no profiler (the tok/s). With
-            // one step there is no unprofiled twin and the profiled step gives the speed.
+            // Decode steps alternate between profiled (the rows) and timed with no profiler (the tok/s), the order
+            // flipped every 16 steps: a key tile completes every 16th position (its transpose costs a barrier), and a
+            // plain even/odd split would put every completion on the same side. With one step there is no unprofiled
+            // twin and the profiled step gives the speed.
+            static bool Profiled(int step) => (step + step / KvView.Tile) % 2 == 0;
             var dec = new OpProfiler(L);
             var next = new int[b];
             var costs = new List<OpCost>();
@@ -153,14 +156,14 @@ public static class ProfileCommand
                     next[i] = Ops.ArgMax(logits.AsSpan(i * V, V));
                     slices[i] = new SequenceSlice(ids.Length + s, 1, caches[i]);
                 }
-                if (s % 2 == 0) { llm.Profiler = dec; llm.Forward(next, slices, logits); llm.Profiler = null; }
+                if (Profiled(s)) { llm.Profiler = dec; llm.Forward(next, slices, logits); llm.Profiler = null; }
                 else decTimes.Add(TimedForward(llm, next, slices, logits));
                 // After every step, one sample of the weight stream: ceiling and steps taken turn about, in the
                 // same seconds, and both are quoted as medians, so a neighbour's busy moment moves neither.
                 streamSamples.Add(llm.MeasureWeightStreamGBps(reps: 1, warm: false));
             }
-            for (int s = 0; s < n; s += 2)   // the profiled steps' costs, counted after the timed steps so the pool never idles between them
-                costs.AddRange(cost.Step(Enumerable.Repeat(new StepSequence(1, ids.Length + s + 1), b).ToList(), b));
+            for (int s = 0; s < n; s++)   // the profiled steps' costs, counted after the timed steps so the pool never idles between them
+                if (Profiled(s)) costs.AddRange(cost.Step(Enumerable.Repeat(new StepSequence(1, ids.Length + s + 1), b).ToList(), b));
             SampleBandwidth();
             var decode = ProfileReport.Build("decode", b * dec.Passes, dec, costs, L, roof, Ceilings.Median(streamSamples), Source(), gemmDecode, decTimes);
             return (prefill, decode, dec);
