@@ -621,11 +621,17 @@ public sealed unsafe class Attention : ParallelJob
             int length = seg.Start + seg.Count;
             for (int tile = 0; tile < tiles; tile++)
             {
-                nint kt = kv.KeyTile(tile) + kHead;
                 // The unfinished tile, transposed (UnfinishedKeys), so its scores come out of the same kernel, bit
                 // for bit, as they will once the tile is full (batch-invariant mode relies on it).
-                if (KvView.KeysAreRows(tile, length)) kt = UnfinishedKeys(si, kvh, worker, unfinished);
-                if (four) TileScores4<TL>(q0, _heads * hd, kt, hd, _scale, scratch + tile * KvView.Tile, _stride);
+                nint kt = KvView.KeysAreRows(tile, length) ? UnfinishedKeys(si, kvh, worker, unfinished) : kv.KeyTile(tile) + kHead;
+                if (four && TwoTiles && tile + 1 < tiles)
+                {
+                    int next = tile + 1;
+                    nint kt1 = KvView.KeysAreRows(next, length) ? UnfinishedKeys(si, kvh, worker, unfinished) : kv.KeyTile(next) + kHead;
+                    TileScores4x2<TL>(q0, _heads * hd, kt, kt1, hd, _scale, scratch + tile * KvView.Tile, _stride);
+                    tile = next;
+                }
+                else if (four) TileScores4<TL>(q0, _heads * hd, kt, hd, _scale, scratch + tile * KvView.Tile, _stride);
                 else
                     for (int i = 0; i < rows; i++) TileScores<TL>(Q(seg.Row + t0 + i, h), kt, hd, _scale, scratch + i * _stride + tile * KvView.Tile);
             }
@@ -765,6 +771,35 @@ public sealed unsafe class Attention : ParallelJob
         (a1 * scale).Store(dst + dstStride);
         (a2 * scale).Store(dst + 2 * dstStride);
         (a3 * scale).Store(dst + 3 * dstStride);
+    }
+
+    /// <summary>Take a prompt's key tiles two at a time in the four-row scores (on by default; off for A/B measurements).</summary>
+    public static bool TwoTiles { get; set; } = true;
+
+    /// <summary>
+    /// <see cref="TileScores4"/> over two key tiles (kt0, then kt1 into dst + 16) at once: eight independent chains of
+    /// hd FMAs where four left the FMA units waiting on their latency. Each score is summed in the same order, so the
+    /// bits are <see cref="TileScores4"/>'s.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void TileScores4x2<TL>(float* q0, int qStride, nint kt0, nint kt1, int hd, float scale, float* dst, int dstStride) where TL : IWeightLoad
+    {
+        float* q1 = q0 + qStride, q2 = q1 + qStride, q3 = q2 + qStride;
+        Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default, b0 = default, b1 = default, b2 = default, b3 = default;
+        for (int i = 0; i < hd; i++)
+        {
+            var k = TL.Load512(kt0, i * 16);
+            var l = TL.Load512(kt1, i * 16);
+            var x0 = Vector512.Create(q0[i]); var x1 = Vector512.Create(q1[i]); var x2 = Vector512.Create(q2[i]); var x3 = Vector512.Create(q3[i]);
+            a0 = Vector512.FusedMultiplyAdd(x0, k, a0); b0 = Vector512.FusedMultiplyAdd(x0, l, b0);
+            a1 = Vector512.FusedMultiplyAdd(x1, k, a1); b1 = Vector512.FusedMultiplyAdd(x1, l, b1);
+            a2 = Vector512.FusedMultiplyAdd(x2, k, a2); b2 = Vector512.FusedMultiplyAdd(x2, l, b2);
+            a3 = Vector512.FusedMultiplyAdd(x3, k, a3); b3 = Vector512.FusedMultiplyAdd(x3, l, b3);
+        }
+        (a0 * scale).Store(dst); (b0 * scale).Store(dst + KvView.Tile);
+        (a1 * scale).Store(dst + dstStride); (b1 * scale).Store(dst + dstStride + KvView.Tile);
+        (a2 * scale).Store(dst + 2 * dstStride); (b2 * scale).Store(dst + 2 * dstStride + KvView.Tile);
+        (a3 * scale).Store(dst + 3 * dstStride); (b3 * scale).Store(dst + 3 * dstStride + KvView.Tile);
     }
 
     /// <summary>Four rows' o = Σ_j p[j]·v_j over the same keys (p zero past each row's own position): each value vector loaded once.</summary>

@@ -818,6 +818,48 @@ public unsafe class KernelTests
     }
 
     /// <summary>
+    /// A prompt's four-row scores take two key tiles at a time (eight chains): each score summed in the one-tile
+    /// kernel's order, so the outputs must be the same bits with the switch off. Prompts from a tile's start and from
+    /// inside one, over an odd and an even number of tiles, the last unfinished or full; fp32 and bf16 KV.
+    /// </summary>
+    [Theory]
+    [InlineData(0, 29, 32)]
+    [InlineData(5, 40, 64)]
+    [InlineData(16, 48, 32)]
+    public void PromptScoresTwoTilesAtATimeBitForBit(int start, int count, int hd)
+    {
+        int H = 8, G = 4, kvd = G * hd, len = start + count;
+        var q = Random(count * H * hd, 21 + count);
+        var keys = Random(len * kvd, 22 + len);
+        var vals = Random(len * kvd, 23 + len);
+        foreach (var type in new[] { KvType.F32, KvType.BF16 })
+        {
+            var outputs = new float[2][];
+            for (int pass = 0; pass < 2; pass++)
+            {
+                int ctx = (len + KvView.Tile - 1) / KvView.Tile * KvView.Tile;
+                var kBuf = new byte[ctx * kvd * 4];
+                var vBuf = new byte[ctx * kvd * 4];
+                outputs[pass] = new float[count * H * hd];
+                Attention.TwoTiles = pass == 0;
+                try
+                {
+                    fixed (byte* kb = kBuf, vb = vBuf)
+                    fixed (float* kp = keys, vp = vals, qp = q, op = outputs[pass])
+                    {
+                        var view = new KvView(kb, vb, kvd, type);
+                        view.WriteRows(0, len, kp, vp);
+                        using var pool = new WorkerPool(2);
+                        new Attention(pool, ctx).Run(qp, H, G, hd, [new AttentionSegment(0, count, start, view)], op);
+                    }
+                }
+                finally { Attention.TwoTiles = true; }
+            }
+            Assert.Equal(outputs[1], outputs[0]);
+        }
+    }
+
+    /// <summary>
     /// One decode row (the last of <paramref name="keys"/> positions, 2 threads) computed <paramref name="passes"/>
     /// times over the same KV, <paramref name="before"/>(pass) setting a switch and <paramref name="after"/> resetting it.
     /// </summary>
