@@ -15,6 +15,10 @@ public static class ProfileCommand
     public static Command Create(CliIO io)
     {
         var prompt = new Option<string>("--prompt", "-p") { Description = "Prompt to prefill", DefaultValueFactory = _ => "And God said unto Moses, I AM THAT I AM: and he said, Thus shalt thou say unto the children of Israel" };
+        var promptTokens = new Option<int?>("--prompt-tokens")
+        {
+            Description = "Prefill this many seeded random tokens instead of --prompt (llama-bench's -p): a prompt long enough for prefill to be compute-bound",
+        };
         var tokens = new Option<int>("--tokens", "-n") { Description = "Decode steps to profile", DefaultValueFactory = _ => 64 };
         var batch = new Option<int>("--batch", "-b") { Description = "Sequences decoded together (each with the prompt)", DefaultValueFactory = _ => 1 };
         var model = CommonOptions.Model();
@@ -28,7 +32,7 @@ public static class ProfileCommand
         var kvDtype = CommonOptions.KvDtype();
         var cmd = new Command("profile", "Time every op of prefill and decode and set it against the measured roofline")
         {
-            prompt, tokens, batch, model, threads, roofFile, output, plot, weights, mmap, q8Act, kvDtype,
+            prompt, promptTokens, tokens, batch, model, threads, roofFile, output, plot, weights, mmap, q8Act, kvDtype,
         };
         cmd.SetAction(r =>
         {
@@ -39,7 +43,9 @@ public static class ProfileCommand
             var dir = ModelLocator.Resolve(r.GetValue(model));
             using var llm = LlamaModel.Load(dir, t, maxTokens: 512, format: CommonOptions.Format(r.GetValue(weights)!), mapWeights: r.GetValue(mmap));
             llm.Q8Int8Activations = r.GetValue(q8Act) == "int8";
-            var ids = llm.Tokenizer.Encode(r.GetValue(prompt)!);
+            var ids = r.GetValue(promptTokens) is { } p
+                ? p >= 1 ? Benchmark.Tokens(llm, p, seed: 1) : throw new ArgumentException($"prompt tokens must be ≥ 1, got {p}", "prompt-tokens")
+                : llm.Tokenizer.Encode(r.GetValue(prompt)!);
             if (ids.Length + n > llm.Context) throw new PromptTooLongException($"prompt ({ids.Length} tokens) + {n} decode steps exceed the context of {llm.Context}");
             if (b * ids.Length > llm.MaxTokens) throw new ArgumentException($"batch × prompt = {b * ids.Length} tokens exceeds one step's {llm.MaxTokens}", "batch");
             bool json = r.GetValue(output) == "json";

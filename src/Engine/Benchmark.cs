@@ -123,7 +123,8 @@ public static class Benchmark
         finally { foreach (var c in caches) c.Dispose(); }
     }
 
-    private static int[] Tokens(LlamaModel m, int n, int seed)
+    /// <summary>n seeded random token ids, BOS first where the model has one (llama-bench's synthetic prompts).</summary>
+    public static int[] Tokens(LlamaModel m, int n, int seed)
     {
         var rng = new Random(seed);
         var ids = new int[n];

@@ -167,6 +167,29 @@ public class ToolCommandTests
     }
 
     [Fact]
+    public void ProfilePrefillsSyntheticPromptsOfAChosenLength()
+    {
+        var dir = TestPaths.NewTempDir("profile-pp");
+        Assert.Equal(0, Run("synth", "--hidden", "64", "--layers", "1", "--ffn", "96", "--heads", "4", "--kv-heads", "2", "--vocab", "4096", "--context", "64", "--out", dir).Code);
+        var roofPath = Path.Combine(TestPaths.NewTempDir("profile-pp-roof"), "roof.json");
+        new Roofline
+        {
+            Cpu = "test", Threads = 2, Isa = "V512", PeakGflops = 100, BandwidthGBps = 10, CacheBandwidth = [], Caches = [],
+            DramBufferBytes = 0, Reps = 1, MeasuredUtc = DateTime.UtcNow,
+        }.Save(roofPath);
+        var (code, stdout, stderr) = Run("profile", "-m", dir, "--prompt-tokens", "20", "-n", "3", "-t", "2", "--roofline", roofPath, "--output", "json");
+        Assert.True(code == 0, stderr);
+        using var doc = JsonDocument.Parse(stdout);
+        Assert.Equal(20 * ProfileCommand.PrefillPasses, doc.RootElement.GetProperty("prefill").GetProperty("tokens").GetInt32());
+        var bad = Run("profile", "-m", dir, "--prompt-tokens", "0", "--roofline", roofPath);
+        Assert.NotEqual(0, bad.Code);
+        Assert.Contains("prompt tokens must be ≥ 1", bad.Err);
+        var tooLong = Run("profile", "-m", dir, "--prompt-tokens", "60", "-n", "8", "--roofline", roofPath);
+        Assert.NotEqual(0, tooLong.Code);
+        Assert.Contains("exceed the context of 64", tooLong.Err);
+    }
+
+    [Fact]
     public void ProfileTimesEveryOpAsItRunsAndJudgesDecodeByTheWeightStream()
     {
         var dir = TestPaths.NewTempDir("profile");
