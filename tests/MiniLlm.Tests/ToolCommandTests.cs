@@ -75,15 +75,30 @@ public class ToolCommandTests
         Assert.Equal(peak / bw, back.Ridge, 9);
     }
 
-    [Fact]
-    public void BenchReportsEveryTestAgainstTheGivenCeilings()
+    /// <summary>Saved ceilings of 100 GFLOP/s and 10 GB/s (2 threads), so a command's own measurements can be told from them.</summary>
+    private static string SavedTestRoofline(string name)
     {
-        var roofPath = Path.Combine(TestPaths.NewTempDir("bench"), "roof.json");
+        var path = Path.Combine(TestPaths.NewTempDir(name), "roof.json");
         new Roofline
         {
             Cpu = "test", Threads = 2, Isa = "V512", PeakGflops = 100, BandwidthGBps = 10, CacheBandwidth = [], Caches = [],
             DramBufferBytes = 0, Reps = 1, MeasuredUtc = DateTime.UtcNow,
-        }.Save(roofPath);
+        }.Save(path);
+        return path;
+    }
+
+    /// <summary>A random-weight model (hidden 64, ffn 96, 4 heads over 2 KV heads, vocab 4096, context 64) written by <c>synth</c>.</summary>
+    private static string SmallSynthModel(string name, int layers)
+    {
+        var dir = TestPaths.NewTempDir(name);
+        Assert.Equal(0, Run("synth", "--hidden", "64", "--layers", layers.ToString(), "--ffn", "96", "--heads", "4", "--kv-heads", "2", "--vocab", "4096", "--context", "64", "--out", dir).Code);
+        return dir;
+    }
+
+    [Fact]
+    public void BenchReportsEveryTestAgainstTheGivenCeilings()
+    {
+        var roofPath = SavedTestRoofline("bench");
         var (code, stdout, stderr) = Run("bench", "-p", "16", "-n", "4", "-b", "1,3", "-r", "2", "--roofline", roofPath, "--output", "json", "-t", "2");
         Assert.True(code == 0, stderr);
         using var doc = JsonDocument.Parse(stdout);
@@ -169,14 +184,8 @@ public class ToolCommandTests
     [Fact]
     public void ProfilePrefillsSyntheticPromptsOfAChosenLength()
     {
-        var dir = TestPaths.NewTempDir("profile-pp");
-        Assert.Equal(0, Run("synth", "--hidden", "64", "--layers", "1", "--ffn", "96", "--heads", "4", "--kv-heads", "2", "--vocab", "4096", "--context", "64", "--out", dir).Code);
-        var roofPath = Path.Combine(TestPaths.NewTempDir("profile-pp-roof"), "roof.json");
-        new Roofline
-        {
-            Cpu = "test", Threads = 2, Isa = "V512", PeakGflops = 100, BandwidthGBps = 10, CacheBandwidth = [], Caches = [],
-            DramBufferBytes = 0, Reps = 1, MeasuredUtc = DateTime.UtcNow,
-        }.Save(roofPath);
+        var dir = SmallSynthModel("profile-pp", layers: 1);
+        var roofPath = SavedTestRoofline("profile-pp-roof");
         var (code, stdout, stderr) = Run("profile", "-m", dir, "--prompt-tokens", "20", "-n", "3", "-t", "2", "--roofline", roofPath, "--output", "json");
         Assert.True(code == 0, stderr);
         using var doc = JsonDocument.Parse(stdout);
@@ -192,14 +201,8 @@ public class ToolCommandTests
     [Fact]
     public void ProfileTimesEveryOpAsItRunsAndJudgesDecodeByTheWeightStream()
     {
-        var dir = TestPaths.NewTempDir("profile");
-        Assert.Equal(0, Run("synth", "--hidden", "64", "--layers", "2", "--ffn", "96", "--heads", "4", "--kv-heads", "2", "--vocab", "4096", "--context", "64", "--out", dir).Code);
-        var roofPath = Path.Combine(TestPaths.NewTempDir("profile-roof"), "roof.json");
-        new Roofline
-        {
-            Cpu = "test", Threads = 2, Isa = "V512", PeakGflops = 100, BandwidthGBps = 10, CacheBandwidth = [], Caches = [],
-            DramBufferBytes = 0, Reps = 1, MeasuredUtc = DateTime.UtcNow,
-        }.Save(roofPath);
+        var dir = SmallSynthModel("profile", layers: 2);
+        var roofPath = SavedTestRoofline("profile-roof");
         var (code, stdout, stderr) = Run("profile", "-m", dir, "-n", "5", "-p", "In the beginning", "-t", "2", "--roofline", roofPath, "--output", "json");
         Assert.True(code == 0, stderr);
         using var doc = JsonDocument.Parse(stdout);
