@@ -196,11 +196,11 @@ public static class ProfileCommand
         foreach (var p in new[] { pre, dec })
         {
             console.WriteLine();
-            console.WriteLine($"{p.Phase}: {p.Tokens} tokens in {F(p.Seconds * 1000, "F2")} ms, {p.Steps} profiled passes (median {F(p.MedianStepSeconds * 1000, "F3")} ms)" +
-                              (p.UnprofiledMedianStepSeconds > 0
-                                  ? $"; {p.UnprofiledStepSeconds!.Count} unprofiled ones between them (median {F(p.UnprofiledMedianStepSeconds * 1000, "F3")} ms, the tok/s below; " +
-                                    $"profiling adds {F(100 * p.ProfilerOverhead)} %; mean {F(p.MeanTokensPerSecond)} tok/s)"
-                                  : $"; mean {F(p.MeanTokensPerSecond)} tok/s"));
+            console.WriteLine($"{p.Phase}: {p.Tokens} tokens in {F(p.Seconds * 1000, "F2")} ms, {p.Steps} profiled passes (median {F(p.MedianStepSeconds * 1000, "F3")} ms; the rows below)" +
+                              (p.UnprofiledMedianStepSeconds > 0 ? "" : $"; mean {F(p.MeanTokensPerSecond)} tok/s"));
+            if (p.UnprofiledMedianStepSeconds > 0)
+                console.WriteLine($"  timed alone between them: {p.UnprofiledStepSeconds!.Count} unprofiled passes, median {F(p.UnprofiledMedianStepSeconds * 1000, "F3")} ms " +
+                                  $"(the tok/s below), mean {F(p.MeanTokensPerSecond)} tok/s; profiling adds {F(100 * p.ProfilerOverhead)} %");
             console.WriteLine($"  bytes counted against {p.BandwidthSource}");
             console.Write(Table(p.Ops, roof, p.BandwidthUsedGBps, "op"));
             if (p.BarrierWaits.Count > 0)
