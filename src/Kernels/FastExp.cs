@@ -14,8 +14,9 @@ namespace MiniLlm.Kernels;
 /// <para>
 /// Method (Cephes expf): n = round(x·log2 e), r = x − n·ln 2 in two FMA steps (ln 2 split so n·ln2_hi is exact),
 /// exp(r) by a degree-7 polynomial on |r| ≤ ln 2 / 2, then · 2^n applied as two powers of two of half of n each,
-/// so results between 2^−149 and 2^128 come out without a branch (with AVX-512, one vscalefps: the same bits). The scalar form repeats the vector lanes'
-/// arithmetic operation by operation, so a tail element gets the same bits it would get inside a vector.
+/// so results between 2^−149 and 2^128 come out without a branch (with AVX-512, one vscalefps: the same bits). The
+/// scalar form repeats the vector lanes' arithmetic operation by operation, so a tail element gets the same bits it
+/// would get inside a vector.
 /// </para>
 /// </summary>
 public static unsafe class FastExp
@@ -178,6 +179,7 @@ public static unsafe class FastExp
             gate[i] = g * (1f / (1f + Exp(-g))) * up[i];
         }
     }
+
     /// <summary>
     /// A causal softmax row in place: p[0..keys) = exp(p − max) / Σ, and p[keys..padTo) = 0 (rows of a group of
     /// queries then share one ·V over padTo keys). The sum as <see cref="ExpShiftedSum"/> takes it.
