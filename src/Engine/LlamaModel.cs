@@ -204,8 +204,7 @@ public sealed unsafe class LlamaModel : IDisposable
         _hb = new NativeBuffer(S * c.IntermediateSize);
         _hb2 = new NativeBuffer(S * c.IntermediateSize);
         if (_matmul.CacheResidentWeights && TensorParallelPass.Supported(c, _pool.Threads, _layers, _lmHead))
-            _tp = new TensorParallelPass(_pool, _attention, _rope, c, _layers, _embed, _lmHead, _finalNorm, MaxTokens,
-                _q.Pointer, _k.Pointer, _v.Pointer, _att.Pointer, _hb.Pointer, _hb2.Pointer);
+            _tp = new TensorParallelPass(_pool, _attention, _rope, c, _layers, _embed, _lmHead, _finalNorm, MaxTokens);
     }
 
     /// <summary>

@@ -860,6 +860,71 @@ public unsafe class KernelTests
     }
 
     /// <summary>
+    /// q and output in blocks of heads, one per thread, each [rows × its heads·hd] in its own array (the
+    /// tensor-parallel passes' layout): every head's output the same bits as from one [rows × H·hd] array. A prompt
+    /// (four-row groups and a remainder, an unfinished last tile) and decode rows short and long enough to be cut by
+    /// positions; fp32 and bf16 KV.
+    /// </summary>
+    [Theory]
+    [InlineData(0, 29, 2)]
+    [InlineData(5, 40, 4)]
+    [InlineData(20, 1, 2)]
+    [InlineData(100, 1, 4)]
+    public void HeadBlocksGiveTheSameBitsAsOneArray(int start, int count, int blocks)
+    {
+        if (!System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated) return;   // decode by heads is the Vector512 path
+        int H = 8, G = 4, hd = 32, kvd = G * hd, len = start + count, n = H / blocks, ctx = (len + KvView.Tile - 1) / KvView.Tile * KvView.Tile;
+        var q = Random(count * H * hd, 31 + len);
+        var keys = Random(len * kvd, 32 + len);
+        var vals = Random(len * kvd, 33 + len);
+        foreach (var type in new[] { KvType.F32, KvType.BF16 })
+        {
+            var whole = new float[count * H * hd];
+            var qBlocks = new float[blocks][];
+            var outBlocks = new float[blocks][];
+            for (int b = 0; b < blocks; b++)
+            {
+                qBlocks[b] = new float[count * n * hd + 7];   // a stride of n·hd, at an odd offset from any other block
+                outBlocks[b] = new float[count * n * hd + 7];
+                for (int r = 0; r < count; r++) Array.Copy(q, (r * H + b * n) * hd, qBlocks[b], r * n * hd, n * hd);
+            }
+            var kBuf = new byte[ctx * kvd * 4];
+            var vBuf = new byte[ctx * kvd * 4];
+            var handles = qBlocks.Concat(outBlocks).Select(a => GCHandle.Alloc(a, GCHandleType.Pinned)).ToList();
+            try
+            {
+                fixed (byte* kb = kBuf, vb = vBuf)
+                fixed (float* kp = keys, vp = vals, qp = q, op = whole)
+                {
+                    var view = new KvView(kb, vb, kvd, type);
+                    view.WriteRows(0, len, kp, vp);
+                    using var pool = new WorkerPool(blocks);
+                    var att = new Attention(pool, ctx);
+                    nint[] qb = handles.Take(blocks).Select(h => h.AddrOfPinnedObject()).ToArray(), ob = handles.Skip(blocks).Select(h => h.AddrOfPinnedObject()).ToArray();
+                    if (count == 1)
+                    {
+                        att.PrepareDecode(qp, H, G, hd, op);
+                        att.DecodeHeads(view, start, 0, H, 0);
+                        att.PrepareDecode(qb, H, G, hd, ob);
+                        for (int b = 0; b < blocks; b++) att.DecodeHeads(view, start, b * n, (b + 1) * n, b);
+                    }
+                    else
+                    {
+                        att.PreparePrefill(qp, H, G, hd, [new AttentionSegment(0, count, start, view)], op);
+                        att.PrefillHeads(0, 0, H, 0);
+                        att.PreparePrefill(qb, H, G, hd, [new AttentionSegment(0, count, start, view)], ob);
+                        for (int b = 0; b < blocks; b++) att.PrefillHeads(0, b * n, (b + 1) * n, b);
+                    }
+                }
+            }
+            finally { foreach (var h in handles) h.Free(); }
+            for (int r = 0; r < count; r++)
+                for (int b = 0; b < blocks; b++)
+                    Assert.Equal(whole.AsSpan((r * H + b * n) * hd, n * hd).ToArray(), outBlocks[b].AsSpan(r * n * hd, n * hd).ToArray());
+        }
+    }
+
+    /// <summary>
     /// One decode row (the last of <paramref name="keys"/> positions, 2 threads) computed <paramref name="passes"/>
     /// times over the same KV, <paramref name="before"/>(pass) setting a switch and <paramref name="after"/> resetting it.
     /// </summary>
