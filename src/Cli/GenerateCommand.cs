@@ -98,6 +98,9 @@ public static class GenerateCommand
             if (p == 0 && d == 0) continue;
             sb.AppendLine($"{(op == OpKind.AttnScores ? "Attention" : op.ToString()),-14} {p * 1000,11:F3} {100 * p / Math.Max(pt, 1e-12),6:F1}% {d * 1000 / steps,16:F4} {100 * d / Math.Max(dt, 1e-12),6:F1}%");
         }
+        double pw = prefill.OwnWaitSeconds(), dw = decode.OwnWaitSeconds();   // thread 0 at the one-dispatch pass's barriers
+        if (pw > 0 || dw > 0)
+            sb.AppendLine($"{"BarrierWaits",-14} {pw * 1000,11:F3} {100 * pw / Math.Max(pt, 1e-12),6:F1}% {dw * 1000 / steps,16:F4} {100 * dw / Math.Max(dt, 1e-12),6:F1}%");
         sb.AppendLine($"{"total",-14} {pt * 1000,11:F3} {"",7} {dt * 1000 / steps,16:F4}   ({decode.Passes} decode steps; `minillm profile` sets these against the roofline)");
         return sb.ToString();
     }

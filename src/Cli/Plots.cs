@@ -9,6 +9,7 @@ public static class Plots
 {
     private static readonly Color PrefillColor = Color.FromHex("#1f77b4");
     private static readonly Color DecodeColor = Color.FromHex("#ff7f0e");
+    private static readonly Color WaitColor = Color.FromHex("#b0b0b0");   // barrier waits: grey, not an op
 
     private static void Save(Plot plt, string dir, string name, int w = 1000, int h = 650)
     {
@@ -87,10 +88,13 @@ public static class Plots
                 bars.Add(new Bar { Position = l + 1, ValueBase = baseMs, Value = baseMs + ms, FillColor = palette.GetColor(i) });
                 baseMs += ms;
             }
+            double waitMs = prof.OwnWaitSeconds(l) * 1000 / Math.Max(1, prof.Passes);
+            if (waitMs > 0) bars.Add(new Bar { Position = l + 1, ValueBase = baseMs, Value = baseMs + waitMs, FillColor = WaitColor });
         }
         plt.Add.Bars(bars);
         for (int i = 0; i < kinds.Count; i++)
             plt.Legend.ManualItems.Add(new LegendItem { LabelText = ProfileReport.TimedName(kinds[i]), FillColor = palette.GetColor(i) });
+        if (prof.OwnWaitSeconds() > 0) plt.Legend.ManualItems.Add(new LegendItem { LabelText = ProfileReport.BarrierWaitName, FillColor = WaitColor });
         plt.Axes.Bottom.TickGenerator = new ScottPlot.TickGenerators.NumericManual(
             Enumerable.Range(0, prof.Layers + 1).Select(i => (double)i).ToArray(),
             Enumerable.Range(0, prof.Layers + 1).Select(i => i == 0 ? "emb+head" : $"L{i - 1}").ToArray());

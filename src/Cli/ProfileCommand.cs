@@ -202,11 +202,11 @@ public static class ProfileCommand
                 console.WriteLine($"  timed alone between them: {p.UnprofiledStepSeconds!.Count} unprofiled passes, median {F(p.UnprofiledMedianStepSeconds * 1000, "F3")} ms " +
                                   $"(the tok/s below), mean {F(p.MeanTokensPerSecond)} tok/s; profiling adds {F(100 * p.ProfilerOverhead)} %");
             console.WriteLine($"  bytes counted against {p.BandwidthSource}");
-            console.Write(Table(p.Ops, roof, p.BandwidthUsedGBps, "op"));
+            console.Write(Table(p.Ops, roof, p.BandwidthUsedGBps, "op", r => p.RoofSeconds(r, roof)));
             if (p.BarrierWaits.Count > 0)
                 console.WriteLine($"  barrier waits, mean per pass of {F(p.Seconds / p.Steps * 1e6)} µs: " +
                                   string.Join(", ", p.BarrierWaits.Select((s, t) => $"thread {t} {F(s * 1e6)} µs")) +
-                                  " (a thread that arrives first waits for the other; thread 0's waits are inside its residual rows)");
+                                  " (a thread that arrives first waits for the other; thread 0's are the row above)");
         }
         console.WriteLine();
         console.WriteLine("per layer (decode)");
@@ -220,21 +220,30 @@ public static class ProfileCommand
             string roofText = p.GemmGflops > 0
                 ? $"{F(p.ComputeRoofGflops(roof))} GFLOP/s (own GEMMs of every layer at these rows, cut between the threads as the pass cuts them, now; {F(100 * p.ComputeRoofGflops(roof) / roof.PeakGflops, "F0")} % of FMA peak)"
                 : $"{F(roof.PeakGflops)} GFLOP/s (FMA peak)";
-            console.WriteLine(p.ComputeBound(roof)
-                ? $"{p.Phase} ceiling = compute roof ÷ FLOPs per token = {roofText} ÷ {F(p.Flops / p.Tokens / 1e9, "F3")} GFLOP = {F(p.PredictedTokensPerSecond(roof))} tok/s"
-                : $"{p.Phase} ceiling = bandwidth ÷ bytes per token = {F(p.BandwidthUsedGBps)} GB/s ÷ {F(p.Bytes / p.Tokens / 1e6, "F2")} MB = {F(p.PredictedTokensPerSecond(roof))} tok/s");
+            var (cs, ms, ts) = p.RoofSeconds(roof);
+            double perPass = p.Steps > 0 ? 1e6 / p.Steps : 1e6;   // µs a pass
+            console.WriteLine($"{p.Phase} ceiling = tokens ÷ Σ over the ops of max(FLOPs ÷ compute roof, bytes ÷ bandwidth) = {F(p.PredictedTokensPerSecond(roof))} tok/s");
+            console.WriteLine($"  a pass at the roofline: {F(ts * perPass)} µs = {F(cs * perPass)} µs of FLOPs (at {roofText}) " +
+                              $"+ {F(ms * perPass)} µs of bytes (at {F(p.BandwidthUsedGBps)} GB/s); the op rows' \"ms at roof\" column");
+            console.WriteLine(p.Flops / p.ComputeRoofGflops(roof) > p.Bytes / p.BandwidthUsedGBps
+                ? $"  the phase as one op (bytes hidden under FLOPs): compute roof ÷ FLOPs per token = {F(p.ComputeRoofGflops(roof))} GFLOP/s ÷ {F(p.Flops / p.Tokens / 1e9, "F3")} GFLOP = {F(p.WholePhasePredictedTokensPerSecond(roof))} tok/s"
+                : $"  the phase as one op: bandwidth ÷ bytes per token = {F(p.BandwidthUsedGBps)} GB/s ÷ {F(p.Bytes / p.Tokens / 1e6, "F2")} MB = {F(p.WholePhasePredictedTokensPerSecond(roof))} tok/s");
         }
         console.WriteLine($"prefill : decode per-token speed = {F(pre.TokensPerSecond / dec.TokensPerSecond)} : 1");
     }
 
-    private static Table Table(IReadOnlyList<ProfileRow> rows, Roofline roof, double bw, string first)
+    /// <param name="atRoof">When given, a column of each row's seconds at the roofline (the ceiling's terms).</param>
+    private static Table Table(IReadOnlyList<ProfileRow> rows, Roofline roof, double bw, string first, Func<ProfileRow, double>? atRoof = null)
     {
         var t = new Table().AddColumn(first);
         foreach (var h in new[] { "ms", "share", "GFLOP/s", "GB/s", "FLOP/byte", "bound", "% of roof" }) t.AddColumn(new TableColumn(h).RightAligned());
+        if (atRoof != null) t.AddColumn(new TableColumn("ms at roof").RightAligned());
         foreach (var r in rows)
         {
             var (bound, of) = ProfileReport.Verdict(r, roof, bw);
-            t.AddRow(Markup.Escape(r.Name), F(r.Seconds * 1000, "F3"), F(100 * r.Share) + " %", F(r.Gflops), F(r.GBps), F(r.Intensity, "F2"), r.Flops == 0 ? "-" : bound, r.Flops == 0 ? "-" : F(100 * of) + " %");
+            var cells = new List<string> { Markup.Escape(r.Name), F(r.Seconds * 1000, "F3"), F(100 * r.Share) + " %", F(r.Gflops), F(r.GBps), F(r.Intensity, "F2"), r.Flops == 0 ? "-" : bound, r.Flops == 0 ? "-" : F(100 * of) + " %" };
+            if (atRoof != null) cells.Add(F(atRoof(r) * 1000, "F3"));
+            t.AddRow(cells.ToArray());
         }
         return t;
     }
@@ -245,10 +254,11 @@ public static class ProfileCommand
         {
             tokens = p.Tokens, seconds = p.Seconds, passes = p.Steps, median_pass_seconds = p.MedianStepSeconds, tok_s = p.TokensPerSecond, mean_tok_s = p.MeanTokensPerSecond,
             unprofiled_pass_seconds = p.UnprofiledStepSeconds ?? [], unprofiled_median_pass_seconds = p.UnprofiledMedianStepSeconds, profiler_overhead = p.ProfilerOverhead, predicted_tok_s = p.PredictedTokensPerSecond(roof),
+            predicted_tok_s_whole_phase = p.WholePhasePredictedTokensPerSecond(roof), roof_seconds_per_pass = p.RoofSeconds(roof).Total / Math.Max(1, p.Steps),
             compute_roof_gflops = p.ComputeRoofGflops(roof), gemm_gflops = p.GemmGflops, predicted_bound = p.ComputeBound(roof) ? "compute" : "memory",
             flops = p.Flops, bytes = p.Bytes, weight_bytes = p.WeightBytes, mfu = p.Mfu(roof), mbu = p.Mbu, bandwidth_gbps = p.BandwidthUsedGBps,
             bandwidth_source = p.BandwidthSource, barrier_wait_seconds_per_pass = p.BarrierWaits,
-            ops = p.Ops.Select(r => Row(r, roof, p.BandwidthUsedGBps)), layers = p.Layers.Select(r => Row(r, roof, p.BandwidthUsedGBps)),
+            ops = p.Ops.Select(r => Row(r, roof, p.BandwidthUsedGBps, p.RoofSeconds(r, roof))), layers = p.Layers.Select(r => Row(r, roof, p.BandwidthUsedGBps)),
         };
         return JsonSerializer.Serialize(new
         {
@@ -258,9 +268,12 @@ public static class ProfileCommand
         }, new JsonSerializerOptions { WriteIndented = true });
     }
 
-    private static object Row(ProfileRow r, Roofline roof, double bw)
+    /// <param name="roofSeconds">An op row's seconds at the roofline (the ceiling's term; layer rows have none).</param>
+    private static object Row(ProfileRow r, Roofline roof, double bw, double? roofSeconds = null)
     {
         var (bound, of) = ProfileReport.Verdict(r, roof, bw);
+        if (roofSeconds is { } rs)
+            return new { name = r.Name, seconds = r.Seconds, share = r.Share, flops = r.Flops, bytes = r.Bytes, gflops = r.Gflops, gbps = r.GBps, flop_per_byte = r.Intensity, bound, fraction_of_roof = of, roof_seconds = rs };
         return new { name = r.Name, seconds = r.Seconds, share = r.Share, flops = r.Flops, bytes = r.Bytes, gflops = r.Gflops, gbps = r.GBps, flop_per_byte = r.Intensity, bound, fraction_of_roof = of };
     }
 }

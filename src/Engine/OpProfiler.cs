@@ -17,11 +17,14 @@ public sealed class OpProfiler
     private long _thisPass;                           // ticks recorded since the last EndPass
     private long[] _waitTicks = [];                   // per thread at WaitStride: ticks spent waiting at barriers
     private const int WaitStride = 16;                // 128 bytes between two threads' counters (no false sharing)
+    private readonly long[] _ownWaitTicks;            // per layer: the recording thread's barrier waits, kept off the op rows
+    private long _pendingWait;                        // the recording thread's waits since its last Record
 
     public OpProfiler(int layers)
     {
         _layers = layers;
         _ticks = new long[(layers + 1) * Ops];
+        _ownWaitTicks = new long[layers + 1];
     }
 
     public int Layers => _layers;
@@ -29,11 +32,17 @@ public sealed class OpProfiler
     /// <summary>Forward passes recorded since the last <see cref="Reset"/>.</summary>
     public int Passes { get; private set; }
 
+    /// <summary>
+    /// The time since <paramref name="since"/> goes to (op, layer), less the recording thread's barrier waits inside
+    /// it (<see cref="RecordWait"/> from thread 0), which go to the layer's wait (<see cref="OwnWaitSeconds(int)"/>).
+    /// </summary>
     internal void Record(OpKind op, int layer, ref long since)
     {
-        long now = Stopwatch.GetTimestamp();
-        _ticks[Index(op, layer)] += now - since;
-        _thisPass += now - since;
+        long now = Stopwatch.GetTimestamp(), span = now - since, wait = Math.Min(_pendingWait, span);
+        _ticks[Index(op, layer)] += span - wait;
+        _ownWaitTicks[layer < 0 ? _layers : layer] += wait;
+        _pendingWait = 0;
+        _thisPass += span;
         since = now;
     }
 
@@ -43,13 +52,21 @@ public sealed class OpProfiler
         if (_waitTicks.Length < threads * WaitStride) Array.Resize(ref _waitTicks, threads * WaitStride);
     }
 
-    /// <summary>Thread <paramref name="thread"/> waited <paramref name="ticks"/> at a barrier (each thread writes its own slot).</summary>
-    internal void RecordWait(int thread, long ticks) => _waitTicks[thread * WaitStride] += ticks;
+    /// <summary>
+    /// Thread <paramref name="thread"/> waited <paramref name="ticks"/> at a barrier (each thread writes its own slot).
+    /// Thread 0 is the one that records the ops: its wait is taken out of the op it falls in at the next
+    /// <see cref="Record"/>, so an op's row is the op's own time.
+    /// </summary>
+    internal void RecordWait(int thread, long ticks)
+    {
+        _waitTicks[thread * WaitStride] += ticks;
+        if (thread == 0) _pendingWait += ticks;
+    }
 
     /// <summary>
     /// Seconds each thread spent waiting at the barriers of a one-dispatch pass (<see cref="TensorParallelPass"/>),
-    /// over all recorded passes; empty when no pass had barriers. Thread 0's share is already inside its op rows
-    /// (the residual rows), the others' are not on any row.
+    /// over all recorded passes; empty when no pass had barriers. Thread 0's are also <see cref="OwnWaitSeconds()"/>
+    /// (a row of their own), the others' run beside thread 0's timeline.
     /// </summary>
     public IReadOnlyList<double> WaitSeconds()
     {
@@ -82,7 +99,14 @@ public sealed class OpProfiler
 
     public double Seconds(OpKind op, int layer) => (double)_ticks[Index(op, layer)] / Stopwatch.Frequency;
 
-    public double TotalSeconds => (double)_ticks.Sum() / Stopwatch.Frequency;
+    /// <summary>Recorded wall time: every op row and the recording thread's barrier waits.</summary>
+    public double TotalSeconds => (double)(_ticks.Sum() + _ownWaitTicks.Sum()) / Stopwatch.Frequency;
+
+    /// <summary>Seconds the recording thread (thread 0) waited at barriers inside layer <paramref name="layer"/>'s ops (−1: outside the layers).</summary>
+    public double OwnWaitSeconds(int layer) => (double)_ownWaitTicks[layer < 0 ? _layers : layer] / Stopwatch.Frequency;
+
+    /// <summary>Seconds the recording thread waited at barriers, all layers: the op rows' time does not include them.</summary>
+    public double OwnWaitSeconds() => (double)_ownWaitTicks.Sum() / Stopwatch.Frequency;
 
     /// <summary>Seconds per op kind summed over layers.</summary>
     public double Seconds(OpKind op)
@@ -96,6 +120,8 @@ public sealed class OpProfiler
     {
         Array.Clear(_ticks);
         Array.Clear(_waitTicks);
+        Array.Clear(_ownWaitTicks);
+        _pendingWait = 0;
         _passTicks.Clear();
         _thisPass = 0;
         Passes = 0;

@@ -45,10 +45,51 @@ public sealed record PhaseProfile(string Phase, int Tokens, double Seconds, doub
     public double GBps => Bytes / Tokens / SecondsPerToken / 1e9;
     /// <summary>The FLOP/s the prediction divides by: the measured GEMM when there is one, else the FMA peak.</summary>
     public double ComputeRoofGflops(Roofline r) => GemmGflops > 0 ? Math.Min(GemmGflops, r.PeakGflops) : r.PeakGflops;
-    /// <summary>Tokens/s the roofline allows: tokens ÷ max(FLOPs ÷ compute roof, bytes ÷ bandwidth).</summary>
-    public double PredictedTokensPerSecond(Roofline r) => Tokens / Math.Max(Flops / (ComputeRoofGflops(r) * 1e9), Bytes / (BandwidthUsedGBps * 1e9));
-    /// <summary>Whether the prediction is set by FLOPs (true) or by bytes.</summary>
-    public bool ComputeBound(Roofline r) => Flops / ComputeRoofGflops(r) > Bytes / BandwidthUsedGBps;
+    /// <summary>
+    /// Tokens/s the roofline allows. With op rows: tokens ÷ Σ over the ops of max(FLOPs ÷ compute roof, bytes ÷
+    /// bandwidth) (<see cref="RoofSeconds"/>): the ops run one after another, so one op's bytes cannot hide under
+    /// another's FLOPs (a prompt's LM head reads its whole matrix for one row while the projections are
+    /// compute-bound). Without rows, the phase as a whole (<see cref="WholePhasePredictedTokensPerSecond"/>).
+    /// </summary>
+    public double PredictedTokensPerSecond(Roofline r) => Ops.Count > 0 ? Tokens / RoofSeconds(r).Total : WholePhasePredictedTokensPerSecond(r);
+
+    /// <summary>The phase as one op: tokens ÷ max(FLOPs ÷ compute roof, bytes ÷ bandwidth), i.e. compute roof ÷
+    /// FLOPs per token or bandwidth ÷ bytes per token. Never below <see cref="PredictedTokensPerSecond"/>.</summary>
+    public double WholePhasePredictedTokensPerSecond(Roofline r) => Tokens / Math.Max(Flops / (ComputeRoofGflops(r) * 1e9), Bytes / (BandwidthUsedGBps * 1e9));
+
+    /// <summary>
+    /// Seconds the phase's ops take at the roofline, split by which term set each op: Compute sums FLOPs ÷ compute
+    /// roof of the ops whose FLOPs take longer than their bytes, Memory sums bytes ÷ bandwidth of the rest. One
+    /// compute roof for every op, as in <see cref="WholePhasePredictedTokensPerSecond"/>, so the sum is never below it.
+    /// </summary>
+    public (double Compute, double Memory, double Total) RoofSeconds(Roofline r)
+    {
+        double compute = 0, memory = 0;
+        foreach (var op in Ops)
+        {
+            var (c, m) = RoofTerms(op, r);
+            if (c > m) compute += c; else memory += m;
+        }
+        return (compute, memory, compute + memory);
+    }
+
+    /// <summary>Seconds an op row takes at the roofline: max(FLOPs ÷ its compute roof, bytes ÷ bandwidth).</summary>
+    public double RoofSeconds(ProfileRow op, Roofline r)
+    {
+        var (c, m) = RoofTerms(op, r);
+        return Math.Max(c, m);
+    }
+
+    private (double Compute, double Memory) RoofTerms(ProfileRow op, Roofline r) =>
+        (op.Flops / (ComputeRoofGflops(r) * 1e9), op.Bytes / (BandwidthUsedGBps * 1e9));
+
+    /// <summary>Whether the prediction is set by FLOPs (true) or by bytes: the larger of the two sums of <see cref="RoofSeconds"/>.</summary>
+    public bool ComputeBound(Roofline r)
+    {
+        if (Ops.Count == 0) return Flops / ComputeRoofGflops(r) > Bytes / BandwidthUsedGBps;
+        var (c, m, _) = RoofSeconds(r);
+        return c > m;
+    }
     public double Mfu(Roofline r) => Gflops / r.PeakGflops;
     public double Mbu => GBps / BandwidthUsedGBps;
 }
@@ -68,6 +109,9 @@ public static class ProfileReport
         OpKind.Up => OpKind.Gate,
         _ => k,
     };
+
+    /// <summary>The row of thread 0's waits at the barriers of a one-dispatch pass (taken out of the op rows they fell in).</summary>
+    public const string BarrierWaitName = "Barrier waits (thread 0)";
 
     /// <summary>The row name of a timed entry.</summary>
     public static string TimedName(OpKind k) => k switch
@@ -94,10 +138,12 @@ public static class ProfileReport
             if (s == 0 && mine.Count == 0) continue;
             ops.Add(new ProfileRow(TimedName(kind), s, s / total, mine.Sum(c => c.Flops), mine.Sum(c => c.Bytes)));
         }
+        double waited = prof.OwnWaitSeconds();   // thread 0's barrier waits: no op's cost, so no FLOPs or bytes
+        if (waited > 0) ops.Add(new ProfileRow(BarrierWaitName, waited, waited / total, 0, 0));
         var rows = new List<ProfileRow>();
         for (int l = -1; l < layers; l++)
         {
-            double s = Enum.GetValues<OpKind>().Sum(k => prof.Seconds(k, l));
+            double s = Enum.GetValues<OpKind>().Sum(k => prof.Seconds(k, l)) + prof.OwnWaitSeconds(l);
             var mine = all.Where(c => c.Layer == l).ToList();
             rows.Add(new ProfileRow(l < 0 ? "embedding + head" : $"layer {l}", s, s / total, mine.Sum(c => c.Flops), mine.Sum(c => c.Bytes)));
         }

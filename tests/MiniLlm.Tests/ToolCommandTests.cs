@@ -132,6 +132,36 @@ public class ToolCommandTests
     }
 
     [Fact]
+    public void PredictionSumsEachOpAtTheRoofline()
+    {
+        var roof = new Roofline
+        {
+            Cpu = "test", Threads = 2, Isa = "V512", PeakGflops = 100, BandwidthGBps = 10, CacheBandwidth = [], Caches = [],
+            DramBufferBytes = 0, Reps = 1, MeasuredUtc = DateTime.UtcNow,
+        };
+        // At the 50 GFLOP/s GEMM roof and 10 GB/s: a product of 5e9 FLOPs and 1e8 bytes (compute-bound: 0.1 s of
+        // FLOPs, 0.01 s of bytes), a norm of 1e8 FLOPs and 5e8 bytes (memory-bound: 0.05 s of bytes, 0.002 s of
+        // FLOPs), and an op with no FLOPs and 1e8 bytes (0.01 s). 16 tokens over 2 passes.
+        ProfileRow[] ops = [new("Gate + Up", 0.3, 0.5, 5e9, 1e8), new("FfnNorm", 0.2, 0.3, 1e8, 5e8), new("Embedding", 0.1, 0.2, 0, 1e8)];
+        var p = new PhaseProfile("prefill", 16, 0.6, 5.1e9, 7e8, 1e8, ops, [], 10, "DRAM", 50, Steps: 2);
+        var (compute, memory, total) = p.RoofSeconds(roof);
+        Assert.Equal(0.1, compute, 12);
+        Assert.Equal(0.06, memory, 12);
+        Assert.Equal(0.16, total, 12);
+        Assert.Equal(16 / 0.16, p.PredictedTokensPerSecond(roof), 9);
+        Assert.True(p.ComputeBound(roof));
+        Assert.Equal(0.05, p.RoofSeconds(ops[1], roof), 12);
+        // As one op the norm's bytes hide under the product's FLOPs: 16 ÷ max(5.1e9 / 50e9, 7e8 / 10e9) = 16 ÷ 0.102.
+        Assert.Equal(16 / 0.102, p.WholePhasePredictedTokensPerSecond(roof), 9);
+        // Memory-bound ops outweighing the compute-bound: the phase's verdict follows the larger sum.
+        var light = p with { Ops = [new("Gate + Up", 0.3, 0.5, 1e9, 1e8), ops[1], ops[2]] };   // 0.02 s of FLOPs, 0.06 of bytes
+        Assert.False(light.ComputeBound(roof));
+        Assert.Equal(0.08, light.RoofSeconds(roof).Total, 12);
+        // No op rows: the phase as one op.
+        Assert.Equal(p.WholePhasePredictedTokensPerSecond(roof), (p with { Ops = [] }).PredictedTokensPerSecond(roof), 12);
+    }
+
+    [Fact]
     public void PredictionDividesByTheMeasuredGemmRoofWhenThereIsOne()
     {
         var roof = new Roofline
@@ -256,6 +286,15 @@ public class ToolCommandTests
         Assert.All(waits, w => Assert.True(w >= 0 && w <= meanStep, $"{w} s of waiting in a {meanStep} s step"));
         Assert.True(waits.Sum() > 0, "every barrier is timed, so some thread waited");
         Assert.Empty(pre.GetProperty("barrier_wait_seconds_per_pass").EnumerateArray());
+        // Thread 0's waits are a row of their own, taken out of the op rows they fell in (no FLOPs, no bytes).
+        var waitRow = dec.GetProperty("ops").EnumerateArray().Single(o => o.GetProperty("name").GetString() == ProfileReport.BarrierWaitName);
+        Assert.Equal(waits[0] * dec.GetProperty("passes").GetInt32(), waitRow.GetProperty("seconds").GetDouble(), 9);
+        Assert.Equal(0, waitRow.GetProperty("flops").GetDouble());
+        Assert.Equal(0, waitRow.GetProperty("bytes").GetDouble());
+        Assert.DoesNotContain(pre.GetProperty("ops").EnumerateArray(), o => o.GetProperty("name").GetString() == ProfileReport.BarrierWaitName);
+        // The ceiling sums each op at its roof: never above the phase taken as one op.
+        foreach (var phase in new[] { pre, dec })
+            Assert.True(phase.GetProperty("predicted_tok_s").GetDouble() <= phase.GetProperty("predicted_tok_s_whole_phase").GetDouble() * (1 + 1e-12));
     }
 
     [Fact]
