@@ -156,9 +156,10 @@ internal sealed unsafe class TensorParallelPass : ParallelJob, IDisposable
 
     /// <summary>
     /// Tokens at positions start.. through every layer, their keys and values into <paramref name="cache"/>; logits
-    /// [V] of the last one.
+    /// [V] of the last one, or none when <paramref name="logits"/> is null (a chunk of a longer prompt: the LM head
+    /// is skipped). <paramref name="endPass"/> false leaves the profiled pass open for the prompt's next chunk.
     /// </summary>
-    public void Run(ReadOnlySpan<int> tokens, int start, IKvCache cache, float* logits, OpProfiler? prof)
+    public void Run(ReadOnlySpan<int> tokens, int start, IKvCache cache, float* logits, OpProfiler? prof, bool endPass = true)
     {
         if (tokens.Length < 1 || tokens.Length > _maxRows) throw new ArgumentOutOfRangeException(nameof(tokens), $"{tokens.Length} tokens: one tensor-parallel pass takes 1..{_maxRows}");
         tokens.CopyTo(_tokens);
@@ -177,7 +178,7 @@ internal sealed unsafe class TensorParallelPass : ParallelJob, IDisposable
         if (prof != null)
         {
             prof.Record(OpKind.LmHead, -1, ref _t0);   // thread 0's share, then waiting for the others
-            prof.EndPass();
+            if (endPass) prof.EndPass();
         }
     }
 
@@ -199,7 +200,7 @@ internal sealed unsafe class TensorParallelPass : ParallelJob, IDisposable
     /// </summary>
     public void GemmPass(int rows)
     {
-        if (rows < 2 || rows > _maxRows) throw new ArgumentOutOfRangeException(nameof(rows), $"a GEMM pass takes 2..{_maxRows} rows, got {rows}");
+        if (rows < 1 || rows > _maxRows) throw new ArgumentOutOfRangeException(nameof(rows), $"a GEMM pass takes 1..{_maxRows} rows, got {rows}");
         _rows = rows;
         _prof = null;
         Dispatch(Mode.GemmsOnly);
@@ -325,7 +326,7 @@ internal sealed unsafe class TensorParallelPass : ParallelJob, IDisposable
         }
         fixed (float* wn = _finalNorm) Ops.RmsNorm(x + (long)(M - 1) * d, wn, xb, 1, d, eps);   // the last row only
         prof?.Record(OpKind.FinalNorm, -1, ref _t0);
-        MatMul.GemvSlice(xb, _lmHead, v0, v1, 0, d, _logits, _pairs[t].Pointer);   // logits[v0..v1)
+        if (_logits != null) MatMul.GemvSlice(xb, _lmHead, v0, v1, 0, d, _logits, _pairs[t].Pointer);   // logits[v0..v1)
     }
 
     /// <summary>Thread t's q, k and v columns of the pass's rows: GEMV slices for one row, one GEMM over the three blocks (X packed once) for more.</summary>

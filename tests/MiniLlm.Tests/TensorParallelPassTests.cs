@@ -97,6 +97,40 @@ public class TensorParallelPassTests
         }
     }
 
+    /// <summary>
+    /// A prompt longer than one pass goes through it in chunks of 64 tokens, the rest by
+    /// its length: 65 (64 + a decode step), 100 (64 + 36 op by op), 150 (64 + 64 + 22 op by op), 160 (64 + 64 + 32
+    /// through the pass). The last token's logits and the next decode step against the reference, from position 0
+    /// and from inside a tile; profiled, the prompt is one pass.
+    /// </summary>
+    [Theory]
+    [InlineData(0, 65)]
+    [InlineData(0, 100)]
+    [InlineData(0, 150)]
+    [InlineData(5, 160)]
+    public void LongPromptsGoThroughThePassInChunks(int start, int count)
+    {
+        var rm = new RandomModel(new RandomModelSpec { Hidden = 64, Intermediate = 96, Heads = 4, KvHeads = 2, HeadDim = 32, Vocab = 97, Context = 192, DType = "F32", Seed = 78 },
+            TestPaths.NewTempDir($"tp-long-{start}-{count}"));
+        var tokens = Enumerable.Range(0, start + count + 1).Select(i => (i * 41 + 7) % 97).ToArray();
+        var reference = new NaiveLlama(rm).Logits(tokens);
+        using var model = LlamaModel.Load(rm.Dir, threads: 2);
+        Assert.True(model.ChunksTensorParallelPrefill(count));
+        Assert.False(model.ChunksTensorParallelPrefill(64));   // one pass holds 64
+        using var cache = model.NewKvCache();
+        var logits = new float[rm.Spec.Vocab];
+        if (start > 0) model.Forward(tokens.AsSpan(0, start), 0, cache, logits);
+        var prof = new OpProfiler(model.Config.NumHiddenLayers);
+        model.Profiler = prof;
+        model.Forward(tokens.AsSpan(start, count), start, cache, logits);
+        model.Profiler = null;
+        Assert.Equal(1, prof.Passes);
+        Assert.True(prof.Seconds(OpKind.LmHead) > 0);
+        AssertClose(reference[start + count - 1], logits, 1e-4, $"{count} tokens from {start}");
+        model.Forward(tokens.AsSpan(start + count, 1), start + count, cache, logits);   // reads every chunk's keys and values
+        AssertClose(reference[start + count], logits, 1e-4, $"the decode step after {count} tokens from {start}");
+    }
+
     [Theory]
     [InlineData(0)]
     [InlineData(1)]
