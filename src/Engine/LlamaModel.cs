@@ -220,7 +220,7 @@ public sealed unsafe class LlamaModel : IDisposable
     /// <summary>
     /// A prompt of one sequence through the same one-dispatch cut as its decode (each thread its heads and MLP slice,
     /// its GEMMs on blocks of the weights), where the model takes the tensor-parallel decode and the prompt's rows
-    /// suit it (<see cref="TensorParallelPass.Takes"/>: 12–64 tokens whose GEMM panels are three quarters full).
+    /// suit it (<see cref="TensorParallelPass.Takes"/>: 11–64 tokens whose GEMM panels are more than five eighths full).
     /// On by default; off runs the op-by-op prefill (A/B runs).
     /// </summary>
     public bool TensorParallelPrefill { get; set; } = true;

@@ -137,22 +137,24 @@ internal sealed unsafe class TensorParallelPass : ParallelJob, IDisposable
 
     /// <summary>
     /// Whether a pass of <paramref name="rows"/> tokens goes this way: a decode step, or a prompt of up to
-    /// <see cref="MaxRows"/> tokens whose GEMMs fill their X panels (16 rows up to 16, then 32) at least three
-    /// quarters. Each thread runs every product on its blocks alone, so a panel's empty rows cost it the full FMAs;
-    /// the op-by-op path gives such prompts the skinny kernels. tiny-kjv prefill, this pass ÷ op by op (in-process
-    /// alternation, 11 rounds): 13 tokens 0.84, 16 0.80, 24 0.95, 29 0.91, 32 0.95, 48 0.97, 56 0.89, 64 0.93;
-    /// but 8 tokens 1.29, 20 1.07, 36 1.19, 40 1.10 (panels half to two thirds full); 10 and 12 even.
+    /// <see cref="MaxRows"/> tokens whose GEMMs fill more than five eighths of their X panels (16 rows up to 16, then
+    /// 32). Each thread runs every product on its blocks alone, so a panel's empty rows cost it the full FMAs; the
+    /// op-by-op path gives such prompts the skinny kernels. tiny-kjv prefill, this pass ÷ op by op, with each thread's
+    /// activations in its own allocation (in-process alternation, medians of 41): 11 tokens 0.91, 12 0.88, 16 0.73,
+    /// 21 0.92, 24 0.87, 29 0.83, 32 0.84, 42 0.95, 46 0.92, 48 0.89, 56 0.82, 64 0.87; 10 tokens 0.91, 9 0.95
+    /// (kept op by op: at 10 the rule would also take 20 and 40), 20 1.00, 40 1.03, 36 1.12, 8 1.21, 2–6 1.3–2.0.
+    /// Session 18's cut (three quarters, from 12 tokens) was measured before the activations were split.
     /// </summary>
     public bool Takes(int rows)
     {
         if (rows == 1) return true;
         if (rows < MinPromptRows || rows > _maxRows) return false;
         int panel = rows <= 16 ? 16 : 32;
-        return rows * 4 >= (rows + panel - 1) / panel * panel * 3;
+        return rows * 8 > (rows + panel - 1) / panel * panel * 5;
     }
 
     /// <summary>Fewest prompt tokens for this pass: below it the 16-row panel is mostly empty.</summary>
-    public const int MinPromptRows = 12;
+    public const int MinPromptRows = 11;
 
     /// <summary>
     /// Tokens at positions start.. through every layer, their keys and values into <paramref name="cache"/>; logits

@@ -29,7 +29,7 @@ public class TensorParallelPassTests
     // 50 positions: the decode crosses the tile boundaries at 16, 32 and 48
     private static readonly int[] Tokens = Enumerable.Range(0, 50).Select(i => (i * 37 + 11) % 97).ToArray();
 
-    // The 50 positions fed as chunks. Prompts of 12–64 tokens take the tensor-parallel pass (3 does not):
+    // The 50 positions fed as chunks. Prompts of 11–64 tokens whose panels are more than 5/8 full take the tensor-parallel pass (3 does not):
     //  A: 3 op by op; 29 from inside tile 0 (completes it at 15, its earlier keys rows, then all of tile 1); a decode
     //     step; 14 from inside tile 2; a decode step completing tile 2 at 47; two more.
     //  B: a whole tile from position 0; 13 rows of tile 1; three decode steps (the last completes it); a whole tile
@@ -85,9 +85,9 @@ public class TensorParallelPassTests
         var rm = Make(name + "-chunks", heads, kv, dtype);
         var reference = new NaiveLlama(rm).Logits(Tokens);
         using var model = LlamaModel.Load(rm.Dir, threads);
-        foreach (int n in new[] { 12, 13, 14, 16, 24, 29 })
+        foreach (int n in new[] { 11, 12, 13, 14, 16, 21, 24, 29, 41, 64 })
             Assert.True(model.UsesTensorParallelPrefill(n), $"{name}: a {n}-token prompt should take the tensor-parallel pass");
-        foreach (int n in new[] { 1, 3, 11, 20 })
+        foreach (int n in new[] { 1, 3, 10, 20, 40 })
             Assert.False(model.UsesTensorParallelPrefill(n), $"{name}: a {n}-token prompt should go op by op");
         for (int s = 0; s < 2; s++)
         {
