@@ -361,10 +361,13 @@ public sealed unsafe class LlamaModel : IDisposable
     /// </summary>
     public void Warmup(KvType kv = KvType.F32)
     {
-        // 15 prompt positions and one decoded: the decode step fills the first KV tile, so the one-off compilation
-        // of its key transpose (milliseconds) happens here, not inside a timed decode.
+        // 15 prompt positions and two decoded: the first decode step fills the first KV tile, so the one-off
+        // compilation of its key transpose (milliseconds) happens here, not inside a timed decode; the second reads a
+        // full tile and an unfinished one's key rows, as most decode steps do (their row-score kernel compiled
+        // at a process's first real decode step cost it 1–1.6 ms, which `profile` showed as layer 0's attention).
         int n = Math.Min(KvView.Tile - 1, Math.Min(MaxTokens, Context - 1));
-        using var cache = NewKvCache(n + 1, kv);
+        int decoded = n + 2 <= Context ? 2 : 1;
+        using var cache = NewKvCache(n + decoded, kv);
         var tokens = new int[n];
         var logits = new float[Config.VocabSize];
         bool tensorParallelPrefill = TensorParallelPrefill;
@@ -375,7 +378,7 @@ public sealed unsafe class LlamaModel : IDisposable
                 // the second prompt op by op: prompts longer than a tensor-parallel pass take that path
                 TensorParallelPrefill = tensorParallelPrefill && rep == 0;
                 Forward(tokens, 0, cache, logits);
-                Forward(tokens.AsSpan(0, 1), n, cache, logits);
+                for (int i = 0; i < decoded; i++) Forward(tokens.AsSpan(0, 1), n + i, cache, logits);
             }
         }
         finally { TensorParallelPrefill = tensorParallelPrefill; }
