@@ -229,6 +229,17 @@ public sealed unsafe class LlamaModel : IDisposable
     public bool UsesTensorParallelPrefill(int rows) => rows >= 2 && TensorParallelPrefill && UsesTensorParallelDecode && _tp!.Takes(rows);
 
     /// <summary>
+    /// A step of several sequences (decode steps, prompts or both; logits for each one's last token) through the same
+    /// one-dispatch cut, where the model takes the tensor-parallel decode and the step's rows suit the pass (the same
+    /// panel rule as a prompt's, <see cref="TensorParallelPass.Takes"/>). On by default; off runs such steps op by op.
+    /// </summary>
+    public bool TensorParallelBatch { get; set; } = true;
+
+    /// <summary>Whether a step of <paramref name="sequences"/> sequences and <paramref name="rows"/> tokens in all takes the tensor-parallel pass.</summary>
+    public bool UsesTensorParallelBatch(int rows, int sequences) =>
+        sequences >= 2 && rows >= 2 && TensorParallelBatch && UsesTensorParallelDecode && _tp!.Takes(rows);
+
+    /// <summary>
     /// Whether a one-sequence prompt of <paramref name="rows"/> tokens is longer than one tensor-parallel pass and goes
     /// through it in chunks (<see cref="ForwardInChunks"/>).
     /// </summary>
@@ -308,7 +319,7 @@ public sealed unsafe class LlamaModel : IDisposable
 
     private void GemmPass(int m, int sequences)
     {
-        if (sequences == 1 && UsesTensorParallelPrefill(m)) _tp!.GemmPass(m);   // the products as that pass cuts and runs them
+        if (sequences == 1 ? UsesTensorParallelPrefill(m) : UsesTensorParallelBatch(m, sequences)) _tp!.GemmPass(m);   // the products as that pass cuts and runs them
         else if (sequences == 1 && ChunksTensorParallelPrefill(m))
         {
             // as ForwardInChunks runs a long prompt: whole chunks through that pass, then the rest by its length
@@ -429,6 +440,11 @@ public sealed unsafe class LlamaModel : IDisposable
         if (sequences.Length == 1 && which == LogitsFor.LastToken && ChunksTensorParallelPrefill(T))
         {
             ForwardInChunks(tokens, sequences[0], logits);
+            return;
+        }
+        if (which == LogitsFor.LastToken && UsesTensorParallelBatch(T, sequences.Length))
+        {
+            fixed (float* lp = logits) _tp!.Run(tokens, sequences, lp, Profiler);
             return;
         }
         var prof = Profiler;

@@ -56,11 +56,15 @@ internal sealed unsafe class TensorParallelPass : ParallelJob, IDisposable
     private Exception? _firstError;                 // the failure that stopped a pass (the others only saw _failed)
 
     // This pass's arguments (set before the dispatch).
-    private readonly int[] _tokens;
-    private int _rows, _start;
-    private readonly KvView[] _kv;
-    private readonly AttentionSegment[] _segments;  // per layer: the prompt's rows against that layer's KV
-    private float* _logits;
+    private readonly int[] _tokens, _positions;     // per row: its token and its position in its sequence
+    private int _rows;
+    private readonly SequenceSlice[] _sequences;    // the pass's sequences, their rows back to back
+    private readonly int[] _firstRow;               // per sequence: its first row
+    private int _sequenceCount;
+    private readonly SequenceSlice[] _one = new SequenceSlice[1];
+    private readonly KvView[] _kv;                  // [layer × sequence] at l·_maxRows + s
+    private readonly AttentionSegment[] _segments;  // layer by layer, a sequence's rows against that layer's KV
+    private float* _logits;                         // [sequences × V], each sequence's last row; null: none
     private enum Mode { Forward, StreamOnly, GemmsOnly }
     private Mode _mode;
     private float _sink;
@@ -131,8 +135,11 @@ internal sealed unsafe class TensorParallelPass : ParallelJob, IDisposable
         _partsB = new NativeBuffer(T * rowsD);
         _sum = new NativeBuffer(T * rowsD);
         _tokens = new int[_maxRows];
-        _kv = new KvView[layers.Length];
-        _segments = new AttentionSegment[layers.Length];
+        _positions = new int[_maxRows];
+        _sequences = new SequenceSlice[_maxRows];
+        _firstRow = new int[_maxRows];
+        _kv = new KvView[layers.Length * _maxRows];
+        _segments = new AttentionSegment[layers.Length * _maxRows];
     }
 
     /// <summary>
@@ -163,15 +170,40 @@ internal sealed unsafe class TensorParallelPass : ParallelJob, IDisposable
     /// </summary>
     public void Run(ReadOnlySpan<int> tokens, int start, IKvCache cache, float* logits, OpProfiler? prof, bool endPass = true)
     {
+        _one[0] = new SequenceSlice(start, tokens.Length, cache);
+        Run(tokens, _one, logits, prof, endPass);
+    }
+
+    /// <summary>
+    /// Several sequences in one pass (a batch: decode steps, prompts, or both), each its <see cref="SequenceSlice.Count"/>
+    /// tokens back to back in <paramref name="tokens"/>, each against its own cache; logits [sequences × V], each
+    /// sequence's last token, or none when null. Every product runs once over all the rows.
+    /// </summary>
+    public void Run(ReadOnlySpan<int> tokens, ReadOnlySpan<SequenceSlice> sequences, float* logits, OpProfiler? prof, bool endPass = true)
+    {
         if (tokens.Length < 1 || tokens.Length > _maxRows) throw new ArgumentOutOfRangeException(nameof(tokens), $"{tokens.Length} tokens: one tensor-parallel pass takes 1..{_maxRows}");
+        int rows = 0;
+        foreach (var q in sequences) rows += q.Count;
+        if (sequences.IsEmpty || rows != tokens.Length)
+            throw new ArgumentException($"{sequences.Length} sequences of {rows} tokens in all, for {tokens.Length} tokens", nameof(sequences));
         tokens.CopyTo(_tokens);
-        _rows = tokens.Length; _start = start; _logits = logits;
-        for (int l = 0; l < _layers.Length; l++) _kv[l] = cache.Layer(l);
+        _rows = tokens.Length; _logits = logits; _sequenceCount = sequences.Length;
+        int B = sequences.Length, L = _layers.Length;
+        for (int b = 0, row = 0; b < B; row += sequences[b].Count, b++)
+        {
+            var q = sequences[b];
+            if (q.Count < 1) throw new ArgumentException($"sequence {b} has no tokens", nameof(sequences));
+            _sequences[b] = q; _firstRow[b] = row;
+            for (int i = 0; i < q.Count; i++) _positions[row + i] = q.Start + i;
+            for (int l = 0; l < L; l++) _kv[l * _maxRows + b] = q.Cache.Layer(l);
+        }
         if (_rows == 1) _attention.PrepareDecode(_qBlocks, _c.NumAttentionHeads, _c.NumKeyValueHeads, _c.HeadDim, _attBlocks);
         else
         {
-            for (int l = 0; l < _layers.Length; l++) _segments[l] = new AttentionSegment(0, _rows, start, _kv[l]);
-            _attention.PreparePrefill(_qBlocks, _c.NumAttentionHeads, _c.NumKeyValueHeads, _c.HeadDim, _segments, _attBlocks);
+            for (int l = 0; l < L; l++)
+                for (int b = 0; b < B; b++)
+                    _segments[l * B + b] = new AttentionSegment(_firstRow[b], _sequences[b].Count, _sequences[b].Start, _kv[l * _maxRows + b]);
+            _attention.PreparePrefill(_qBlocks, _c.NumAttentionHeads, _c.NumKeyValueHeads, _c.HeadDim, _segments.AsSpan(0, L * B), _attBlocks, perLayer: B);
         }
         _prof = prof;
         prof?.EnsureThreads(_threads);
@@ -300,12 +332,12 @@ internal sealed unsafe class TensorParallelPass : ParallelJob, IDisposable
             prof?.Record(OpKind.QProj, l, ref _t0);
             for (int r = 0; r < M; r++)
             {
-                _rope.Apply(a.Q + (long)r * _ldq, hT, _start + r);
-                _rope.Apply(a.K + (long)r * _ldk, gT, _start + r);
+                _rope.Apply(a.Q + (long)r * _ldq, hT, _positions[r]);
+                _rope.Apply(a.K + (long)r * _ldk, gT, _positions[r]);
             }
-            WriteKv(_kv[l], t, k0, k1, ref epoch);
+            for (int b = 0; b < _sequenceCount; b++) WriteKv(_kv[l * _maxRows + b], t, k0, k1, _firstRow[b], _sequences[b].Count, _sequences[b].Start, ref epoch);
             prof?.Record(OpKind.Rope, l, ref _t0);
-            if (M == 1) _attention.DecodeHeads(_kv[l], _start, t * hT, (t + 1) * hT, worker);   // att[:, q0..q1)
+            if (M == 1) _attention.DecodeHeads(_kv[l * _maxRows], _positions[0], t * hT, (t + 1) * hT, worker);   // att[:, q0..q1)
             else _attention.PrefillHeads(l, t * hT, (t + 1) * hT, worker);
             prof?.Record(OpKind.AttnScores, l, ref _t0);
             Product(t, a.Att - q0, _ldq, L.Wo, 0, d, q0, q1, partsA, d);   // partial o [M × d]
@@ -326,9 +358,14 @@ internal sealed unsafe class TensorParallelPass : ParallelJob, IDisposable
             AddSublayer(x, _partsB, t, ref epoch);   // x += Σ partial down
             prof?.Record(OpKind.FfnResidual, l, ref _t0);
         }
-        fixed (float* wn = _finalNorm) Ops.RmsNorm(x + (long)(M - 1) * d, wn, xb, 1, d, eps);   // the last row only
+        int B = _sequenceCount;
+        fixed (float* wn = _finalNorm)
+            for (int b = 0; b < B; b++)   // each sequence's last row only: xb[B × d]
+                Ops.RmsNorm(x + (long)(_firstRow[b] + _sequences[b].Count - 1) * d, wn, xb + (long)b * d, 1, d, eps);
         prof?.Record(OpKind.FinalNorm, -1, ref _t0);
-        if (_logits != null) MatMul.GemvSlice(xb, _lmHead, v0, v1, 0, d, _logits, _pairs[t].Pointer);   // logits[v0..v1)
+        if (_logits == null) return;
+        if (B == 1) MatMul.GemvSlice(xb, _lmHead, v0, v1, 0, d, _logits, _pairs[t].Pointer);   // logits[v0..v1)
+        else _gemm[t].Run(xb, d, B, [new(_lmHead.Block(v0, v1, 0, d), _logits + v0, c.VocabSize)]);   // logits[:, v0..v1)
     }
 
     /// <summary>Thread t's q, k and v columns of the pass's rows: GEMV slices for one row, one GEMM over the three blocks (X packed once) for more.</summary>
@@ -368,20 +405,21 @@ internal sealed unsafe class TensorParallelPass : ParallelJob, IDisposable
     }
 
     /// <summary>
-    /// Elements [k0, k1) (thread t's KV heads) of the pass's keys and values into the cache: whole new tiles straight
+    /// Elements [k0, k1) (thread t's KV heads) of one sequence's keys and values (its <paramref name="count"/> rows from
+    /// row <paramref name="first"/>, at positions from <paramref name="start"/>) into its cache: whole new tiles straight
     /// into their layout, other positions as rows. A position that completes a tile of rows has its keys transposed,
     /// every thread's columns staged first and written back after a barrier (the transposed tile overwrites rows
     /// holding the other threads' columns). Every thread meets the same barriers: they follow the positions only.
     /// </summary>
-    private void WriteKv(in KvView kv, int t, int k0, int k1, ref int epoch)
+    private void WriteKv(in KvView kv, int t, int k0, int k1, int first, int count, int start, ref int epoch)
     {
         var a = _act[t];
-        for (int i = 0; i < _rows;)
+        for (int i = 0; i < count;)
         {
-            int pos = _start + i;
+            int pos = start + i;
             // Thread t's k and v rows hold elements [k0, k1): shifted back by k0, element e is at key[e].
-            float* key = a.K + (long)i * _ldk - k0, value = a.V + (long)i * _ldk - k0;
-            if (pos % KvView.Tile == 0 && _rows - i >= KvView.Tile)
+            float* key = a.K + (long)(first + i) * _ldk - k0, value = a.V + (long)(first + i) * _ldk - k0;
+            if (pos % KvView.Tile == 0 && count - i >= KvView.Tile)
             {
                 kv.WriteTileColumns(pos / KvView.Tile, key, value, _ldk, k0, k1);
                 i += KvView.Tile;

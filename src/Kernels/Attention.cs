@@ -516,53 +516,71 @@ public sealed unsafe class Attention : ParallelJob
     }
 
     /// <summary>
-    /// Sets up one sequence's prefill rows for <see cref="PrefillHeads"/>, which several threads then call on disjoint
-    /// runs of heads (tensor-parallel prefill: each thread attends with the KV heads it wrote itself): one segment per
-    /// layer, each with that layer's KV, all with the same rows of q and output.
+    /// Sets up a pass's rows for <see cref="PrefillHeads"/>, which several threads then call on disjoint runs of heads
+    /// (tensor-parallel passes: each thread attends with the KV heads it wrote itself): <paramref name="perLayer"/>
+    /// segments per layer, layer by layer, each a sequence's rows of q and output with that layer's KV (one sequence's
+    /// prompt: one segment a layer, all with the same rows; a batch: one a sequence, the same rows in every layer).
     /// </summary>
-    public void PreparePrefill(float* q, int heads, int kvHeads, int headDim, ReadOnlySpan<AttentionSegment> layers, float* output)
+    public void PreparePrefill(float* q, int heads, int kvHeads, int headDim, ReadOnlySpan<AttentionSegment> segments, float* output, int perLayer = 1)
     {
-        CheckPrefillByHeads(heads, kvHeads, headDim, layers);
+        CheckPrefillByHeads(heads, kvHeads, headDim, segments, perLayer);
         SetCall(q, heads, kvHeads, headDim, output);
     }
 
-    /// <summary><see cref="PreparePrefill(float*, int, int, int, ReadOnlySpan{AttentionSegment}, float*)"/> with q and output in blocks of heads, one per thread.</summary>
-    public void PreparePrefill(ReadOnlySpan<nint> qBlocks, int heads, int kvHeads, int headDim, ReadOnlySpan<AttentionSegment> layers, ReadOnlySpan<nint> outBlocks)
+    /// <summary><see cref="PreparePrefill(float*, int, int, int, ReadOnlySpan{AttentionSegment}, float*, int)"/> with q and output in blocks of heads, one per thread.</summary>
+    public void PreparePrefill(ReadOnlySpan<nint> qBlocks, int heads, int kvHeads, int headDim, ReadOnlySpan<AttentionSegment> segments, ReadOnlySpan<nint> outBlocks, int perLayer = 1)
     {
-        CheckPrefillByHeads(heads, kvHeads, headDim, layers);
+        CheckPrefillByHeads(heads, kvHeads, headDim, segments, perLayer);
         SetCall(qBlocks, heads, kvHeads, headDim, outBlocks);
     }
 
-    /// <summary>Checks and keeps one prefill's segments (one per layer) and plans their unfinished tiles.</summary>
-    private void CheckPrefillByHeads(int heads, int kvHeads, int headDim, ReadOnlySpan<AttentionSegment> layers)
+    /// <summary>Checks and keeps a pass's segments (<paramref name="perLayer"/> a layer) and plans their unfinished tiles.</summary>
+    private void CheckPrefillByHeads(int heads, int kvHeads, int headDim, ReadOnlySpan<AttentionSegment> segments, int perLayer)
     {
         if (heads % kvHeads != 0) throw new ArgumentException($"heads ({heads}) must be whole groups of the KV heads ({kvHeads})");
-        EnsureSegments(layers.Length);
-        for (int i = 0; i < layers.Length; i++)
+        if (perLayer < 1 || segments.Length % perLayer != 0)
+            throw new ArgumentException($"{segments.Length} segments are not whole layers of {perLayer}", nameof(perLayer));
+        EnsureSegments(segments.Length);
+        for (int i = 0; i < segments.Length; i++)
         {
-            var g = layers[i];
-            if (g.Count < 2) throw new ArgumentException("a prefill by heads takes two or more rows (one row decodes: DecodeHeads)", nameof(layers));
+            var g = segments[i];
+            if (g.Count < 1) throw new ArgumentException("every segment needs a row", nameof(segments));
             if (g.Start + g.Count > MaxContext)
-                throw new ArgumentOutOfRangeException(nameof(layers), $"positions up to {g.Start + g.Count} exceed the attention scratch ({MaxContext})");
+                throw new ArgumentOutOfRangeException(nameof(segments), $"positions up to {g.Start + g.Count} exceed the attention scratch ({MaxContext})");
             _segments[i] = g;
         }
-        _segmentCount = layers.Length;
+        _segmentCount = segments.Length;
+        _perLayer = perLayer;
         EnsureScoreRows(heads, headDim);
         _heads = heads; _kvHeads = kvHeads; _headDim = headDim;   // PlanUnfinishedTiles reads the shapes
         PlanUnfinishedTiles();
     }
 
-    /// <summary>Query heads h0..h1 of every row of layer <paramref name="layer"/>'s segment (<see cref="PreparePrefill"/>), on the calling thread.</summary>
+    private int _perLayer = 1;   // segments a layer in the prepared pass
+
+    /// <summary>
+    /// Query heads h0..h1 of every row of layer <paramref name="layer"/>'s segments (<see cref="PreparePrefill"/>), on
+    /// the calling thread: a one-row segment (a decode step) as <see cref="DecodeHeads"/> runs it, the others in
+    /// groups of four rows.
+    /// </summary>
     public void PrefillHeads(int layer, int h0, int h1, int worker)
     {
-        int groups = (_segments[layer].Count + RowsPerChunk - 1) / RowsPerChunk;
-        bool f32 = _segments[layer].Kv.Type == KvType.F32;
-        for (int g = 0; g < groups; g++)
-            for (int h = h0; h < h1; h++)
+        for (int si = layer * _perLayer, end = si + _perLayer; si < end; si++)
+        {
+            if (DecodesRow(_segments[si]))
             {
-                if (f32) Head<F32Load>(layer, g, h, worker);
-                else Head<Bf16Load>(layer, g, h, worker);
+                DecodeRow(_segments[si], h0, h1, worker);
+                continue;
             }
+            int groups = (_segments[si].Count + RowsPerChunk - 1) / RowsPerChunk;
+            bool f32 = _segments[si].Kv.Type == KvType.F32;
+            for (int g = 0; g < groups; g++)
+                for (int h = h0; h < h1; h++)
+                {
+                    if (f32) Head<F32Load>(si, g, h, worker);
+                    else Head<Bf16Load>(si, g, h, worker);
+                }
+        }
     }
 
     /// <summary>Room for <paramref name="n"/> segments and their first chunks.</summary>

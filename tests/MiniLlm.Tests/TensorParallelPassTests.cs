@@ -98,6 +98,84 @@ public class TensorParallelPassTests
     }
 
     /// <summary>
+    /// A step of several sequences through the pass (each its own cache and positions; 12 rows fill a 16-row panel
+    /// enough) against the same steps op by op: 12 sequences at positions 3–14 decoding 22 steps together (tiles
+    /// completing at different steps, one every step), then a step mixing a 4-token prompt chunk with 11 decode rows.
+    /// Every step's logits, then every key and value the caches hold.
+    /// </summary>
+    [Theory]
+    [MemberData(nameof(Shapes))]
+    public void BatchStepsMatchTheOpByOpPath(string name, int heads, int kv, string dtype, int threads)
+    {
+        var rm = Make(name + "-batch", heads, kv, dtype);
+        using var model = LlamaModel.Load(rm.Dir, threads);
+        const int B = 12, Steps = 22;
+        int V = model.Config.VocabSize;
+        Assert.True(model.UsesTensorParallelBatch(B, B));
+        Assert.False(model.UsesTensorParallelBatch(8, 8));   // half a panel: op by op
+        int Token(int b, int pos) => (b * 31 + pos * 7 + 3) % V;
+        (ContiguousKvCache[] Caches, List<float[]> Logits) Run(bool tensorParallel)
+        {
+            model.TensorParallelBatch = tensorParallel;
+            var caches = Enumerable.Range(0, B).Select(_ => model.NewKvCache()).ToArray();
+            var one = new float[V];
+            for (int b = 0; b < B; b++)   // prompts of 3..14 tokens, one sequence at a time (the same path either way)
+                model.Forward(Enumerable.Range(0, 3 + b).Select(p => Token(b, p)).ToArray(), 0, caches[b], one);
+            var all = new List<float[]>();
+            var logits = new float[B * V];
+            var slices = new SequenceSlice[B];
+            var tokens = new int[B + 3];
+            for (int s = 0; s < Steps; s++)
+            {
+                for (int b = 0; b < B; b++) { slices[b] = new SequenceSlice(3 + b + s, 1, caches[b]); tokens[b] = Token(b, 3 + b + s); }
+                model.Forward(tokens.AsSpan(0, B), slices, logits);
+                all.Add((float[])logits.Clone());
+            }
+            // sequence 0 takes 4 prompt tokens while 1..11 decode: 15 rows
+            int row = 0;
+            for (int b = 0; b < B; b++)
+            {
+                int n = b == 0 ? 4 : 1, start = 3 + b + Steps;
+                slices[b] = new SequenceSlice(start, n, caches[b]);
+                for (int i = 0; i < n; i++) tokens[row++] = Token(b, start + i);
+            }
+            model.Forward(tokens.AsSpan(0, row), slices, logits);
+            all.Add((float[])logits.Clone());
+            model.TensorParallelBatch = true;
+            return (caches, all);
+        }
+        var (tpCaches, tp) = Run(true);
+        var (opCaches, op) = Run(false);
+        try
+        {
+            for (int s = 0; s < tp.Count; s++)
+                for (int b = 0; b < B; b++)
+                    AssertClose(op[s].AsSpan(b * V, V).ToArray().Select(v => (double)v).ToArray(), tp[s].AsSpan(b * V, V), 1e-4, $"{name} step {s}, sequence {b}");
+            for (int b = 0; b < B; b++)
+            {
+                int length = 3 + b + Steps + (b == 0 ? 4 : 1);
+                for (int l = 0; l < model.Config.NumHiddenLayers; l++)
+                {
+                    KvView x = tpCaches[b].Layer(l), y = opCaches[b].Layer(l);
+                    for (int pos = 0; pos < length; pos++)
+                        for (int e = 0; e < model.Config.KvDim; e++)
+                        {
+                            float ka = x.KeyAt(pos, e, length), kb = y.KeyAt(pos, e, length);
+                            Assert.True(Math.Abs(ka - kb) <= 1e-4 * (1 + Math.Abs(kb)), $"sequence {b} layer {l} key [{pos}, {e}]: {ka} vs {kb}");
+                            float va = x.ValueAt(pos, e), vb = y.ValueAt(pos, e);
+                            Assert.True(Math.Abs(va - vb) <= 1e-4 * (1 + Math.Abs(vb)), $"sequence {b} layer {l} value [{pos}, {e}]: {va} vs {vb}");
+                        }
+                }
+            }
+        }
+        finally
+        {
+            foreach (var c in tpCaches) c.Dispose();
+            foreach (var c in opCaches) c.Dispose();
+        }
+    }
+
+    /// <summary>
     /// A prompt longer than one pass goes through it in chunks of 64 tokens, the rest by
     /// its length: 65 (64 + a decode step), 100 (64 + 36 op by op), 150 (64 + 64 + 22 op by op), 160 (64 + 64 + 32
     /// through the pass). The last token's logits and the next decode step against the reference, from position 0
