@@ -240,6 +240,13 @@ public sealed unsafe class LlamaModel : IDisposable
         sequences >= 2 && rows >= 2 && TensorParallelBatch && UsesTensorParallelDecode && _tp!.Takes(rows);
 
     /// <summary>
+    /// Whether a step of several sequences and <paramref name="rows"/> tokens is longer than one tensor-parallel pass and
+    /// goes through it in passes (<see cref="ForwardInPasses"/>).
+    /// </summary>
+    public bool PassesTensorParallelBatch(int rows, int sequences) =>
+        sequences >= 2 && rows > TensorParallelPass.MaxRows && UsesTensorParallelBatch(TensorParallelPass.MaxRows, 2);
+
+    /// <summary>
     /// Whether a one-sequence prompt of <paramref name="rows"/> tokens is longer than one tensor-parallel pass and goes
     /// through it in chunks (<see cref="ForwardInChunks"/>).
     /// </summary>
@@ -320,13 +327,13 @@ public sealed unsafe class LlamaModel : IDisposable
     private void GemmPass(int m, int sequences)
     {
         if (sequences == 1 ? UsesTensorParallelPrefill(m) : UsesTensorParallelBatch(m, sequences)) _tp!.GemmPass(m);   // the products as that pass cuts and runs them
-        else if (sequences == 1 && ChunksTensorParallelPrefill(m))
+        else if (sequences == 1 ? ChunksTensorParallelPrefill(m) : PassesTensorParallelBatch(m, sequences))
         {
-            // as ForwardInChunks runs a long prompt: whole chunks through that pass, then the rest by its length
+            // as ForwardInChunks and ForwardInPasses run them: whole passes, then the rest by its length
             int chunk = TensorParallelPass.MaxRows, rest = m;
             for (; rest > chunk; rest -= chunk) _tp!.GemmPass(chunk);
             if (rest == 1) _tp!.GemmPass(1);   // a decode step's products
-            else GemmPass(rest, 1);
+            else GemmPass(rest, Math.Min(sequences, rest));
         }
         else LayerProducts(m);
     }
@@ -422,6 +429,41 @@ public sealed unsafe class LlamaModel : IDisposable
     }
 
     /// <summary>
+    /// A step of several sequences longer than one tensor-parallel pass: their rows, in order, in passes of
+    /// <see cref="TensorParallelPass.MaxRows"/> (a sequence cut between two passes goes on in the next, attending to
+    /// the keys and values the first wrote), each sequence's logits from the pass that holds its last row; then the
+    /// rest as its rows decide (a pass, a decode step, or op by op). Profiled, the step is one pass.
+    /// </summary>
+    private void ForwardInPasses(ReadOnlySpan<int> tokens, ReadOnlySpan<SequenceSlice> sequences, Span<float> logits)
+    {
+        int V = Config.VocabSize, chunk = TensorParallelPass.MaxRows, b = 0, done = 0, row = 0;   // next sequence, its tokens done, rows done
+        for (; tokens.Length - row > chunk; row += chunk)
+        {
+            int first = b, count = 0;
+            for (int n = 0; n < chunk; count++)
+            {
+                var q = sequences[b];
+                int take = Math.Min(q.Count - done, chunk - n);
+                _passSlices[count] = new SequenceSlice(q.Start + done, take, q.Cache);
+                n += take; done += take;
+                if (done == q.Count) { b++; done = 0; }
+            }
+            int ending = done == 0 ? count : count - 1;   // sequences whose last row is in this pass
+            fixed (float* lp = logits)
+                _tp!.Run(tokens.Slice(row, chunk), _passSlices.AsSpan(0, count), lp + (long)first * V, Profiler, endPass: false, logitSequences: ending);
+        }
+        int rest = sequences.Length - b;
+        if (_restSlices.Length < rest) _restSlices = new SequenceSlice[rest];   // grows to the largest batch once
+        for (int i = 0; i < rest; i++) _restSlices[i] = sequences[b + i];
+        var head = sequences[b];
+        _restSlices[0] = new SequenceSlice(head.Start + done, head.Count - done, head.Cache);
+        Forward(tokens[row..], _restSlices.AsSpan(0, rest), logits[(b * V)..]);
+    }
+
+    private readonly SequenceSlice[] _passSlices = new SequenceSlice[TensorParallelPass.MaxRows];
+    private SequenceSlice[] _restSlices = new SequenceSlice[1];
+
+    /// <summary>
     /// One pass over the weights for several sequences at once. <paramref name="tokens"/> holds each sequence's new
     /// tokens back to back (T = Σ Count), so every linear layer is a single GEMM over T rows; attention runs per
     /// sequence against its own cache. Logits: [sequences × V] (each sequence's last token) or [T × V].
@@ -445,6 +487,11 @@ public sealed unsafe class LlamaModel : IDisposable
         if (which == LogitsFor.LastToken && UsesTensorParallelBatch(T, sequences.Length))
         {
             fixed (float* lp = logits) _tp!.Run(tokens, sequences, lp, Profiler);
+            return;
+        }
+        if (which == LogitsFor.LastToken && PassesTensorParallelBatch(T, sequences.Length))
+        {
+            ForwardInPasses(tokens, sequences, logits);
             return;
         }
         var prof = Profiler;

@@ -64,7 +64,8 @@ internal sealed unsafe class TensorParallelPass : ParallelJob, IDisposable
     private readonly SequenceSlice[] _one = new SequenceSlice[1];
     private readonly KvView[] _kv;                  // [layer × sequence] at l·_maxRows + s
     private readonly AttentionSegment[] _segments;  // layer by layer, a sequence's rows against that layer's KV
-    private float* _logits;                         // [sequences × V], each sequence's last row; null: none
+    private float* _logits;                         // [_logitSequences × V], each sequence's last row; null: none
+    private int _logitSequences;                    // the first this many sequences end in this pass (the last may go on)
     private enum Mode { Forward, StreamOnly, GemmsOnly }
     private Mode _mode;
     private float _sink;
@@ -178,16 +179,21 @@ internal sealed unsafe class TensorParallelPass : ParallelJob, IDisposable
     /// Several sequences in one pass (a batch: decode steps, prompts, or both), each its <see cref="SequenceSlice.Count"/>
     /// tokens back to back in <paramref name="tokens"/>, each against its own cache; logits [sequences × V], each
     /// sequence's last token, or none when null. Every product runs once over all the rows.
+    /// <paramref name="logitSequences"/> ≥ 0: logits for the first that many sequences only (a pass of a longer step
+    /// whose last sequence goes on in the next pass).
     /// </summary>
-    public void Run(ReadOnlySpan<int> tokens, ReadOnlySpan<SequenceSlice> sequences, float* logits, OpProfiler? prof, bool endPass = true)
+    public void Run(ReadOnlySpan<int> tokens, ReadOnlySpan<SequenceSlice> sequences, float* logits, OpProfiler? prof, bool endPass = true, int logitSequences = -1)
     {
         if (tokens.Length < 1 || tokens.Length > _maxRows) throw new ArgumentOutOfRangeException(nameof(tokens), $"{tokens.Length} tokens: one tensor-parallel pass takes 1..{_maxRows}");
         int rows = 0;
         foreach (var q in sequences) rows += q.Count;
         if (sequences.IsEmpty || rows != tokens.Length)
             throw new ArgumentException($"{sequences.Length} sequences of {rows} tokens in all, for {tokens.Length} tokens", nameof(sequences));
+        if (logitSequences > sequences.Length) throw new ArgumentOutOfRangeException(nameof(logitSequences), $"{logitSequences} of {sequences.Length} sequences");
         tokens.CopyTo(_tokens);
-        _rows = tokens.Length; _logits = logits; _sequenceCount = sequences.Length;
+        _rows = tokens.Length; _sequenceCount = sequences.Length;
+        _logitSequences = logitSequences < 0 ? sequences.Length : logitSequences;
+        _logits = _logitSequences == 0 ? null : logits;
         int B = sequences.Length, L = _layers.Length;
         for (int b = 0, row = 0; b < B; row += sequences[b].Count, b++)
         {
@@ -358,7 +364,7 @@ internal sealed unsafe class TensorParallelPass : ParallelJob, IDisposable
             AddSublayer(x, _partsB, t, ref epoch);   // x += Σ partial down
             prof?.Record(OpKind.FfnResidual, l, ref _t0);
         }
-        int B = _sequenceCount;
+        int B = _logitSequences;
         fixed (float* wn = _finalNorm)
             for (int b = 0; b < B; b++)   // each sequence's last row only: xb[B × d]
                 Ops.RmsNorm(x + (long)(_firstRow[b] + _sequences[b].Count - 1) * d, wn, xb + (long)b * d, 1, d, eps);

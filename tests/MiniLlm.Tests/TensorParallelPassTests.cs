@@ -176,6 +176,79 @@ public class TensorParallelPassTests
     }
 
     /// <summary>
+    /// A step of several sequences longer than one pass goes through it in passes of 64 rows, a sequence cut between
+    /// two passes going on in the next, then the rest by its rows; against the same steps op by op. Six prompts of
+    /// 30, 70, 5, 12, 40 and 2 tokens in one step (passes [30 + 34] [36 + 5 + 12 + 11] and a rest of 29 + 2 through
+    /// the pass); then a step of one token each but 60 for the third sequence (a pass of 64 and a rest of one decode
+    /// step); then three decode steps of all six (op by op). Logits of every step, then the caches.
+    /// </summary>
+    [Theory]
+    [InlineData("F32", 2)]
+    [InlineData("BF16", 3)]
+    public void LongBatchStepsGoThroughThePassInPasses(string dtype, int threads)
+    {
+        int heads = threads * 2, kv = threads;
+        var rm = new RandomModel(new RandomModelSpec { Hidden = 64, Intermediate = 96, Heads = heads, KvHeads = kv, HeadDim = 32, Vocab = 97, Context = 192, DType = dtype, Seed = 79 },
+            TestPaths.NewTempDir($"tp-passes-{dtype}-{threads}"));
+        using var model = LlamaModel.Load(rm.Dir, threads);
+        int V = model.Config.VocabSize;
+        int[][] steps = [[30, 70, 5, 12, 40, 2], [1, 1, 60, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]];
+        Assert.True(model.PassesTensorParallelBatch(159, 6));
+        Assert.False(model.PassesTensorParallelBatch(64, 6));
+        int Token(int b, int pos) => (b * 29 + pos * 11 + 5) % V;
+        (ContiguousKvCache[] Caches, List<float[]> Logits) Run(bool tensorParallel)
+        {
+            model.TensorParallelBatch = tensorParallel;
+            var caches = Enumerable.Range(0, 6).Select(_ => model.NewKvCache()).ToArray();
+            var at = new int[6];
+            var all = new List<float[]>();
+            var logits = new float[6 * V];
+            foreach (var counts in steps)
+            {
+                var tokens = new List<int>();
+                var slices = new SequenceSlice[6];
+                for (int b = 0; b < 6; b++)
+                {
+                    slices[b] = new SequenceSlice(at[b], counts[b], caches[b]);
+                    for (int i = 0; i < counts[b]; i++) tokens.Add(Token(b, at[b] + i));
+                    at[b] += counts[b];
+                }
+                model.Forward(tokens.ToArray(), slices, logits);
+                all.Add((float[])logits.Clone());
+            }
+            model.TensorParallelBatch = true;
+            return (caches, all);
+        }
+        var (tpCaches, tp) = Run(true);
+        var (opCaches, op) = Run(false);
+        try
+        {
+            for (int s = 0; s < steps.Length; s++)
+                for (int b = 0; b < 6; b++)
+                    AssertClose(op[s].AsSpan(b * V, V).ToArray().Select(v => (double)v).ToArray(), tp[s].AsSpan(b * V, V), 1e-4, $"{dtype} step {s}, sequence {b}");
+            for (int b = 0; b < 6; b++)
+            {
+                int length = steps.Sum(c => c[b]);
+                for (int l = 0; l < model.Config.NumHiddenLayers; l++)
+                {
+                    KvView x = tpCaches[b].Layer(l), y = opCaches[b].Layer(l);
+                    for (int pos = 0; pos < length; pos++)
+                        for (int e = 0; e < model.Config.KvDim; e++)
+                        {
+                            float ka = x.KeyAt(pos, e, length), kb = y.KeyAt(pos, e, length);
+                            Assert.True(Math.Abs(ka - kb) <= 1e-4 * (1 + Math.Abs(kb)), $"sequence {b} layer {l} key [{pos}, {e}]: {ka} vs {kb}");
+                        }
+                }
+            }
+        }
+        finally
+        {
+            foreach (var c in tpCaches) c.Dispose();
+            foreach (var c in opCaches) c.Dispose();
+        }
+    }
+
+    /// <summary>
     /// A prompt longer than one pass goes through it in chunks of 64 tokens, the rest by
     /// its length: 65 (64 + a decode step), 100 (64 + 36 op by op), 150 (64 + 64 + 22 op by op), 160 (64 + 64 + 32
     /// through the pass). The last token's logits and the next decode step against the reference, from position 0
