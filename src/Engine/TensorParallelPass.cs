@@ -6,8 +6,8 @@ using MiniLlm.Loader;
 namespace MiniLlm.Engine;
 
 /// <summary>
-/// A forward pass of one sequence (a decode step, or a short prompt: up to <see cref="MaxRows"/> tokens) as one
-/// dispatch in which every thread owns a fixed share of every layer (tensor parallelism, Megatron style, across the
+/// A forward pass of up to <see cref="MaxRows"/> rows (a decode step, a short prompt, or a step of several sequences,
+/// each against its own cache) as one dispatch in which every thread owns a fixed share of every layer (tensor parallelism, Megatron style, across the
 /// cores of one CPU): its query and KV heads (their q/k/v rows, RoPE, cache writes and attention) and its slice of
 /// the MLP (gate/up rows); o and down are cut by columns, so each thread's partial output needs only what that thread
 /// computed, and the partials are added after a barrier. Two barriers a layer instead of five fork-joins (q/k/v,
@@ -23,7 +23,8 @@ namespace MiniLlm.Engine;
 /// A decode step's products are GEMV slices (<see cref="MatMul.GemvSlice"/>); a prompt's are GEMMs over blocks of
 /// the weights on each thread alone (<see cref="SliceGemm"/>), and every row-wise op (norms, RoPE, SwiGLU, the
 /// residual adds) then reads rows its own thread wrote. In the op-by-op prefill each product's columns were cut
-/// between the threads, so every such op read half its input from the other core's cache.
+/// between the threads, so every such op read half its input from the other core's cache. Longer prompts and steps go
+/// through it in passes of <see cref="MaxRows"/> (<c>LlamaModel.ForwardInChunks</c>, <c>ForwardInPasses</c>).
 /// </para>
 /// </summary>
 internal sealed unsafe class TensorParallelPass : ParallelJob, IDisposable
@@ -317,7 +318,7 @@ internal sealed unsafe class TensorParallelPass : ParallelJob, IDisposable
     private void Pass(int t, int worker)
     {
         var c = _c;
-        int d = c.HiddenSize, f = c.IntermediateSize, M = _rows, hT = c.NumAttentionHeads / _threads, gT = c.NumKeyValueHeads / _threads;
+        int d = c.HiddenSize, M = _rows, hT = c.NumAttentionHeads / _threads, gT = c.NumKeyValueHeads / _threads;
         var (q0, q1, k0, k1, f0, f1, v0, v1) = SharesOf(t);
         float* x = _x[t].Pointer, xb = _xb[t].Pointer;
         float* partsA = PartsOf(_partsA, t), partsB = PartsOf(_partsB, t);
