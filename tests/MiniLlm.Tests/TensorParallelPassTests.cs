@@ -1,5 +1,6 @@
 using MiniLlm.Engine;
 using MiniLlm.Kernels;
+using MiniLlm.Loader;
 
 namespace MiniLlm.Tests;
 
@@ -58,6 +59,32 @@ public class TensorParallelPassTests
         double maxRef = reference.Max(Math.Abs), maxErr = 0;
         for (int i = 0; i < reference.Length; i++) maxErr = Math.Max(maxErr, Math.Abs(reference[i] - actual[i]));
         Assert.True(maxErr < relative * maxRef, $"{what}: max abs error {maxErr:E3} vs bound {relative * maxRef:E3}");
+    }
+
+    /// <summary>Every key and value of the first <paramref name="length"/> positions of every layer, within <paramref name="relative"/> of <paramref name="expected"/>'s (at least 1 in scale).</summary>
+    private static void AssertSameKv(IKvCache expected, IKvCache actual, LlamaConfig c, int length, double relative, string what)
+    {
+        for (int l = 0; l < c.NumHiddenLayers; l++)
+        {
+            KvView x = actual.Layer(l), y = expected.Layer(l);
+            for (int pos = 0; pos < length; pos++)
+                for (int e = 0; e < c.KvDim; e++)
+                {
+                    float ka = x.KeyAt(pos, e, length), kb = y.KeyAt(pos, e, length);
+                    Assert.True(Math.Abs(ka - kb) <= relative * Math.Max(1, Math.Abs(kb)), $"{what} layer {l} key [{pos}, {e}]: {ka} vs {kb}");
+                    float va = x.ValueAt(pos, e), vb = y.ValueAt(pos, e);
+                    Assert.True(Math.Abs(va - vb) <= relative * Math.Max(1, Math.Abs(vb)), $"{what} layer {l} value [{pos}, {e}]: {va} vs {vb}");
+                }
+        }
+    }
+
+    /// <summary>Each step's logits, [sequences × V], against the op-by-op path's.</summary>
+    private static void AssertSameLogits(List<float[]> expected, List<float[]> actual, int sequences, int V, string what)
+    {
+        Assert.Equal(expected.Count, actual.Count);
+        for (int s = 0; s < expected.Count; s++)
+            for (int b = 0; b < sequences; b++)
+                AssertClose(expected[s].AsSpan(b * V, V).ToArray().Select(v => (double)v).ToArray(), actual[s].AsSpan(b * V, V), 1e-4, $"{what} step {s}, sequence {b}");
     }
 
     [Theory]
@@ -148,25 +175,8 @@ public class TensorParallelPassTests
         var (opCaches, op) = Run(false);
         try
         {
-            for (int s = 0; s < tp.Count; s++)
-                for (int b = 0; b < B; b++)
-                    AssertClose(op[s].AsSpan(b * V, V).ToArray().Select(v => (double)v).ToArray(), tp[s].AsSpan(b * V, V), 1e-4, $"{name} step {s}, sequence {b}");
-            for (int b = 0; b < B; b++)
-            {
-                int length = 3 + b + Steps + (b == 0 ? 4 : 1);
-                for (int l = 0; l < model.Config.NumHiddenLayers; l++)
-                {
-                    KvView x = tpCaches[b].Layer(l), y = opCaches[b].Layer(l);
-                    for (int pos = 0; pos < length; pos++)
-                        for (int e = 0; e < model.Config.KvDim; e++)
-                        {
-                            float ka = x.KeyAt(pos, e, length), kb = y.KeyAt(pos, e, length);
-                            Assert.True(Math.Abs(ka - kb) <= 1e-4 * (1 + Math.Abs(kb)), $"sequence {b} layer {l} key [{pos}, {e}]: {ka} vs {kb}");
-                            float va = x.ValueAt(pos, e), vb = y.ValueAt(pos, e);
-                            Assert.True(Math.Abs(va - vb) <= 1e-4 * (1 + Math.Abs(vb)), $"sequence {b} layer {l} value [{pos}, {e}]: {va} vs {vb}");
-                        }
-                }
-            }
+            AssertSameLogits(op, tp, B, V, name);
+            for (int b = 0; b < B; b++) AssertSameKv(opCaches[b], tpCaches[b], model.Config, 3 + b + Steps + (b == 0 ? 4 : 1), 1e-4, $"{name} sequence {b}");
         }
         finally
         {
@@ -223,23 +233,8 @@ public class TensorParallelPassTests
         var (opCaches, op) = Run(false);
         try
         {
-            for (int s = 0; s < steps.Length; s++)
-                for (int b = 0; b < 6; b++)
-                    AssertClose(op[s].AsSpan(b * V, V).ToArray().Select(v => (double)v).ToArray(), tp[s].AsSpan(b * V, V), 1e-4, $"{dtype} step {s}, sequence {b}");
-            for (int b = 0; b < 6; b++)
-            {
-                int length = steps.Sum(c => c[b]);
-                for (int l = 0; l < model.Config.NumHiddenLayers; l++)
-                {
-                    KvView x = tpCaches[b].Layer(l), y = opCaches[b].Layer(l);
-                    for (int pos = 0; pos < length; pos++)
-                        for (int e = 0; e < model.Config.KvDim; e++)
-                        {
-                            float ka = x.KeyAt(pos, e, length), kb = y.KeyAt(pos, e, length);
-                            Assert.True(Math.Abs(ka - kb) <= 1e-4 * (1 + Math.Abs(kb)), $"sequence {b} layer {l} key [{pos}, {e}]: {ka} vs {kb}");
-                        }
-                }
-            }
+            AssertSameLogits(op, tp, 6, V, dtype);
+            for (int b = 0; b < 6; b++) AssertSameKv(opCaches[b], tpCaches[b], model.Config, steps.Sum(c => c[b]), 1e-4, $"{dtype} sequence {b}");
         }
         finally
         {
@@ -306,19 +301,8 @@ public class TensorParallelPassTests
         var (op, opLogits) = Run(false, 4);
         foreach (var (pos, logits) in opLogits)
             AssertClose(logits.Select(v => (double)v).ToArray(), tpLogits[pos], 1e-4, $"logits at {pos}");
-        for (int l = 0; l < c.NumHiddenLayers; l++)
-        {
-            KvView a = tp.Layer(l), b = op.Layer(l);
-            for (int pos = 0; pos < Tokens.Length; pos++)
-                for (int e = 0; e < c.KvDim; e++)
-                {
-                    float ka = a.KeyAt(pos, e, Tokens.Length), kb = b.KeyAt(pos, e, Tokens.Length);
-                    float va = a.ValueAt(pos, e), vb = b.ValueAt(pos, e);
-                    // bf16 keeps 8 bits: the two paths' fp32 sums may round to neighbouring bf16 values
-                    Assert.True(Math.Abs(ka - kb) <= 1e-2f * Math.Max(1, Math.Abs(kb)), $"layer {l} key {pos}/{e}: {ka} vs {kb}");
-                    Assert.True(Math.Abs(va - vb) <= 1e-2f * Math.Max(1, Math.Abs(vb)), $"layer {l} value {pos}/{e}: {va} vs {vb}");
-                }
-        }
+        // bf16 keeps 8 bits: the two paths' fp32 sums may round to neighbouring bf16 values
+        AssertSameKv(op, tp, c, Tokens.Length, 1e-2f, "paged bf16");
     }
 
     [Theory]
