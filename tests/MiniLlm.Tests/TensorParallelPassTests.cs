@@ -125,58 +125,47 @@ public class TensorParallelPassTests
     }
 
     /// <summary>
-    /// A step of several sequences through the pass (each its own cache and positions; 12 rows fill a 16-row panel
-    /// enough) against the same steps op by op: 12 sequences at positions 3–14 decoding 22 steps together (tiles
-    /// completing at different steps, one every step), then a step mixing a 4-token prompt chunk with 11 decode rows.
-    /// Every step's logits, then every key and value the caches hold.
+    /// Steps of several sequences: in step s, steps[s][b] new tokens of sequence b (each its own cache, its tokens a
+    /// function of sequence and position), with <see cref="LlamaModel.TensorParallelBatch"/> on or off; the logits of
+    /// every step ([sequences × V]) and the caches.
     /// </summary>
-    [Theory]
-    [MemberData(nameof(Shapes))]
-    public void BatchStepsMatchTheOpByOpPath(string name, int heads, int kv, string dtype, int threads)
+    private static (ContiguousKvCache[] Caches, List<float[]> Logits) RunSteps(LlamaModel model, int[][] steps, bool tensorParallel)
     {
-        var rm = Make(name + "-batch", heads, kv, dtype);
-        using var model = LlamaModel.Load(rm.Dir, threads);
-        const int B = 12, Steps = 22;
-        int V = model.Config.VocabSize;
-        Assert.True(model.UsesTensorParallelBatch(B, B));
-        Assert.False(model.UsesTensorParallelBatch(8, 8));   // half a panel: op by op
-        int Token(int b, int pos) => (b * 31 + pos * 7 + 3) % V;
-        (ContiguousKvCache[] Caches, List<float[]> Logits) Run(bool tensorParallel)
-        {
-            model.TensorParallelBatch = tensorParallel;
-            var caches = Enumerable.Range(0, B).Select(_ => model.NewKvCache()).ToArray();
-            var one = new float[V];
-            for (int b = 0; b < B; b++)   // prompts of 3..14 tokens, one sequence at a time (the same path either way)
-                model.Forward(Enumerable.Range(0, 3 + b).Select(p => Token(b, p)).ToArray(), 0, caches[b], one);
-            var all = new List<float[]>();
-            var logits = new float[B * V];
-            var slices = new SequenceSlice[B];
-            var tokens = new int[B + 3];
-            for (int s = 0; s < Steps; s++)
-            {
-                for (int b = 0; b < B; b++) { slices[b] = new SequenceSlice(3 + b + s, 1, caches[b]); tokens[b] = Token(b, 3 + b + s); }
-                model.Forward(tokens.AsSpan(0, B), slices, logits);
-                all.Add((float[])logits.Clone());
-            }
-            // sequence 0 takes 4 prompt tokens while 1..11 decode: 15 rows
-            int row = 0;
-            for (int b = 0; b < B; b++)
-            {
-                int n = b == 0 ? 4 : 1, start = 3 + b + Steps;
-                slices[b] = new SequenceSlice(start, n, caches[b]);
-                for (int i = 0; i < n; i++) tokens[row++] = Token(b, start + i);
-            }
-            model.Forward(tokens.AsSpan(0, row), slices, logits);
-            all.Add((float[])logits.Clone());
-            model.TensorParallelBatch = true;
-            return (caches, all);
-        }
-        var (tpCaches, tp) = Run(true);
-        var (opCaches, op) = Run(false);
+        int B = steps[0].Length, V = model.Config.VocabSize;
+        model.TensorParallelBatch = tensorParallel;
         try
         {
-            AssertSameLogits(op, tp, B, V, name);
-            for (int b = 0; b < B; b++) AssertSameKv(opCaches[b], tpCaches[b], model.Config, 3 + b + Steps + (b == 0 ? 4 : 1), 1e-4, $"{name} sequence {b}");
+            var caches = Enumerable.Range(0, B).Select(_ => model.NewKvCache()).ToArray();
+            var at = new int[B];
+            var all = new List<float[]>();
+            var logits = new float[B * V];
+            foreach (var counts in steps)
+            {
+                var tokens = new List<int>();
+                var slices = new SequenceSlice[B];
+                for (int b = 0; b < B; b++)
+                {
+                    slices[b] = new SequenceSlice(at[b], counts[b], caches[b]);
+                    for (int i = 0; i < counts[b]; i++) tokens.Add((b * 29 + (at[b] + i) * 11 + 5) % V);
+                    at[b] += counts[b];
+                }
+                model.Forward(tokens.ToArray(), slices, logits);
+                all.Add((float[])logits.Clone());
+            }
+            return (caches, all);
+        }
+        finally { model.TensorParallelBatch = true; }
+    }
+
+    /// <summary><see cref="RunSteps"/> through the pass and op by op: every step's logits, then every cached key and value.</summary>
+    private static void AssertStepsMatchTheOpByOpPath(LlamaModel model, int[][] steps, string what)
+    {
+        var (tpCaches, tp) = RunSteps(model, steps, true);
+        var (opCaches, op) = RunSteps(model, steps, false);
+        try
+        {
+            AssertSameLogits(op, tp, steps[0].Length, model.Config.VocabSize, what);
+            for (int b = 0; b < tpCaches.Length; b++) AssertSameKv(opCaches[b], tpCaches[b], model.Config, steps.Sum(c => c[b]), 1e-4, $"{what} sequence {b}");
         }
         finally
         {
@@ -186,11 +175,30 @@ public class TensorParallelPassTests
     }
 
     /// <summary>
+    /// A step of several sequences through the pass (each its own cache and positions; 12 rows fill a 16-row panel
+    /// enough) against the same steps op by op: prompts of 3–6 tokens in one step (54 rows), then 22 decode steps of
+    /// all 12 together (tiles completing at four different steps), then a step mixing a 4-token prompt chunk with 11
+    /// decode rows.
+    /// </summary>
+    [Theory]
+    [MemberData(nameof(Shapes))]
+    public void BatchStepsMatchTheOpByOpPath(string name, int heads, int kv, string dtype, int threads)
+    {
+        var rm = Make(name + "-batch", heads, kv, dtype);
+        using var model = LlamaModel.Load(rm.Dir, threads);
+        const int B = 12;
+        Assert.True(model.UsesTensorParallelBatch(B, B));
+        Assert.False(model.UsesTensorParallelBatch(8, 8));   // half a panel: op by op
+        int[][] steps = [[3, 3, 3, 4, 4, 4, 5, 5, 5, 6, 6, 6], .. Enumerable.Repeat(Enumerable.Repeat(1, B).ToArray(), 22), [4, .. Enumerable.Repeat(1, B - 1)]];
+        AssertStepsMatchTheOpByOpPath(model, steps, name);
+    }
+
+    /// <summary>
     /// A step of several sequences longer than one pass goes through it in passes of 64 rows, a sequence cut between
     /// two passes going on in the next, then the rest by its rows; against the same steps op by op. Six prompts of
     /// 30, 70, 5, 12, 40 and 2 tokens in one step (passes [30 + 34] [36 + 5 + 12 + 11] and a rest of 29 + 2 through
     /// the pass); then a step of one token each but 60 for the third sequence (a pass of 64 and a rest of one decode
-    /// step); then three decode steps of all six (op by op). Logits of every step, then the caches.
+    /// step); then three decode steps of all six (op by op).
     /// </summary>
     [Theory]
     [InlineData("F32", 2)]
@@ -201,46 +209,9 @@ public class TensorParallelPassTests
         var rm = new RandomModel(new RandomModelSpec { Hidden = 64, Intermediate = 96, Heads = heads, KvHeads = kv, HeadDim = 32, Vocab = 97, Context = 192, DType = dtype, Seed = 79 },
             TestPaths.NewTempDir($"tp-passes-{dtype}-{threads}"));
         using var model = LlamaModel.Load(rm.Dir, threads);
-        int V = model.Config.VocabSize;
-        int[][] steps = [[30, 70, 5, 12, 40, 2], [1, 1, 60, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]];
         Assert.True(model.PassesTensorParallelBatch(159, 6));
         Assert.False(model.PassesTensorParallelBatch(64, 6));
-        int Token(int b, int pos) => (b * 29 + pos * 11 + 5) % V;
-        (ContiguousKvCache[] Caches, List<float[]> Logits) Run(bool tensorParallel)
-        {
-            model.TensorParallelBatch = tensorParallel;
-            var caches = Enumerable.Range(0, 6).Select(_ => model.NewKvCache()).ToArray();
-            var at = new int[6];
-            var all = new List<float[]>();
-            var logits = new float[6 * V];
-            foreach (var counts in steps)
-            {
-                var tokens = new List<int>();
-                var slices = new SequenceSlice[6];
-                for (int b = 0; b < 6; b++)
-                {
-                    slices[b] = new SequenceSlice(at[b], counts[b], caches[b]);
-                    for (int i = 0; i < counts[b]; i++) tokens.Add(Token(b, at[b] + i));
-                    at[b] += counts[b];
-                }
-                model.Forward(tokens.ToArray(), slices, logits);
-                all.Add((float[])logits.Clone());
-            }
-            model.TensorParallelBatch = true;
-            return (caches, all);
-        }
-        var (tpCaches, tp) = Run(true);
-        var (opCaches, op) = Run(false);
-        try
-        {
-            AssertSameLogits(op, tp, 6, V, dtype);
-            for (int b = 0; b < 6; b++) AssertSameKv(opCaches[b], tpCaches[b], model.Config, steps.Sum(c => c[b]), 1e-4, $"{dtype} sequence {b}");
-        }
-        finally
-        {
-            foreach (var c in tpCaches) c.Dispose();
-            foreach (var c in opCaches) c.Dispose();
-        }
+        AssertStepsMatchTheOpByOpPath(model, [[30, 70, 5, 12, 40, 2], [1, 1, 60, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype);
     }
 
     /// <summary>
