@@ -92,14 +92,7 @@ public sealed class Generator(LlamaModel model)
         var decoder = tok?.NewStreamingDecoder(continuation: true);
         var text = new System.Text.StringBuilder();
         using var cache = Model.NewKvCache(Math.Min(ctx, promptIds.Length + options.MaxTokens), options.KvType);
-        // Compile the sampling path before the clock starts, on a throwaway sampler (the real one's RNG stays untouched):
-        // logits spread wide (a thousand candidates to sort) and peaked (a few), as real ones are one or the other;
-        // all-equal logits skipped the cut-offs, and a first real sample then took 0.1-0.3 ms of the TTFT.
-        var warm = new Sampler(options.Sampling, cfg.VocabSize);
-        for (int i = 0; i < logits.Length; i++) logits[i] = i * 7919 % 1009 * 0.01f;
-        warm.Sample(logits);
-        for (int i = 0; i < logits.Length; i++) logits[i] = i % 17 == 0 ? 8 + i % 5 : i % 13 * 0.1f;
-        warm.Sample(logits);
+        Sampler.Compile(options.Sampling, logits);   // before the clock starts (the prefill overwrites the scratch)
 
         var output = new List<int>(options.MaxTokens);
         var steps = new List<double>(options.MaxTokens);
