@@ -95,6 +95,14 @@ public class ToolCommandTests
         return dir;
     }
 
+    /// <summary>`profile … --roofline <paramref name="roofPath"/> --output json` on <paramref name="dir"/>: asserts it succeeded, returns the parsed output.</summary>
+    private static JsonDocument ProfileJson(string dir, string roofPath, params string[] args)
+    {
+        var (code, stdout, stderr) = Run(["profile", "-m", dir, .. args, "--roofline", roofPath, "--output", "json"]);
+        Assert.True(code == 0, stderr);
+        return JsonDocument.Parse(stdout);
+    }
+
     [Fact]
     public void BenchReportsEveryTestAgainstTheGivenCeilings()
     {
@@ -216,9 +224,7 @@ public class ToolCommandTests
     {
         var dir = SmallSynthModel("profile-pp", layers: 1);
         var roofPath = SavedTestRoofline("profile-pp-roof");
-        var (code, stdout, stderr) = Run("profile", "-m", dir, "--prompt-tokens", "20", "-n", "3", "-t", "2", "--roofline", roofPath, "--output", "json");
-        Assert.True(code == 0, stderr);
-        using var doc = JsonDocument.Parse(stdout);
+        using var doc = ProfileJson(dir, roofPath, "--prompt-tokens", "20", "-n", "3", "-t", "2");
         Assert.Equal(20 * ProfileCommand.PrefillPasses, doc.RootElement.GetProperty("prefill").GetProperty("tokens").GetInt32());
         var bad = Run("profile", "-m", dir, "--prompt-tokens", "0", "--roofline", roofPath);
         Assert.NotEqual(0, bad.Code);
@@ -233,9 +239,7 @@ public class ToolCommandTests
     {
         var dir = SmallSynthModel("profile", layers: 2);
         var roofPath = SavedTestRoofline("profile-roof");
-        var (code, stdout, stderr) = Run("profile", "-m", dir, "-n", "5", "-p", "In the beginning", "-t", "2", "--roofline", roofPath, "--output", "json");
-        Assert.True(code == 0, stderr);
-        using var doc = JsonDocument.Parse(stdout);
+        using var doc = ProfileJson(dir, roofPath, "-n", "5", "-p", "In the beginning", "-t", "2");
         var pre = doc.RootElement.GetProperty("prefill");
         var dec = doc.RootElement.GetProperty("decode");
         Assert.Equal(3, dec.GetProperty("tokens").GetInt32());   // steps 0, 2 and 4 profiled; 1 and 3 timed alone
