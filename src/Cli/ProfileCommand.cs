@@ -225,7 +225,7 @@ public static class ProfileCommand
             console.WriteLine($"{p.Phase} ceiling = tokens ÷ Σ over the ops of max(FLOPs ÷ compute roof, bytes ÷ bandwidth) = {F(p.PredictedTokensPerSecond(roof))} tok/s");
             console.WriteLine($"  a pass at the roofline: {F(ts * perPass)} µs = {F(cs * perPass)} µs of FLOPs (at {roofText}) " +
                               $"+ {F(ms * perPass)} µs of bytes (at {F(p.BandwidthUsedGBps)} GB/s); the op rows' \"ms at roof\" column");
-            console.WriteLine(p.Flops / p.ComputeRoofGflops(roof) > p.Bytes / p.BandwidthUsedGBps
+            console.WriteLine(p.WholePhaseComputeBound(roof)
                 ? $"  the phase as one op (bytes hidden under FLOPs): compute roof ÷ FLOPs per token = {F(p.ComputeRoofGflops(roof))} GFLOP/s ÷ {F(p.Flops / p.Tokens / 1e9, "F3")} GFLOP = {F(p.WholePhasePredictedTokensPerSecond(roof))} tok/s"
                 : $"  the phase as one op: bandwidth ÷ bytes per token = {F(p.BandwidthUsedGBps)} GB/s ÷ {F(p.Bytes / p.Tokens / 1e6, "F2")} MB = {F(p.WholePhasePredictedTokensPerSecond(roof))} tok/s");
         }

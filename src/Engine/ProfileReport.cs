@@ -57,6 +57,9 @@ public sealed record PhaseProfile(string Phase, int Tokens, double Seconds, doub
     /// FLOPs per token or bandwidth ÷ bytes per token. Never below <see cref="PredictedTokensPerSecond"/>.</summary>
     public double WholePhasePredictedTokensPerSecond(Roofline r) => Tokens / Math.Max(Flops / (ComputeRoofGflops(r) * 1e9), Bytes / (BandwidthUsedGBps * 1e9));
 
+    /// <summary>Whether the phase as one op is set by its FLOPs (true) or by its bytes.</summary>
+    public bool WholePhaseComputeBound(Roofline r) => Flops / ComputeRoofGflops(r) > Bytes / BandwidthUsedGBps;
+
     /// <summary>
     /// Seconds the phase's ops take at the roofline, split by which term set each op: Compute sums FLOPs ÷ compute
     /// roof of the ops whose FLOPs take longer than their bytes, Memory sums bytes ÷ bandwidth of the rest. One
@@ -73,7 +76,7 @@ public sealed record PhaseProfile(string Phase, int Tokens, double Seconds, doub
         return (compute, memory, compute + memory);
     }
 
-    /// <summary>Seconds an op row takes at the roofline: max(FLOPs ÷ its compute roof, bytes ÷ bandwidth).</summary>
+    /// <summary>Seconds an op row takes at the roofline: max(FLOPs ÷ compute roof, bytes ÷ bandwidth).</summary>
     public double RoofSeconds(ProfileRow op, Roofline r)
     {
         var (c, m) = RoofTerms(op, r);
@@ -86,7 +89,7 @@ public sealed record PhaseProfile(string Phase, int Tokens, double Seconds, doub
     /// <summary>Whether the prediction is set by FLOPs (true) or by bytes: the larger of the two sums of <see cref="RoofSeconds"/>.</summary>
     public bool ComputeBound(Roofline r)
     {
-        if (Ops.Count == 0) return Flops / ComputeRoofGflops(r) > Bytes / BandwidthUsedGBps;
+        if (Ops.Count == 0) return WholePhaseComputeBound(r);
         var (c, m, _) = RoofSeconds(r);
         return c > m;
     }
