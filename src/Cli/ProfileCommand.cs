@@ -193,6 +193,7 @@ public static class ProfileCommand
         console.Profile.Width = 160;
         console.WriteLine($"model {Path.GetFileName(dir.TrimEnd('/'))} ({llm.WeightLabel}, KV cache {kvDtype}): {pre.WeightBytes / PrefillPasses / 1048576.0:F1} MiB of weights read per step, {llm.Threads} threads, {roof.Cpu}");
         console.WriteLine($"roofline (measured {(roof.MeasuredUtc > DateTime.UtcNow.AddMinutes(-10) ? "in this run" : roof.MeasuredUtc.ToString("u"))}): FMA peak {F(roof.PeakGflops)} GFLOP/s, DRAM {F(roof.BandwidthGBps)} GB/s, ridge {F(roof.Ridge, "F2")} FLOP/byte");
+        if (llm.GemvPrefetch is { } tuned) console.WriteLine($"tuned at warm-up: {tuned}");
         foreach (var p in new[] { pre, dec })
         {
             console.WriteLine();
@@ -263,6 +264,7 @@ public static class ProfileCommand
         return JsonSerializer.Serialize(new
         {
             model = dir, threads = llm.Threads, kv_dtype = kvDtype,
+            bf16_gemv_prefetch = llm.GemvPrefetch is { } t ? new { bytes = t.Bytes, candidates = t.Candidates, median_pass_seconds = t.MedianSeconds } : null,
             roofline = new { peak_gflops = roof.PeakGflops, bandwidth_gbps = roof.BandwidthGBps, ridge = roof.Ridge },
             prefill = Phase(pre), decode = Phase(dec), prefill_to_decode = pre.TokensPerSecond / dec.TokensPerSecond,
         }, new JsonSerializerOptions { WriteIndented = true });

@@ -7,6 +7,14 @@ namespace MiniLlm.Engine;
 /// <summary>One sequence's share of a batched forward pass: <see cref="Count"/> new tokens from position <see cref="Start"/>.</summary>
 public readonly record struct SequenceSlice(int Start, int Count, IKvCache Cache);
 
+/// <summary>What <see cref="LlamaModel.TuneGemvPrefetch"/> measured: the distance kept, and each candidate's median
+/// decode step (seconds).</summary>
+public sealed record GemvPrefetchTuning(int Bytes, int[] Candidates, double[] MedianSeconds)
+{
+    public override string ToString() =>
+        $"bf16 GEMV prefetch {Bytes} B ahead (" + string.Join(", ", Candidates.Select((c, i) => $"{c} B {MedianSeconds[i] * 1e3:F2} ms")) + " median decode step)";
+}
+
 /// <summary>How the weights are held in memory: as stored in the checkpoint, or quantized to Q8_0 at load.</summary>
 public enum WeightFormat { Stored, Q8 }
 
@@ -374,6 +382,53 @@ public sealed unsafe class LlamaModel : IDisposable
     }
 
     /// <summary>
+    /// The bf16 GEMV's prefetch distance this model's decode reads best with on this host, measured: decode steps of
+    /// one sequence on a scratch cache, each of <see cref="MatMul.Bf16GemvPrefetchCandidates"/> in turn, in rounds that
+    /// rotate their order (the DRAM's speed drifts from minute to minute); the candidate with the lowest median step
+    /// is kept (<see cref="MatMul.Bf16GemvPrefetchBytes"/>). Timed on whole steps, not on the projections alone: back
+    /// to back, without the attention's KV reads between them, they ranked the candidates differently. Only for bf16
+    /// weights read from DRAM (from the cache the GEMV does not prefetch); null otherwise. 3 × 11 steps, fewer rounds
+    /// (at least 3) where a step takes over 12 ms.
+    /// </summary>
+    public GemvPrefetchTuning? TuneGemvPrefetch(int rounds = 11)
+    {
+        if (_matmul.CacheResidentWeights || !ProjectionMatrices().Any(w => w.Type == WeightType.BF16)) return null;
+        var candidates = MatMul.Bf16GemvPrefetchCandidates.ToArray();
+        var times = candidates.Select(_ => new List<double>()).ToArray();
+        int prompt = Math.Min(KvView.Tile, MaxTokens), steps = rounds * candidates.Length + 1;
+        if (prompt + steps > Context) return null;
+        using var cache = NewKvCache(prompt + steps);
+        var tokens = new int[prompt];
+        var logits = new float[Config.VocabSize];
+        int kept = _matmul.Bf16GemvPrefetchBytes, pos = prompt;
+        try
+        {
+            Forward(tokens, 0, cache, logits);
+            long t0 = Stopwatch.GetTimestamp();
+            Forward(tokens.AsSpan(0, 1), pos++, cache, logits);   // warm
+            double step = Stopwatch.GetElapsedTime(t0).TotalSeconds;
+            rounds = Math.Clamp((int)(0.4 / Math.Max(step * candidates.Length, 1e-6)), 3, rounds);
+            for (int r = 0; r < rounds; r++)
+                for (int j = 0; j < candidates.Length; j++)
+                {
+                    int c = (j + r) % candidates.Length;
+                    _matmul.Bf16GemvPrefetchBytes = candidates[c];
+                    long t = Stopwatch.GetTimestamp();
+                    Forward(tokens.AsSpan(0, 1), pos++, cache, logits);
+                    times[c].Add(Stopwatch.GetElapsedTime(t).TotalSeconds);
+                }
+        }
+        finally { _matmul.Bf16GemvPrefetchBytes = kept; }
+        var medians = times.Select(t => t.Order().ElementAt(t.Count / 2)).ToArray();
+        int best = Array.IndexOf(medians, medians.Min());
+        _matmul.Bf16GemvPrefetchBytes = candidates[best];
+        return new GemvPrefetchTuning(candidates[best], candidates, medians);
+    }
+
+    /// <summary>The bf16 GEMV's prefetch distance in force (bytes ahead in each row; see <see cref="TuneGemvPrefetch"/>).</summary>
+    public int Bf16GemvPrefetchBytes => _matmul.Bf16GemvPrefetchBytes;
+
+    /// <summary>
     /// Runs a short prefill and a decode step on a scratch cache so the JIT has compiled every kernel path
     /// before anything is timed (otherwise TTFT measures the compiler).
     /// </summary>
@@ -404,7 +459,11 @@ public sealed unsafe class LlamaModel : IDisposable
                 if (m <= n) Forward(tokens.AsSpan(0, m), 0, cache, logits);
         }
         finally { TensorParallelPrefill = tensorParallelPrefill; }
+        GemvPrefetch = TuneGemvPrefetch();
     }
+
+    /// <summary>What <see cref="Warmup"/>'s <see cref="TuneGemvPrefetch"/> found (null: not run or not a bf16 model from DRAM).</summary>
+    public GemvPrefetchTuning? GemvPrefetch { get; private set; }
 
     /// <summary>
     /// Runs tokens[0..S) of one sequence at positions start..start+S−1, appending their keys and values to

@@ -153,11 +153,23 @@ public sealed unsafe class MatMul : ParallelJob
     /// How far ahead in each of its four rows the bf16 GEMV asks for lines, when the weights come from DRAM. Chunks of a decode step's
     /// small matrices are short streams the hardware prefetcher barely ramps up on, and the bf16 loop's shift, mask
     /// and two FMAs a line leave fewer loads in the out-of-order window than fp32's one FMA: stories110m-bf16 decode
-    /// took 6–12 % less time a step with 1.5–2 KiB (harness, interleaved); fp32 gained nothing from it (not used).
-    /// Weights served from the cache want it off (tiny-kjv-bf16 decode: 11 % slower with it): see <see cref="CacheResidentWeights"/>.
+    /// took 6–12 % less time a step with 1.5–2 KiB than with none (harness, interleaved); fp32 gained nothing from it
+    /// (session 21: 1–3 KiB made its decode step 8–13 % slower). Which distance is best depends on the host: 2 KiB
+    /// beat 1 KiB by 3–11 % a step in 6 of 7 pairs when it was chosen; in session 21, 1–1.5 KiB beat 2 KiB by 3–5 %
+    /// and prefetching into L2 only (prefetcht1, t2) cost 6–9 %. So a model measures its own
+    /// (<see cref="Bf16GemvPrefetchCandidates"/>, LlamaModel.TuneGemvPrefetch). Weights served from the cache want it
+    /// off (tiny-kjv-bf16 decode: 11 % slower with it): see <see cref="CacheResidentWeights"/>.
     /// Rows of 8 KiB and more (K ≥ 4096) want it nearer, <see cref="Bf16GemvPrefetchBytesLongRows"/>.
     /// </summary>
-    private const int Bf16GemvPrefetchBytes = 2048;
+    public int Bf16GemvPrefetchBytes
+    {
+        get => _bf16PrefetchBytes;
+        set => _bf16PrefetchBytes = value >= 0 && value % 64 == 0 ? value : throw new ArgumentOutOfRangeException(nameof(value), $"a prefetch distance is a multiple of 64 bytes, ≥ 0 (got {value})");
+    }
+    private int _bf16PrefetchBytes = 1536;
+
+    /// <summary>The distances a model tries for <see cref="Bf16GemvPrefetchBytes"/>.</summary>
+    public static ReadOnlySpan<int> Bf16GemvPrefetchCandidates => [1024, 1536, 2048];
 
     /// <summary>
     /// The bf16 GEMV's prefetch distance over rows of at least 8 KiB. From DRAM, kernel harness, alternating runs, two
@@ -748,7 +760,7 @@ public sealed unsafe class MatMul : ParallelJob
         var hi = Vector512.Create(0xFFFF0000u);
         Vector512<float> ea = default, oa = default, eb = default, ob = default, ec = default, oc = default, ed = default, od = default;
         // prefetch never faults: lines past the matrix's end are harmless
-        int pf = CacheResidentWeights ? 0 : 2 * K >= 8192 ? Bf16GemvPrefetchBytesLongRows : Bf16GemvPrefetchBytes;
+        int pf = CacheResidentWeights ? 0 : 2 * K >= 8192 ? Bf16GemvPrefetchBytesLongRows : _bf16PrefetchBytes;
         for (int k = 0; k < K; k += 32)
         {
             if (pf != 0)
