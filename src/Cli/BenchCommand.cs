@@ -58,6 +58,8 @@ public static class BenchCommand
             var kv = CommonOptions.KvType(r.GetValue(kvDtype)!);
 
             var roof = RooflineCommand.LoadOrMeasure(r.GetValue(roofFile), t, 5, fmt == "text" ? io.Err : null);
+            // the decode configuration `generate` runs with (it tunes at warm-up): a bf16 model from DRAM times its GEMV's prefetch distance
+            var tuning = llm.TuneGemvPrefetch();
 
             var results = new List<BenchResult>();
             // Beside every decode repetition, the read probe on the model's threads: the bandwidth of that minute.
@@ -73,7 +75,7 @@ public static class BenchCommand
                     if (fmt == "text") io.Err.WriteLine($"running tg{n} batch {b}…");
                     results.Add(Benchmark.Generate(llm, n, b, rp, probe, kv));
                 }
-            var info = new BenchInfo(Path.GetFileName(dir.TrimEnd('/')), llm.WeightLabel, llm.WeightBytes, t, roof, kv);
+            var info = new BenchInfo(Path.GetFileName(dir.TrimEnd('/')), llm.WeightLabel, llm.WeightBytes, t, roof, kv, tuning);
             if (r.GetValue(plot) is { } plotDir)
             {
                 Plots.BatchSweep(plotDir, "batch-sweep", results.Where(x => x.Test.StartsWith("tg", StringComparison.Ordinal)).ToList(), roof, $"{info.Model} ({info.DType})");
@@ -120,7 +122,7 @@ public static class BenchCommand
         return sb.ToString();
     }
 
-    private sealed record BenchInfo(string Model, string DType, long WeightBytes, int Threads, Roofline Roof, KvType Kv);
+    private sealed record BenchInfo(string Model, string DType, long WeightBytes, int Threads, Roofline Roof, KvType Kv, GemvPrefetchTuning? Tuning);
 
     private static int[] ParseList(string s, string name)
     {
@@ -137,6 +139,7 @@ public static class BenchCommand
         sb.AppendLine($"model {i.Model} ({i.DType}, {i.WeightBytes / 1048576.0:F1} MiB of weights, KV cache {CommonOptions.KvName(i.Kv)}), {i.Threads} threads, {roof.Cpu}");
         sb.AppendLine($"ceilings measured {(roof.MeasuredUtc > DateTime.UtcNow.AddMinutes(-10) ? "in this run" : "at " + roof.MeasuredUtc.ToString("u"))}: " +
                       $"FMA peak {F(roof.PeakGflops)} GFLOP/s, DRAM read {F(roof.BandwidthGBps)} GB/s, ridge {F(roof.Ridge, "F2")} FLOP/byte");
+        if (i.Tuning is { } tuned) sb.AppendLine($"tuned before the runs: {tuned}");
         if (i.WeightBytes < roof.LastLevelCacheBytes)
             sb.AppendLine($"note: the weights ({i.WeightBytes / 1048576.0:F1} MiB) fit in the last-level cache, so decode reads them from cache, not DRAM: %BW can exceed 100 %.");
         if (rs.Any(r => r.ProbeMedianGBps > 0))
@@ -178,6 +181,7 @@ public static class BenchCommand
         {
             model = i.Model, dtype = i.DType, weight_bytes = i.WeightBytes, threads = i.Threads, kv_dtype = CommonOptions.KvName(i.Kv),
             ceilings = new { peak_gflops = i.Roof.PeakGflops, bandwidth_gbps = i.Roof.BandwidthGBps, ridge = i.Roof.Ridge, cpu = i.Roof.Cpu },
+            bf16_gemv_prefetch = i.Tuning is { } t ? new { bytes = t.Bytes, candidates = t.Candidates, median_step_seconds = t.MedianSeconds } : null,
             results = rs.Select(r => new
             {
                 test = r.Test, batch = r.Batch, tokens = r.TokensPerRep, seconds = r.Seconds, tok_s = r.MeanTokensPerSecond, sd = r.SdTokensPerSecond,

@@ -264,7 +264,7 @@ public static class ProfileCommand
         return JsonSerializer.Serialize(new
         {
             model = dir, threads = llm.Threads, kv_dtype = kvDtype,
-            bf16_gemv_prefetch = llm.GemvPrefetch is { } t ? new { bytes = t.Bytes, candidates = t.Candidates, median_pass_seconds = t.MedianSeconds } : null,
+            bf16_gemv_prefetch = llm.GemvPrefetch is { } t ? new { bytes = t.Bytes, candidates = t.Candidates, median_step_seconds = t.MedianSeconds } : null,
             roofline = new { peak_gflops = roof.PeakGflops, bandwidth_gbps = roof.BandwidthGBps, ridge = roof.Ridge },
             prefill = Phase(pre), decode = Phase(dec), prefill_to_decode = pre.TokensPerSecond / dec.TokensPerSecond,
         }, new JsonSerializerOptions { WriteIndented = true });
