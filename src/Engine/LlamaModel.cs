@@ -51,6 +51,8 @@ public sealed unsafe class LlamaModel : IDisposable
     private readonly NativeBuffer _att;     // [S × h·hd] attention output per head, concatenated
     private readonly NativeBuffer _hb;      // [S × f]    gate, then silu(gate)·up
     private readonly NativeBuffer _hb2;     // [S × f]    up
+    private readonly NativeBuffer _qkv1;    // [h·hd + 2·g·hd] one token's q, k, v from the fused q/k/v matrix
+    private readonly NativeBuffer _gateUp1; // [2f]       one token's gate, then up, from the fused gate/up matrix
     private readonly SequenceSlice[] _one = new SequenceSlice[1];
     private readonly RopeCacheWrite _ropeWrite;
     private readonly TensorParallelPass? _tp;     // one sequence's decode step or short prompt as one dispatch, when the model suits it
@@ -66,6 +68,26 @@ public sealed unsafe class LlamaModel : IDisposable
         public required WeightMatrix Wgate; // [f × d]
         public required WeightMatrix Wup;   // [f × d]
         public required WeightMatrix Wdown; // [d × f]
+        public WeightMatrix? Wqkv;          // [(h + 2g)·hd × d]: Wq, Wk, Wv where they lie end to end in memory (see FusedRows)
+        public WeightMatrix? WgateUp;       // [2f × d]: Wgate then Wup, likewise
+    }
+
+    /// <summary>
+    /// Matrices that lie one after another in memory, with one element type and one row length, as one matrix of all
+    /// their rows (null when they do not). The weight arena places each layer's q, k, v and its gate, up in that order
+    /// on 4 KiB boundaries, so wherever a matrix's bytes are a whole number of pages they join.
+    /// </summary>
+    private static WeightMatrix? FusedRows(params WeightMatrix[] ws)
+    {
+        long end = ws[0].Pointer;
+        int rows = 0;
+        foreach (var w in ws)
+        {
+            if (w.Pointer != end || w.Type != ws[0].Type || w.Cols != ws[0].Cols || w.RowBytes != ws[0].RowBytes) return null;
+            end += w.ByteLength;
+            rows += w.Rows;
+        }
+        return new WeightMatrix(ws[0].Pointer, ws[0].Type, rows, ws[0].Cols);
     }
 
     public LlamaConfig Config { get; }
@@ -194,6 +216,11 @@ public sealed unsafe class LlamaModel : IDisposable
             AttnNorm = Vector(l.AttnNorm), Wq = Matrix(l.Wq), Wk = Matrix(l.Wk), Wv = Matrix(l.Wv), Wo = Matrix(l.Wo),
             FfnNorm = Vector(l.FfnNorm), Wgate = Matrix(l.Wgate), Wup = Matrix(l.Wup), Wdown = Matrix(l.Wdown),
         }).ToArray();
+        foreach (var L in _layers)
+        {
+            L.Wqkv = FusedRows(L.Wq, L.Wk, L.Wv);
+            L.WgateUp = FusedRows(L.Wgate, L.Wup);
+        }
 
         WeightBytes = _embed.ByteLength + (_lmHead.Pointer == _embed.Pointer ? 0 : _lmHead.ByteLength) + 4L * c.HiddenSize * (2 * c.NumHiddenLayers + 1)
             + _layers.Sum(l => l.Wq.ByteLength + l.Wk.ByteLength + l.Wv.ByteLength + l.Wo.ByteLength + l.Wgate.ByteLength + l.Wup.ByteLength + l.Wdown.ByteLength);
@@ -211,6 +238,8 @@ public sealed unsafe class LlamaModel : IDisposable
         _att = new NativeBuffer(S * c.QDim);
         _hb = new NativeBuffer(S * c.IntermediateSize);
         _hb2 = new NativeBuffer(S * c.IntermediateSize);
+        _qkv1 = new NativeBuffer(c.QDim + 2 * c.KvDim);
+        _gateUp1 = new NativeBuffer(2 * c.IntermediateSize);
         if (_matmul.CacheResidentWeights && TensorParallelPass.Supported(c, _pool.Threads, _layers, _lmHead))
             _tp = new TensorParallelPass(_pool, _attention, _rope, c, _layers, _embed, _lmHead, _finalNorm, MaxTokens);
     }
@@ -425,6 +454,17 @@ public sealed unsafe class LlamaModel : IDisposable
         return new GemvPrefetchTuning(candidates[best], candidates, medians);
     }
 
+    /// <summary>
+    /// One token's q, k, v (and its gate, up) from one GEMV over the matrices' rows end to end, where the weights lie so
+    /// (<see cref="LayerMatrices.Wqkv"/>): each thread then reads one contiguous part instead of a part of each matrix,
+    /// starting its streams once. Rows are summed by the same kernels either way (split points and groups stay whole),
+    /// so the results are the same bits. On by default; off for A/B runs and tests.
+    /// </summary>
+    public bool FusedDecodeProjections { get; set; } = true;
+
+    /// <summary>Whether layer <paramref name="layer"/>'s q/k/v and gate/up matrices lie end to end, so one token reads each group as one matrix.</summary>
+    public (bool Qkv, bool GateUp) FusedProjections(int layer) => (_layers[layer].Wqkv != null, _layers[layer].WgateUp != null);
+
     /// <summary>The bf16 GEMV's prefetch distance in force (bytes ahead in each row; see <see cref="TuneGemvPrefetch"/>).</summary>
     public int Bf16GemvPrefetchBytes => _matmul.Bf16GemvPrefetchBytes;
 
@@ -571,13 +611,22 @@ public sealed unsafe class LlamaModel : IDisposable
             // ── attention ──
             fixed (float* wn = L.AttnNorm) _rowOps.RmsNorm(_x.Pointer, wn, _xb.Pointer, T, d, (float)c.RmsNormEps);  // xb[T × d]
             prof?.Record(OpKind.AttnNorm, l, ref t0);
-            // q[T × h·hd], k[T × g·hd], v[T × g·hd]: one pass, X packed once (profiled as one op: what runs)
-            _matmul.Run(_xb.Pointer, T, [new(L.Wq, _q.Pointer), new(L.Wk, _k.Pointer), new(L.Wv, _v.Pointer)]);
+            // q[T × h·hd], k[T × g·hd], v[T × g·hd]: one pass, X packed once (profiled as one op: what runs). One token
+            // with the three matrices end to end: one GEMV over all their rows (FusedDecodeProjections).
+            float* q = _q.Pointer, k = _k.Pointer, v = _v.Pointer;
+            if (T == 1 && FusedDecodeProjections && L.Wqkv is { } wqkv)
+            {
+                _matmul.Run(_xb.Pointer, 1, wqkv, _qkv1.Pointer);   // qkv1 = [q | k | v]
+                q = _qkv1.Pointer;
+                k = q + c.QDim;
+                v = k + c.KvDim;
+            }
+            else _matmul.Run(_xb.Pointer, T, [new(L.Wq, q), new(L.Wk, k), new(L.Wv, v)]);
             prof?.Record(OpKind.QProj, l, ref t0);
             // RoPE on q and k, then each sequence's k and v rows into its cache (spread over the pool for several sequences)
-            var segments = _ropeWrite.Run(sequences, l, _q.Pointer, _k.Pointer, _v.Pointer);
+            var segments = _ropeWrite.Run(sequences, l, q, k, v);
             prof?.Record(OpKind.Rope, l, ref t0);
-            _attention.Run(_q.Pointer, h, g, hd, segments, _att.Pointer);  // att[T × h·hd], causal within each sequence
+            _attention.Run(q, h, g, hd, segments, _att.Pointer);  // att[T × h·hd], causal within each sequence
             prof?.Record(OpKind.AttnScores, l, ref t0);   // scores, softmax and ·V run fused: timed as one
             _matmul.Run(_att.Pointer, T, L.Wo, _xb2.Pointer);            // xb2[T × d]
             prof?.Record(OpKind.OProj, l, ref t0);
@@ -587,11 +636,18 @@ public sealed unsafe class LlamaModel : IDisposable
             // ── MLP ──
             fixed (float* wn = L.FfnNorm) _rowOps.RmsNorm(_x.Pointer, wn, _xb.Pointer, T, d, (float)c.RmsNormEps);
             prof?.Record(OpKind.FfnNorm, l, ref t0);
-            _matmul.Run(_xb.Pointer, T, [new(L.Wgate, _hb.Pointer), new(L.Wup, _hb2.Pointer)]);  // hb[T × f] = gate, hb2[T × f] = up
+            float* gate = _hb.Pointer, up = _hb2.Pointer;
+            if (T == 1 && FusedDecodeProjections && L.WgateUp is { } wgu)
+            {
+                _matmul.Run(_xb.Pointer, 1, wgu, _gateUp1.Pointer);   // gateUp1 = [gate | up]
+                gate = _gateUp1.Pointer;
+                up = gate + f;
+            }
+            else _matmul.Run(_xb.Pointer, T, [new(L.Wgate, gate), new(L.Wup, up)]);  // hb[T × f] = gate, hb2[T × f] = up
             prof?.Record(OpKind.Gate, l, ref t0);   // gate and up run as one dispatch: timed as one
-            _rowOps.SwiGlu(_hb.Pointer, _hb2.Pointer, (long)T * f);  // hb = silu(hb)·hb2
+            _rowOps.SwiGlu(gate, up, (long)T * f);  // gate = silu(gate)·up
             prof?.Record(OpKind.SwiGlu, l, ref t0);
-            _matmul.Run(_hb.Pointer, T, L.Wdown, _xb2.Pointer);  // xb2[T × d]
+            _matmul.Run(gate, T, L.Wdown, _xb2.Pointer);  // xb2[T × d]
             prof?.Record(OpKind.Down, l, ref t0);
             _rowOps.AddInPlace(_x.Pointer, _xb2.Pointer, (long)T * d);  // x += MLP
             prof?.Record(OpKind.FfnResidual, l, ref t0);
@@ -717,7 +773,7 @@ public sealed unsafe class LlamaModel : IDisposable
     public void Dispose()
     {
         _pool.Dispose();
-        foreach (var b in new[] { _x, _xb, _xb2, _q, _k, _v, _att, _hb, _hb2 }) b.Dispose();
+        foreach (var b in new[] { _x, _xb, _xb2, _q, _k, _v, _att, _hb, _hb2, _qkv1, _gateUp1 }) b.Dispose();
         _tp?.Dispose();
         LargePages.Free(_arena);
         _arena = null;
