@@ -421,8 +421,23 @@ public sealed unsafe class MatMul : ParallelJob
 
     private static void PairX(float* x, int k, float* pairs)
     {
-        int blocks = k / 32;
-        for (int b = 0; b < blocks; b++)
+        int blocks = k / 32, b = 0;
+        // Two two-source permutes a block. The scalar loop took ~1 µs per 768 floats on the calling thread, before
+        // the dispatch, while the other thread waited: 2 % of the samples of stories110m-bf16 decode's GEMVs (perf).
+        // The step took 0.987 and 0.983 of the time with the permutes (in-process alternation, 2 × 15 rounds).
+        if (Avx512F.IsSupported)
+        {
+            var even = Vector512.Create(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            var odd = even + Vector512<int>.One;
+            for (; b < blocks; b++)
+            {
+                var lo = Vector512.Load(x + b * 32);
+                var hi = Vector512.Load(x + b * 32 + 16);
+                Avx512F.PermuteVar16x32x2(lo, even, hi).Store(pairs + b * 32);
+                Avx512F.PermuteVar16x32x2(lo, odd, hi).Store(pairs + b * 32 + 16);
+            }
+        }
+        for (; b < blocks; b++)
             for (int i = 0; i < 16; i++)
             {
                 pairs[b * 32 + i] = x[b * 32 + 2 * i];
