@@ -818,6 +818,31 @@ public unsafe class KernelTests
     }
 
     /// <summary>
+    /// Decode takes the values of two adjacent KV heads of 64 together where each query head has its own (no GQA
+    /// sharing): each head summed in the single-head order, so the outputs must be the same bits with it off. An odd
+    /// number of heads (the last one alone), key counts inside a tile, on its edge and split by positions; fp32 and
+    /// bf16 KV.
+    /// </summary>
+    [Theory]
+    [InlineData(12, 64, 61)]
+    [InlineData(5, 64, 16)]
+    [InlineData(4, 64, 333)]
+    [InlineData(3, 64, 7)]
+    public void DecodeValuesOfTwoKvHeadsBitForBit(int H, int hd, int keys)
+    {
+        if (!System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated) return;   // the Vector512 decode path
+        var q = Random(H * hd, keys + 3);
+        var k = Random(keys * H * hd, keys + 4);
+        var v = Random(keys * H * hd, keys + 5);
+        foreach (var type in new[] { KvType.F32, KvType.BF16 })
+        {
+            var outputs = DecodeRowPasses(H, H, hd, keys, q, k, v, type, 2, pass => Attention.TwoKvHeads = pass == 0, () => Attention.TwoKvHeads = true);
+            Assert.Equal(outputs[1], outputs[0]);
+            Assert.Contains(outputs[0], x => x != 0);
+        }
+    }
+
+    /// <summary>
     /// A prompt's four-row scores take two key tiles at a time (eight chains): each score summed in the one-tile
     /// kernel's order, so the outputs must be the same bits with the switch off. Prompts from a tile's start and from
     /// inside one, over an odd and an even number of tiles, the last unfinished or full; fp32 and bf16 KV.
