@@ -451,7 +451,7 @@ public sealed unsafe class LlamaModel : IDisposable
         var medians = times.Select(t => t.Order().ElementAt(t.Count / 2)).ToArray();
         int best = Array.IndexOf(medians, medians.Min());
         _matmul.Bf16GemvPrefetchBytes = candidates[best];
-        return new GemvPrefetchTuning(candidates[best], candidates, medians);
+        return GemvPrefetch = new GemvPrefetchTuning(candidates[best], candidates, medians);
     }
 
     /// <summary>
@@ -500,10 +500,10 @@ public sealed unsafe class LlamaModel : IDisposable
                 if (m <= n) Forward(tokens.AsSpan(0, m), 0, cache, logits);
         }
         finally { TensorParallelPrefill = tensorParallelPrefill; }
-        GemvPrefetch = TuneGemvPrefetch();
+        TuneGemvPrefetch();
     }
 
-    /// <summary>What <see cref="Warmup"/>'s <see cref="TuneGemvPrefetch"/> found (null: not run or not a bf16 model from DRAM).</summary>
+    /// <summary>What the last <see cref="TuneGemvPrefetch"/> found, whoever ran it (<see cref="Warmup"/>, `bench`); null: not run, or not a bf16 model from DRAM.</summary>
     public GemvPrefetchTuning? GemvPrefetch { get; private set; }
 
     /// <summary>

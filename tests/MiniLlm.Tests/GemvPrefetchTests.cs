@@ -84,6 +84,7 @@ public unsafe class GemvPrefetchTests
             Assert.All(tuning.MedianSeconds, s => Assert.True(s > 0));
             Assert.Equal(tuning.Candidates[Array.IndexOf(tuning.MedianSeconds, tuning.MedianSeconds.Min())], tuning.Bytes);
             Assert.Equal(tuning.Bytes, model.Bf16GemvPrefetchBytes);
+            Assert.Same(tuning, model.GemvPrefetch);   // what profile and bench print
             Assert.Contains($"{tuning.Bytes} B ahead", tuning.ToString());
         }
         finally { Directory.Delete(dir, recursive: true); }
@@ -103,6 +104,7 @@ public unsafe class GemvPrefetchTests
                 using var model = LlamaModel.Load(dir, threads: 2);
                 int before = model.Bf16GemvPrefetchBytes;
                 Assert.Null(model.TuneGemvPrefetch(rounds: 3));
+                Assert.Null(model.GemvPrefetch);
                 Assert.Equal(before, model.Bf16GemvPrefetchBytes);
             }
             finally { Directory.Delete(dir, recursive: true); }
