@@ -229,8 +229,26 @@ public static class ProfileCommand
             console.WriteLine(p.WholePhaseComputeBound(roof)
                 ? $"  the phase as one op (bytes hidden under FLOPs): compute roof ÷ FLOPs per token = {F(p.ComputeRoofGflops(roof))} GFLOP/s ÷ {F(p.Flops / p.Tokens / 1e9, "F3")} GFLOP = {F(p.WholePhasePredictedTokensPerSecond(roof))} tok/s"
                 : $"  the phase as one op: bandwidth ÷ bytes per token = {F(p.BandwidthUsedGBps)} GB/s ÷ {F(p.Bytes / p.Tokens / 1e6, "F2")} MB = {F(p.WholePhasePredictedTokensPerSecond(roof))} tok/s");
+            if (Gap(p, roof) is { } gap) console.WriteLine(gap);
         }
         console.WriteLine($"prefill : decode per-token speed = {F(pre.TokensPerSecond / dec.TokensPerSecond)} : 1");
+    }
+
+    /// <summary>
+    /// One line saying where the phase's pass loses to its ceiling: the ops whose median time in a pass exceeds their
+    /// time at the roofline by the most, in µs a pass, then the rest together; null without passes.
+    /// </summary>
+    private static string? Gap(PhaseProfile p, Roofline roof)
+    {
+        var gaps = p.GapPerPass(roof);
+        if (gaps.Count == 0) return null;
+        double pass = (p.UnprofiledMedianStepSeconds > 0 ? p.UnprofiledMedianStepSeconds : p.MedianStepSeconds) * 1e6;
+        double atRoof = p.RoofSeconds(roof).Total / p.Steps * 1e6;
+        const int Shown = 5;
+        var top = gaps.Take(Shown).Where(g => g.Seconds > 0).ToList();
+        double rest = gaps.Sum(g => g.Seconds) - top.Sum(g => g.Seconds);
+        return $"  where a pass loses to it: {F(pass)} µs measured against {F(atRoof)} µs at the roofline; each op's median µs a pass over its time at the roofline:{Environment.NewLine}    " +
+               string.Join(", ", top.Select(g => $"{g.Name} +{F(g.Seconds * 1e6)}")) + $", all others {(rest >= 0 ? "+" : "")}{F(rest * 1e6)}";
     }
 
     /// <param name="atRoof">When given, a column of each row's seconds at the roofline (the ceiling's terms).</param>
@@ -259,6 +277,7 @@ public static class ProfileCommand
             compute_roof_gflops = p.ComputeRoofGflops(roof), gemm_gflops = p.GemmGflops, predicted_bound = p.ComputeBound(roof) ? "compute" : "memory",
             flops = p.Flops, bytes = p.Bytes, weight_bytes = p.WeightBytes, mfu = p.Mfu(roof), mbu = p.Mbu, bandwidth_gbps = p.BandwidthUsedGBps,
             bandwidth_source = p.BandwidthSource, barrier_wait_seconds_per_pass = p.BarrierWaits,
+            gap_seconds_per_pass = p.GapPerPass(roof).Select(g => new { name = g.Name, seconds = g.Seconds }),
             ops = p.Ops.Select(r => Row(r, roof, p.BandwidthUsedGBps, p.RoofSeconds(r, roof))), layers = p.Layers.Select(r => Row(r, roof, p.BandwidthUsedGBps)),
         };
         return JsonSerializer.Serialize(new
@@ -275,7 +294,7 @@ public static class ProfileCommand
     {
         var (bound, of) = ProfileReport.Verdict(r, roof, bw);
         if (roofSeconds is { } rs)
-            return new { name = r.Name, seconds = r.Seconds, share = r.Share, flops = r.Flops, bytes = r.Bytes, gflops = r.Gflops, gbps = r.GBps, flop_per_byte = r.Intensity, bound, fraction_of_roof = of, roof_seconds = rs };
+            return new { name = r.Name, seconds = r.Seconds, median_pass_seconds = r.MedianPassSeconds, share = r.Share, flops = r.Flops, bytes = r.Bytes, gflops = r.Gflops, gbps = r.GBps, flop_per_byte = r.Intensity, bound, fraction_of_roof = of, roof_seconds = rs };
         return new { name = r.Name, seconds = r.Seconds, share = r.Share, flops = r.Flops, bytes = r.Bytes, gflops = r.Gflops, gbps = r.GBps, flop_per_byte = r.Intensity, bound, fraction_of_roof = of };
     }
 }

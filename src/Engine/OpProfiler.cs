@@ -19,12 +19,15 @@ public sealed class OpProfiler
     private const int WaitStride = 16;                // 128 bytes between two threads' counters (no false sharing)
     private readonly long[] _ownWaitTicks;            // per layer: the recording thread's barrier waits, kept off the op rows
     private long _pendingWait;                        // the recording thread's waits since its last Record
+    private readonly List<long[]> _passOps = new();   // each finished pass: ticks per op kind (all layers), its own waits last
+    private readonly long[] _opsAtPassStart;          // the same sums over every pass before it
 
     public OpProfiler(int layers)
     {
         _layers = layers;
         _ticks = new long[(layers + 1) * Ops];
         _ownWaitTicks = new long[layers + 1];
+        _opsAtPassStart = new long[Ops + 1];
     }
 
     public int Layers => _layers;
@@ -80,7 +83,34 @@ public sealed class OpProfiler
         Passes++;
         _passTicks.Add(_thisPass);
         _thisPass = 0;
+        var pass = new long[Ops + 1];
+        for (int op = 0; op <= Ops; op++)
+        {
+            long sum = op == Ops ? _ownWaitTicks.Sum() : OpTicks(op);
+            pass[op] = sum - _opsAtPassStart[op];
+            _opsAtPassStart[op] = sum;
+        }
+        _passOps.Add(pass);
     }
+
+    private long OpTicks(int op)
+    {
+        long s = 0;
+        for (int l = 0; l <= _layers; l++) s += _ticks[l * Ops + op];
+        return s;
+    }
+
+    /// <summary>
+    /// The median over the recorded passes of one op kind's time in a pass (all layers): what the op takes in the
+    /// pass this code takes, where the totals (<see cref="Seconds(OpKind)"/>) mix in a neighbour's busy moments.
+    /// </summary>
+    public double MedianPassOpSeconds(OpKind op) => MedianOfPasses((int)op);
+
+    /// <summary>The median over the recorded passes of the recording thread's barrier waits in a pass.</summary>
+    public double MedianPassOwnWaitSeconds() => MedianOfPasses(Ops);
+
+    private double MedianOfPasses(int slot) =>
+        _passOps.Count == 0 ? 0 : Ceilings.Median(_passOps.Select(p => (double)p[slot] / Stopwatch.Frequency).ToList());
 
     /// <summary>
     /// Median wall time of one recorded pass, seconds. On a shared host a few passes land in a busy moment of a
@@ -124,6 +154,8 @@ public sealed class OpProfiler
         _pendingWait = 0;
         _passTicks.Clear();
         _thisPass = 0;
+        _passOps.Clear();
+        Array.Clear(_opsAtPassStart);
         Passes = 0;
     }
 }

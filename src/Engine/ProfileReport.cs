@@ -3,7 +3,9 @@ using MiniLlm.Kernels;
 namespace MiniLlm.Engine;
 
 /// <summary>One row of a profile: measured time against the work the cost model says was done.</summary>
-public sealed record ProfileRow(string Name, double Seconds, double Share, double Flops, double Bytes)
+/// <param name="MedianPassSeconds">For op rows of a profile with passes: the op's time in the median pass for that op
+/// (<see cref="OpProfiler.MedianPassOpSeconds"/>); 0 when not known.</param>
+public sealed record ProfileRow(string Name, double Seconds, double Share, double Flops, double Bytes, double MedianPassSeconds = 0)
 {
     public double Gflops => Seconds > 0 ? Flops / Seconds / 1e9 : 0;
     public double GBps => Seconds > 0 ? Bytes / Seconds / 1e9 : 0;
@@ -93,6 +95,20 @@ public sealed record PhaseProfile(string Phase, int Tokens, double Seconds, doub
         var (c, m, _) = RoofSeconds(r);
         return c > m;
     }
+    /// <summary>
+    /// Where a pass loses to its ceiling, op by op: each op row's median time in a pass less its time at the roofline
+    /// (<see cref="RoofSeconds(ProfileRow, Roofline)"/> per pass), largest first. An op above its roof (a long
+    /// stream beating the phase's mean bandwidth) comes out negative. Empty without passes.
+    /// </summary>
+    public IReadOnlyList<(string Name, double Seconds)> GapPerPass(Roofline r)
+    {
+        if (Steps <= 0) return [];
+        var gaps = new List<(string, double)>();
+        foreach (var op in Ops) gaps.Add((op.Name, op.MedianPassSeconds - RoofSeconds(op, r) / Steps));
+        gaps.Sort((a, b) => b.Item2.CompareTo(a.Item2));
+        return gaps;
+    }
+
     public double Mfu(Roofline r) => Gflops / r.PeakGflops;
     public double Mbu => GBps / BandwidthUsedGBps;
 }
@@ -139,10 +155,10 @@ public static class ProfileReport
             var mine = all.Where(c => Timed(c.Op) == kind).ToList();
             double s = prof.Seconds(kind);
             if (s == 0 && mine.Count == 0) continue;
-            ops.Add(new ProfileRow(TimedName(kind), s, s / total, mine.Sum(c => c.Flops), mine.Sum(c => c.Bytes)));
+            ops.Add(new ProfileRow(TimedName(kind), s, s / total, mine.Sum(c => c.Flops), mine.Sum(c => c.Bytes), prof.MedianPassOpSeconds(kind)));
         }
         double waited = prof.OwnWaitSeconds();   // thread 0's barrier waits: no op's cost, so no FLOPs or bytes
-        if (waited > 0) ops.Add(new ProfileRow(BarrierWaitName, waited, waited / total, 0, 0));
+        if (waited > 0) ops.Add(new ProfileRow(BarrierWaitName, waited, waited / total, 0, 0, prof.MedianPassOwnWaitSeconds()));
         var rows = new List<ProfileRow>();
         for (int l = -1; l < layers; l++)
         {

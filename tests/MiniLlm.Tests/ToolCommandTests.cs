@@ -170,6 +170,62 @@ public class ToolCommandTests
     }
 
     [Fact]
+    public void GapPerPassIsEachOpsMedianPassOverItsRoofTime()
+    {
+        var roof = new Roofline
+        {
+            Cpu = "test", Threads = 2, Isa = "V512", PeakGflops = 100, BandwidthGBps = 10, CacheBandwidth = [], Caches = [],
+            DramBufferBytes = 0, Reps = 1, MeasuredUtc = DateTime.UtcNow,
+        };
+        // Two passes at 10 GB/s: a product of 2e8 bytes (0.02 s at the roofline, 0.01 a pass) whose median pass took
+        // 0.013 s; a norm of 2e6 bytes (1e-4 a pass) at 4e-4; a long stream beating the phase's bandwidth (1e8 bytes:
+        // 5e-3 a pass, median 4e-3); the barrier waits (no bytes) at 2e-3.
+        ProfileRow[] ops = [new("Down", 0.03, 0.5, 1e8, 2e8, 0.013), new("FfnNorm", 1e-3, 0.1, 1e6, 2e6, 4e-4),
+            new("LmHead", 9e-3, 0.3, 5e7, 1e8, 4e-3), new(ProfileReport.BarrierWaitName, 5e-3, 0.1, 0, 0, 2e-3)];
+        var p = new PhaseProfile("decode", 2, 0.045, 1.51e8, 3.02e8, 3e8, ops, [], 10, "DRAM", 0, Steps: 2);
+        var gap = p.GapPerPass(roof);
+        Assert.Equal(["Down", ProfileReport.BarrierWaitName, "FfnNorm", "LmHead"], gap.Select(g => g.Name));   // largest first
+        Assert.Equal(3e-3, gap[0].Seconds, 12);
+        Assert.Equal(2e-3, gap[1].Seconds, 12);
+        Assert.Equal(3e-4, gap[2].Seconds, 12);
+        Assert.Equal(-1e-3, gap[3].Seconds, 12);   // above its roof: negative
+        Assert.Empty((p with { Steps = 0 }).GapPerPass(roof));
+    }
+
+    [Fact]
+    public void OpProfilerKeepsEachOpsTimePerPass()
+    {
+        // A cache-resident model on two threads takes the one-dispatch pass, whose barriers thread 0 times.
+        var dir = SmallSynthModel("prof-passes", layers: 2);
+        using var model = LlamaModel.Load(dir, threads: 2);
+        Assert.True(model.UsesTensorParallelDecode);
+        using var cache = model.NewKvCache();
+        var logits = new float[model.Config.VocabSize];
+        model.Forward([1, 2, 3], 0, cache, logits);
+        var prof = new OpProfiler(model.Config.NumHiddenLayers);
+        model.Profiler = prof;
+        var kinds = Enum.GetValues<OpKind>();
+        var perPass = kinds.ToDictionary(k => k, _ => new List<double>());
+        var waits = new List<double>();
+        for (int s = 0; s < 5; s++)
+        {
+            var before = kinds.ToDictionary(k => k, k => prof.Seconds(k));
+            double waitedBefore = prof.OwnWaitSeconds();
+            model.Forward([4 + s], 3 + s, cache, logits);
+            foreach (var k in kinds) perPass[k].Add(prof.Seconds(k) - before[k]);
+            waits.Add(prof.OwnWaitSeconds() - waitedBefore);
+        }
+        model.Profiler = null;
+        Assert.Equal(5, prof.Passes);
+        static double Median(List<double> v) { var o = v.Order().ToList(); return o[o.Count / 2]; }
+        foreach (var k in kinds) Assert.Equal(Median(perPass[k]), prof.MedianPassOpSeconds(k), 9);
+        Assert.True(prof.MedianPassOpSeconds(OpKind.LmHead) > 0);
+        Assert.Equal(Median(waits), prof.MedianPassOwnWaitSeconds(), 9);
+        prof.Reset();
+        Assert.Equal(0, prof.MedianPassOpSeconds(OpKind.LmHead));
+    }
+
+    [Fact]
     public void PredictionDividesByTheMeasuredGemmRoofWhenThereIsOne()
     {
         var roof = new Roofline
@@ -296,6 +352,21 @@ public class ToolCommandTests
         Assert.Equal(0, waitRow.GetProperty("flops").GetDouble());
         Assert.Equal(0, waitRow.GetProperty("bytes").GetDouble());
         Assert.DoesNotContain(pre.GetProperty("ops").EnumerateArray(), o => o.GetProperty("name").GetString() == ProfileReport.BarrierWaitName);
+        // Where a pass loses to its ceiling: one entry per op row, its median pass less its time at the roofline, largest first.
+        foreach (var phase in new[] { pre, dec })
+        {
+            var rows = phase.GetProperty("ops").EnumerateArray().ToDictionary(o => o.GetProperty("name").GetString()!);
+            var gap = phase.GetProperty("gap_seconds_per_pass").EnumerateArray().Select(g => (Name: g.GetProperty("name").GetString()!, S: g.GetProperty("seconds").GetDouble())).ToList();
+            Assert.Equal(rows.Count, gap.Count);
+            Assert.Equal(gap.Select(g => g.S).OrderDescending(), gap.Select(g => g.S));
+            int passes = phase.GetProperty("passes").GetInt32();
+            foreach (var (name, s) in gap)
+            {
+                double median = rows[name].GetProperty("median_pass_seconds").GetDouble();
+                Assert.InRange(median, 0, rows[name].GetProperty("seconds").GetDouble());
+                Assert.Equal(median - rows[name].GetProperty("roof_seconds").GetDouble() / passes, s, 12);
+            }
+        }
         // The ceiling sums each op at its roof: never above the phase taken as one op.
         foreach (var phase in new[] { pre, dec })
             Assert.True(phase.GetProperty("predicted_tok_s").GetDouble() <= phase.GetProperty("predicted_tok_s_whole_phase").GetDouble() * (1 + 1e-12));
