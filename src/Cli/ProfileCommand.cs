@@ -247,8 +247,9 @@ public static class ProfileCommand
         const int Shown = 5;
         var top = gaps.Take(Shown).Where(g => g.Seconds > 0).ToList();
         double rest = gaps.Sum(g => g.Seconds) - top.Sum(g => g.Seconds);
+        string others = $"{(top.Count > 0 ? "all others" : "no op over its roof; all")} {(rest >= 0 ? "+" : "")}{F(rest * 1e6)}";
         return $"  where a pass loses to it: {F(pass)} µs measured against {F(atRoof)} µs at the roofline; each op's median µs a pass over its time at the roofline:{Environment.NewLine}    " +
-               string.Join(", ", top.Select(g => $"{g.Name} +{F(g.Seconds * 1e6)}")) + $", all others {(rest >= 0 ? "+" : "")}{F(rest * 1e6)}";
+               string.Concat(top.Select(g => $"{g.Name} +{F(g.Seconds * 1e6)}, ")) + others;
     }
 
     /// <param name="atRoof">When given, a column of each row's seconds at the roofline (the ceiling's terms).</param>
