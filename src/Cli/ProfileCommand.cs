@@ -242,7 +242,7 @@ public static class ProfileCommand
     {
         var gaps = p.GapPerPass(roof);
         if (gaps.Count == 0) return null;
-        double pass = (p.UnprofiledMedianStepSeconds > 0 ? p.UnprofiledMedianStepSeconds : p.MedianStepSeconds) * 1e6;
+        double pass = p.Tokens / (double)p.Steps / p.TokensPerSecond * 1e6;   // the pass the tok/s is quoted from
         double atRoof = p.RoofSeconds(roof).Total / p.Steps * 1e6;
         const int Shown = 5;
         var top = gaps.Take(Shown).Where(g => g.Seconds > 0).ToList();
